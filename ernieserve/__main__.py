@@ -1,0 +1,5 @@
+import sys
+
+from ernieserve.entrypoints.cli import main
+
+sys.exit(main())

@@ -1,0 +1,70 @@
+"""Attention backend interface.
+
+The model runner builds one `AttentionMetadata` per step; every attention layer of the model hands
+it to the backend together with its own KV cache. Token layout is "varlen": all requests' new
+tokens of this step are concatenated, request i owning rows
+``query_start_loc[i]:query_start_loc[i+1]``. A decode row is simply a request with one new token,
+so models never branch on prefill vs decode; backends may.
+
+KV cache layout, per layer: a pair ``(k_cache, v_cache)``, each
+``[num_blocks, block_size, num_kv_heads, head_dim]``. Token t of request i lives in block
+``block_tables[i, t // block_size]`` at offset ``t % block_size``; its flat slot is
+``block_id * block_size + offset``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    num_reqs: int
+    num_tokens: int  # real tokens; tensors may be padded beyond it (CUDA graphs)
+    max_query_len: int
+    max_seq_len: int
+    # [num_reqs + 1] int32, on device: cumulative new-token counts
+    query_start_loc: torch.Tensor
+    # [num_reqs] int32, on device: context length after this step (cached + new tokens)
+    seq_lens: torch.Tensor
+    # [num_reqs, max_blocks_per_req] int32, on device
+    block_tables: torch.Tensor
+    # [num_tokens] int64, on device: flat KV slot of each new token; -1 = padding, do not store
+    slot_mapping: torch.Tensor
+    # host copies of query_start_loc and seq_lens, for backends that loop on the host
+    query_start_loc_cpu: torch.Tensor
+    seq_lens_cpu: torch.Tensor
+    # True when every request has exactly one new token (a pure decode step)
+    is_decode_only: bool = False
+
+
+KVCache = tuple[torch.Tensor, torch.Tensor]
+
+
+class AttentionBackend(ABC):
+    """Stores this step's K/V into the paged cache, then attends over the whole context."""
+
+    name: str = "abstract"
+
+    @abstractmethod
+    def forward(
+        self,
+        query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+        key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+        ...
+
+    # CUDA-graph hooks. A backend that can be captured keeps its per-step inputs in persistent
+    # buffers sized for `max_num_reqs`; the runner calls these around capture and replay.
+    def supports_cuda_graph(self) -> bool:
+        return False
+
+    def init_cuda_graph_state(self, max_num_reqs: int, max_blocks_per_req: int, device: torch.device) -> None:
+        raise NotImplementedError(f"{self.name} does not support CUDA graphs")

@@ -1,0 +1,300 @@
+"""Engine configuration: one `EngineArgs` (flag names from FastDeploy and vLLM) that builds one
+frozen config dataclass per subsystem.
+
+Bad values raise `ConfigError` whose message names the flag, so the CLI can print it as is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    """A configuration value the engine cannot run with; the message names the flag."""
+
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
+           "bf16": torch.bfloat16, "fp16": torch.float16, "half": torch.float16, "float": torch.float32}
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    model: str  # local checkpoint folder
+    tokenizer: str
+    served_model_name: str
+    hf_config: Any  # transformers.PretrainedConfig
+    dtype: torch.dtype
+    max_model_len: int
+    load_format: str  # auto | safetensors | dummy
+    seed: int
+    generation_config: dict
+
+    @property
+    def architecture(self) -> str:
+        return (getattr(self.hf_config, "architectures", None) or ["<none>"])[0]
+
+    def text_config(self) -> Any:
+        return getattr(self.hf_config, "text_config", None) or self.hf_config
+
+    @property
+    def num_layers(self) -> int:
+        return self.text_config().num_hidden_layers
+
+    @property
+    def num_kv_heads(self) -> int:
+        cfg = self.text_config()
+        return getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        cfg = self.text_config()
+        return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+    @property
+    def vocab_size(self) -> int:
+        return self.text_config().vocab_size
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    block_size: int
+    gpu_memory_utilization: float
+    num_gpu_blocks_override: int | None
+    kv_cache_ratio: float
+    cpu_kv_cache_space_gb: float
+    swap_space_gb: float
+    enable_prefix_caching: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+    enable_chunked_prefill: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ParallelConfig:
+    tensor_parallel_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceConfig:
+    device: torch.device
+    enforce_eager: bool
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    model: ModelConfig
+    cache: CacheConfig
+    scheduler: SchedulerConfig
+    parallel: ParallelConfig
+    device: DeviceConfig
+
+
+@dataclass(slots=True)
+class EngineArgs:
+    model: str | None = None
+    tokenizer: str | None = None
+    served_model_name: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    load_format: str = "auto"
+    seed: int = 0
+    max_model_len: int | None = None
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int | None = None
+    enable_chunked_prefill: bool = True
+    block_size: int = 64
+    gpu_memory_utilization: float = 0.9
+    num_gpu_blocks_override: int | None = None
+    kv_cache_ratio: float = 1.0
+    cpu_kv_cache_space: float = 4.0
+    swap_space: float = 0.0
+    enable_prefix_caching: bool = False
+    tensor_parallel_size: int = 1
+    quantization: str | None = None
+    enforce_eager: bool = False
+
+    # ---- command line -------------------------------------------------------------------------
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        d = EngineArgs()
+        g = parser.add_argument_group("engine")
+        g.add_argument("--model", type=str, default=None,
+                       help="Local Hugging Face checkpoint folder (default: the built-in dummy ERNIE-4.5-0.3B).")
+        g.add_argument("--tokenizer", type=str, default=None, help="Tokenizer folder (default: the model folder).")
+        g.add_argument("--served-model-name", type=str, default=None)
+        g.add_argument("--dtype", type=str, default=d.dtype, choices=["auto", "bfloat16", "float16", "float32"],
+                       help="auto: the checkpoint's dtype on GPU, float32 on CPU.")
+        g.add_argument("--device", type=str, default=d.device, choices=["auto", "cpu", "cuda"])
+        g.add_argument("--load-format", type=str, default=d.load_format, choices=["auto", "safetensors", "dummy"])
+        g.add_argument("--seed", type=int, default=d.seed)
+        g.add_argument("--max-model-len", type=int, default=None)
+        g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
+        g.add_argument("--max-num-batched-tokens", type=int, default=None)
+        g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
+        g.add_argument("--block-size", type=int, default=d.block_size)
+        g.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization)
+        g.add_argument("--num-gpu-blocks-override", type=int, default=None)
+        g.add_argument("--kv-cache-ratio", type=float, default=d.kv_cache_ratio)
+        g.add_argument("--cpu-kv-cache-space", type=float, default=d.cpu_kv_cache_space,
+                       help="GiB of host memory for the KV cache when running on CPU.")
+        g.add_argument("--swap-space", type=float, default=d.swap_space)
+        g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=False)
+        g.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.tensor_parallel_size)
+        g.add_argument("--quantization", type=str, default=None)
+        g.add_argument("--enforce-eager", action="store_true")
+        return parser
+
+    @classmethod
+    def from_cli_args(cls, ns: argparse.Namespace) -> "EngineArgs":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in vars(ns).items() if k in names})
+
+    # ---- building the config ------------------------------------------------------------------
+    def create_engine_config(self) -> EngineConfig:
+        self._check_unsupported()
+        device = resolve_device(self.device)
+        model_dir = self._model_dir()
+        hf_config = load_hf_config(model_dir)
+        dtype = resolve_dtype(self.dtype, hf_config, device)
+        max_model_len = self._max_model_len(hf_config)
+        batched = self.max_num_batched_tokens or (max(2048, self.max_num_seqs) if self.enable_chunked_prefill
+                                                  else max_model_len)
+        if not self.enable_chunked_prefill and batched < max_model_len:
+            raise ConfigError(f"--max-num-batched-tokens ({batched}) must be at least --max-model-len "
+                              f"({max_model_len}) when chunked prefill is disabled.")
+        _check_positive(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=batched, block_size=self.block_size)
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ConfigError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}.")
+        if not 0.0 < self.kv_cache_ratio <= 1.0:
+            raise ConfigError(f"--kv-cache-ratio must be in (0, 1], got {self.kv_cache_ratio}.")
+        if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 1:
+            raise ConfigError("--num-gpu-blocks-override must be at least 1.")
+        model = ModelConfig(
+            model=str(model_dir), tokenizer=self.tokenizer or str(model_dir),
+            served_model_name=self.served_model_name or (self.model or "ernie-4.5-0.3b-dummy"),
+            hf_config=hf_config, dtype=dtype, max_model_len=max_model_len,
+            load_format=self.load_format, seed=self.seed, generation_config=load_generation_config(model_dir))
+        return EngineConfig(
+            model=model,
+            cache=CacheConfig(self.block_size, self.gpu_memory_utilization, self.num_gpu_blocks_override,
+                              self.kv_cache_ratio, self.cpu_kv_cache_space, self.swap_space,
+                              self.enable_prefix_caching),
+            scheduler=SchedulerConfig(self.max_num_seqs, batched, max_model_len, self.enable_chunked_prefill),
+            parallel=ParallelConfig(self.tensor_parallel_size),
+            device=DeviceConfig(device, self.enforce_eager or device.type != "cuda"),
+        )
+
+    def _check_unsupported(self) -> None:
+        if self.tensor_parallel_size != 1:
+            raise ConfigError(f"--tensor-parallel-size {self.tensor_parallel_size} is not supported yet "
+                              "(tensor parallelism is planned); use 1.")
+        if self.quantization not in (None, "", "none", "None"):
+            raise ConfigError(f"--quantization {self.quantization} is not supported yet "
+                              "(weight-only and FP8 quantization are planned); leave it unset for bf16.")
+        if self.enable_prefix_caching:
+            raise ConfigError("--enable-prefix-caching is not supported yet (planned); "
+                              "use --no-enable-prefix-caching or leave it unset.")
+        if self.swap_space:
+            raise ConfigError("--swap-space is not supported yet (it belongs to prefix caching, planned).")
+
+    def _model_dir(self) -> Path:
+        if self.model is None:
+            from ernieserve.checkpoint.dummy import ensure_default_model
+
+            return ensure_default_model()
+        path = Path(self.model).expanduser()
+        if not path.is_dir():
+            raise ConfigError(f"--model {self.model}: no such local folder. ernieserve loads Hugging Face "
+                              "checkpoints from a local folder (config.json, *.safetensors, tokenizer files); "
+                              "`ernieserve make-dummy` writes one.")
+        return path
+
+    def _max_model_len(self, hf_config: Any) -> int:
+        text = getattr(hf_config, "text_config", None) or hf_config
+        limit = getattr(text, "max_position_embeddings", None) or 4096
+        if self.max_model_len is None:
+            return int(limit)
+        if self.max_model_len < 1:
+            raise ConfigError(f"--max-model-len must be at least 1, got {self.max_model_len}.")
+        if self.max_model_len > limit:
+            raise ConfigError(f"--max-model-len {self.max_model_len} exceeds the model's "
+                              f"max_position_embeddings ({limit}).")
+        return self.max_model_len
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}.")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available on this machine.")
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"--device must be auto, cpu or cuda, got {device!r}.")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, hf_config: Any, device: torch.device) -> torch.dtype:
+    if dtype != "auto":
+        if dtype not in _DTYPES:
+            raise ConfigError(f"--dtype must be auto, bfloat16, float16 or float32, got {dtype!r}.")
+        return _DTYPES[dtype]
+    if device.type == "cpu":
+        # bf16 matmuls are slow on most CPUs and the CPU path is mostly a test oracle: use fp32.
+        return torch.float32
+    text = getattr(hf_config, "text_config", None) or hf_config
+    declared = getattr(text, "dtype", None) or getattr(text, "torch_dtype", None) or "bfloat16"
+    if isinstance(declared, torch.dtype):
+        return declared if declared != torch.float32 else torch.bfloat16
+    return _DTYPES.get(str(declared).replace("torch.", ""), torch.bfloat16)
+
+
+def load_hf_config(model_dir: Path) -> Any:
+    from transformers import AutoConfig
+
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{path}: missing. A model folder needs a Hugging Face config.json.")
+    try:
+        json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e}).") from e
+    try:
+        return AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
+    except (ValueError, KeyError) as e:
+        raise ConfigError(f"{path}: transformers cannot read this config ({e}).") from e
+
+
+def load_generation_config(model_dir: Path) -> dict:
+    path = model_dir / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e}).") from e
+
+
+def env_flag(name: str, default: str = "") -> str:
+    """Environment variables FastDeploy users expect (e.g. FD_SAMPLING_CLASS)."""
+    return os.environ.get(name, default)

@@ -1,0 +1,225 @@
+"""One token-budget scheduler for prefill, decode and chunked prefill alike.
+
+Each step gives every scheduled request some number of new tokens: the rest of its known tokens
+(a whole or partial prompt, or 1 for decode) within `max_num_batched_tokens` and `max_num_seqs`.
+Running requests are served first, in arrival order; then waiting ones are admitted while budget,
+sequence slots and blocks last. When blocks run out, the newest running request is preempted: its
+blocks are freed and it goes back to the head of the waiting queue, to be recomputed later. No
+request is ever dropped.
+
+The worker gets diffs: a request's full state once (`NewRequestData`), then only its new block ids
+and progress (`CachedRequestData`); the worker appends the tokens it sampled itself.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+
+from ernieserve.config import CacheConfig, SchedulerConfig
+from ernieserve.core.kv_cache_manager import KVCacheManager
+from ernieserve.core.request import Request, RequestStatus
+from ernieserve.engine.protocol import EngineOutput, LogprobsLists, SchedulerStats
+from ernieserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class NewRequestData:
+    request_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]  # non-empty when resuming after preemption
+    sampling_params: SamplingParams
+    block_ids: list[int]
+    num_computed_tokens: int
+    eos_token_ids: list[int]
+
+
+@dataclass(slots=True)
+class CachedRequestData:
+    request_id: str
+    new_block_ids: list[int]
+    num_computed_tokens: int
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    new_reqs: list[NewRequestData]
+    cached_reqs: list[CachedRequestData]
+    # request id -> tokens this step; dict order is the batch order
+    num_scheduled_tokens: dict[str, int]
+    total_num_scheduled_tokens: int
+    # requests the worker must forget (finished, aborted or preempted) before this step
+    finished_req_ids: set[str]
+
+    @property
+    def is_empty(self) -> bool:
+        return self.total_num_scheduled_tokens == 0
+
+
+@dataclass(slots=True)
+class ModelRunnerOutput:
+    req_ids: list[str]  # batch order
+    # request id -> sampled token ids this step (empty for a partial prefill chunk)
+    sampled_token_ids: dict[str, list[int]]
+    logprobs: dict[str, LogprobsLists] = field(default_factory=dict)
+    prompt_logprobs: dict[str, LogprobsLists] = field(default_factory=dict)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int) -> None:
+        self.config = config
+        self.cache_config = cache_config
+        self.kv = KVCacheManager(num_blocks, cache_config.block_size)
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self._finished_ids: set[str] = set()  # to tell the worker at the next schedule()
+        self._sent_to_worker: set[str] = set()
+        self.num_preempted_total = 0
+        # Admission stops when blocks in use would exceed this, keeping the rest for decode growth
+        # (FastDeploy's --kv-cache-ratio).
+        self._admit_block_limit = max(1, int(num_blocks * cache_config.kv_cache_ratio))
+
+    # ---- requests in and out -------------------------------------------------------------------
+    def add_request(self, req: Request) -> None:
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    def abort_requests(self, request_ids: list[str]) -> list[Request]:
+        aborted = []
+        for rid in request_ids:
+            req = self.requests.get(rid)
+            if req is None or req.status.finished:
+                continue
+            if req.status == RequestStatus.RUNNING:
+                self.running.remove(req)
+            else:
+                self.waiting.remove(req)
+            self._finish(req, RequestStatus.FINISHED_ABORTED)
+            aborted.append(req)
+        return aborted
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _finish(self, req: Request, status: RequestStatus) -> None:
+        req.status = status
+        self.kv.free(req)
+        self._finished_ids.add(req.request_id)
+        del self.requests[req.request_id]
+
+    # ---- one step -----------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        num_tokens: dict[str, int] = {}
+        cached: list[CachedRequestData] = []
+        new: list[NewRequestData] = []
+        preempted = False
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if n <= 0:
+                i += 1
+                continue
+            new_blocks = self.kv.allocate_slots(req, n)
+            while new_blocks is None:
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted = True
+                if victim is req:
+                    break
+                new_blocks = self.kv.allocate_slots(req, n)
+            if new_blocks is None:  # req itself was preempted
+                break
+            num_tokens[req.request_id] = n
+            budget -= n
+            cached.append(CachedRequestData(req.request_id, new_blocks, req.num_computed_tokens))
+            i += 1
+
+        # Admit waiting requests, unless blocks were just short (admitting would thrash).
+        while self.waiting and not preempted and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            n = req.num_tokens - req.num_computed_tokens
+            if n > budget and not self.config.enable_chunked_prefill:
+                break
+            n = min(n, budget)
+            in_use_after = self.kv.num_blocks_in_use() + self.kv.blocks_needed(req, n)
+            if in_use_after > self._admit_block_limit and self.running:
+                break
+            block_ids = self.kv.allocate_slots(req, n)
+            if block_ids is None:
+                break
+            self.waiting.popleft()
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            num_tokens[req.request_id] = n
+            budget -= n
+            new.append(NewRequestData(req.request_id, list(req.prompt_token_ids), req.output_token_ids,
+                                      req.sampling_params, self.kv.block_ids(req), req.num_computed_tokens,
+                                      req.eos_token_ids))
+            self._sent_to_worker.add(req.request_id)
+
+        finished = self._finished_ids
+        self._finished_ids = set()
+        return SchedulerOutput(new, cached, num_tokens, sum(num_tokens.values()), finished)
+
+    def _preempt(self, req: Request) -> None:
+        """Free a running request's blocks and put it at the head of the queue, to recompute later."""
+        self.kv.free(req)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.prompt_logprobs = None  # recomputed from the start with the prompt
+        req.num_preemptions += 1
+        self.num_preempted_total += 1
+        self.waiting.appendleft(req)
+        self._finished_ids.add(req.request_id)  # the worker drops its state; it comes back as new
+        logger.debug("preempted %s (%d tokens)", req.request_id, req.num_tokens)
+
+    # ---- results ------------------------------------------------------------------------------
+    def update_from_output(self, sched: SchedulerOutput, out: ModelRunnerOutput) -> list[EngineOutput]:
+        outputs: list[EngineOutput] = []
+        max_len = self.config.max_model_len
+        for rid, n in sched.num_scheduled_tokens.items():
+            req = self.requests.get(rid)
+            if req is None or req.status != RequestStatus.RUNNING:
+                continue  # aborted while the step ran
+            req.num_computed_tokens += n
+            prompt_lp = out.prompt_logprobs.get(rid)
+            if prompt_lp is not None:
+                req.prompt_logprobs = _concat_logprobs(req.prompt_logprobs, prompt_lp)
+            new_ids = out.sampled_token_ids.get(rid) or []
+            if not new_ids:
+                continue
+            stopped = False
+            for tok in new_ids:
+                req.append_output_token(tok)
+                if req.check_stop(max_len):
+                    stopped = True
+                    break
+            first = req.num_output_tokens == len(new_ids)
+            outputs.append(EngineOutput(
+                request_id=rid, new_token_ids=new_ids, new_logprobs=out.logprobs.get(rid),
+                prompt_logprobs=req.prompt_logprobs if first else None,
+                finish_reason=req.status.finish_reason() if stopped else None,
+                stop_reason=req.stop_reason, num_cached_tokens=req.num_cached_tokens))
+            if stopped:
+                self.running.remove(req)
+                self._finish(req, req.status)
+        return outputs
+
+    def stats(self) -> SchedulerStats:
+        total = self.kv.pool.num_blocks
+        return SchedulerStats(num_running_reqs=len(self.running), num_waiting_reqs=len(self.waiting),
+                              num_preempted_total=self.num_preempted_total, kv_cache_usage=self.kv.usage,
+                              num_total_blocks=total, num_free_blocks=self.kv.num_free_blocks)
+
+
+def _concat_logprobs(a: LogprobsLists | None, b: LogprobsLists) -> LogprobsLists:
+    if a is None:
+        return b
+    return LogprobsLists(a.token_ids + b.token_ids, a.logprobs + b.logprobs, a.ranks + b.ranks)

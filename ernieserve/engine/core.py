@@ -1,0 +1,71 @@
+"""EngineCore: the busy loop's body. `step()` = schedule -> execute -> update.
+
+Token ids in, token ids out; it knows nothing about text. The offline `LLM` runs it in-process;
+the API server runs it in its own process (engine/core_proc.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from ernieserve.config import EngineConfig
+from ernieserve.core.request import Request
+from ernieserve.core.scheduler import Scheduler
+from ernieserve.engine.protocol import EngineOutput, EngineOutputs, EngineRequest, FinishReason
+from ernieserve.worker.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig) -> None:
+        start = time.perf_counter()
+        self.config = config
+        self.runner = ModelRunner(config)
+        num_blocks = self.runner.initialize_kv_cache()
+        max_ctx = num_blocks * config.cache.block_size
+        if max_ctx < config.scheduler.max_model_len:
+            logger.warning("the KV cache holds %d tokens, less than max_model_len %d: one request "
+                           "can use at most that many", max_ctx, config.scheduler.max_model_len)
+        self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks)
+        logger.info("Engine ready in %.1f s: max_model_len %d, max_num_seqs %d, max_num_batched_tokens %d, "
+                    "largest context the cache holds %d tokens", time.perf_counter() - start,
+                    config.scheduler.max_model_len, config.scheduler.max_num_seqs,
+                    config.scheduler.max_num_batched_tokens, max_ctx)
+
+    def validate(self, req: EngineRequest) -> None:
+        """Reject what would break the step loop; the front end checks the same, this is the guard."""
+        n = len(req.prompt_token_ids)
+        max_len = self.config.scheduler.max_model_len
+        if n == 0:
+            raise ValueError("The prompt is empty; it must contain at least one token.")
+        if n >= max_len:
+            raise ValueError(f"The prompt has {n} tokens, which leaves no room to generate within "
+                             f"max_model_len ({max_len}).")
+        if n > self.runner.num_blocks * self.config.cache.block_size:
+            raise ValueError(f"The prompt has {n} tokens, more than the KV cache can hold "
+                             f"({self.runner.num_blocks * self.config.cache.block_size}).")
+        vocab = self.config.model.vocab_size
+        if min(req.prompt_token_ids) < 0 or max(req.prompt_token_ids) >= vocab:
+            raise ValueError(f"prompt_token_ids must be in [0, {vocab}).")
+
+    def add_request(self, req: EngineRequest) -> None:
+        self.validate(req)
+        self.scheduler.add_request(Request.from_engine_request(req, self.config.scheduler.max_model_len))
+
+    def abort_requests(self, request_ids: list[str]) -> list[EngineOutput]:
+        aborted = self.scheduler.abort_requests(request_ids)
+        return [EngineOutput(r.request_id, [], finish_reason=FinishReason.ABORT) for r in aborted]
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def step(self) -> EngineOutputs:
+        sched = self.scheduler.schedule()
+        out = self.runner.execute_model(sched)
+        outputs = self.scheduler.update_from_output(sched, out) if not sched.is_empty else []
+        return EngineOutputs(outputs=outputs, scheduler_stats=self.scheduler.stats(), timestamp=time.time())
+
+    def model_param_bytes(self) -> int:
+        return self.runner.model_param_bytes()

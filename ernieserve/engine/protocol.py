@@ -1,0 +1,85 @@
+"""Messages between the front end (API server or offline LLM) and the engine core.
+
+The engine core sees token ids only. These structs cross the ZMQ socket as msgpack (msgspec),
+and the in-process offline engine passes the same objects directly.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import msgspec
+
+from ernieserve.sampling_params import SamplingParams
+
+
+class FinishReason(enum.IntEnum):
+    STOP = 0  # eos, stop token id or stop string
+    LENGTH = 1  # max_tokens or max_model_len
+    ABORT = 2  # client went away or was aborted
+
+    def __str__(self) -> str:
+        return self.name.lower()
+
+
+class EngineRequest(msgspec.Struct, omit_defaults=True, kw_only=True):
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    eos_token_ids: list[int] = []
+    arrival_time: float = 0.0
+    cache_salt: str | None = None
+
+
+class LogprobsLists(msgspec.Struct, array_like=True):
+    """Top logprobs of each position: row i holds the chosen token first, then the top-k.
+
+    token_ids[i][0] is the sampled (or prompt) token, logprobs[i][0] its logprob, ranks[i] its
+    rank in the vocabulary (1 = most likely).
+    """
+
+    token_ids: list[list[int]]
+    logprobs: list[list[float]]
+    ranks: list[int]
+
+
+class EngineOutput(msgspec.Struct, omit_defaults=True, array_like=True):
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: LogprobsLists | None = None
+    prompt_logprobs: LogprobsLists | None = None
+    finish_reason: FinishReason | None = None
+    stop_reason: int | str | None = None
+    num_cached_tokens: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class SchedulerStats(msgspec.Struct, omit_defaults=True):
+    num_running_reqs: int = 0
+    num_waiting_reqs: int = 0
+    num_preempted_total: int = 0
+    kv_cache_usage: float = 0.0  # fraction of GPU blocks in use
+    num_total_blocks: int = 0
+    num_free_blocks: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+
+
+class EngineOutputs(msgspec.Struct, omit_defaults=True):
+    outputs: list[EngineOutput] = []
+    scheduler_stats: SchedulerStats | None = None
+    timestamp: float = 0.0
+
+
+class AbortRequests(msgspec.Struct):
+    request_ids: list[str]
+
+
+class EngineError(msgspec.Struct):
+    """Sent instead of outputs when the engine rejects a request (bad input that got through)."""
+
+    request_id: str
+    message: str

@@ -1,0 +1,28 @@
+"""The attention layer a model instantiates: owns its KV cache slot and delegates to a backend."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ernieserve.attention.base import AttentionBackend, AttentionMetadata, KVCache
+
+
+class Attention(nn.Module):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = head_dim ** -0.5
+        self.backend = backend
+        self.kv_cache: KVCache | None = None  # bound once by the model runner
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        assert self.kv_cache is not None, "KV cache not bound: the runner must call bind_kv_caches first"
+        # [num_tokens, heads * head_dim] -> [num_tokens, heads, head_dim]
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        out = self.backend.forward(q, k, v, self.kv_cache, meta, self.scale)
+        return out.reshape(out.shape[0], -1)

@@ -1,0 +1,153 @@
+"""Tensor-parallel linear layers with pluggable quantization methods.
+
+Column-parallel layers split the output features across ranks, row-parallel layers split the
+input features and all-reduce. Each parameter carries a `weight_loader` that knows which slice of
+a full checkpoint tensor belongs to this rank (and, for fused layers, which sub-matrix it fills),
+so the checkpoint loader never needs to know about sharding.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ernieserve.distributed.parallel_state import SINGLE, TPGroup
+
+WeightLoader = Callable[..., None]
+
+
+class LinearMethod(ABC):
+    """How a linear layer stores and applies its weight (plain, int8, int4, fp8 ...)."""
+
+    @abstractmethod
+    def create_weights(self, layer: "LinearBase", in_features: int, out_features: int, dtype: torch.dtype) -> None: ...
+
+    @abstractmethod
+    def apply(self, layer: "LinearBase", x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor: ...
+
+    def process_weights_after_loading(self, layer: "LinearBase") -> None:
+        """Hook for methods that repack or quantize once the full weight is loaded."""
+
+
+class UnquantizedLinearMethod(LinearMethod):
+    def create_weights(self, layer: "LinearBase", in_features: int, out_features: int, dtype: torch.dtype) -> None:
+        layer.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
+        layer.weight.weight_loader = layer.weight_loader  # type: ignore[attr-defined]
+
+    def apply(self, layer: "LinearBase", x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return nn.functional.linear(x, layer.weight, bias)
+
+
+def _divide(n: int, d: int, what: str) -> int:
+    if n % d:
+        raise ValueError(f"{what} ({n}) is not divisible by the tensor-parallel size ({d}).")
+    return n // d
+
+
+class LinearBase(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, tp: TPGroup,
+                 method: LinearMethod | None) -> None:
+        super().__init__()
+        self.tp = tp
+        self.in_features = in_features  # this rank's shard
+        self.out_features = out_features
+        self.method = method or UnquantizedLinearMethod()
+        self.method.create_weights(self, in_features, out_features, dtype)
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False)
+            self.bias.weight_loader = self.weight_loader  # type: ignore[attr-defined]
+        else:
+            self.bias = None
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+        raise NotImplementedError
+
+
+class ReplicatedLinear(LinearBase):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype = torch.float32,
+                 tp: TPGroup = SINGLE, method: LinearMethod | None = None) -> None:
+        super().__init__(in_features, out_features, bias, dtype, tp, method)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+        _copy(param.data, loaded)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.method.apply(self, x, self.bias)
+
+
+class ColumnParallelLinear(LinearBase):
+    """y = x W^T with W's rows (output features) split across ranks; output stays sharded."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype = torch.float32,
+                 tp: TPGroup = SINGLE, method: LinearMethod | None = None) -> None:
+        super().__init__(in_features, _divide(out_features, tp.size, "output features"), bias, dtype, tp, method)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+        n = param.shape[0]
+        _copy(param.data, loaded.narrow(0, self.tp.rank * n, n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.method.apply(self, x, self.bias)
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel projections of the same input in one matmul (gate_proj + up_proj)."""
+
+    def __init__(self, in_features: int, out_sizes: list[int], bias: bool = False, dtype: torch.dtype = torch.float32,
+                 tp: TPGroup = SINGLE, method: LinearMethod | None = None) -> None:
+        self.out_sizes = [_divide(s, tp.size, "output features") for s in out_sizes]
+        super().__init__(in_features, sum(out_sizes), bias, dtype, tp, method)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+        assert isinstance(shard_id, int), "merged linear needs the index of the sub-projection"
+        size = self.out_sizes[shard_id]
+        offset = sum(self.out_sizes[:shard_id])
+        _copy(param.data.narrow(0, offset, size), loaded.narrow(0, self.tp.rank * size, size))
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """q, k and v projections fused; KV heads are replicated when there are fewer than ranks."""
+
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False,
+                 dtype: torch.dtype = torch.float32, tp: TPGroup = SINGLE, method: LinearMethod | None = None) -> None:
+        self.head_dim = head_dim
+        self.num_heads = _divide(num_heads, tp.size, "attention heads")
+        self.num_kv_heads = max(1, num_kv_heads // tp.size)
+        self.kv_replicas = max(1, tp.size // num_kv_heads)
+        out = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp.size
+        super().__init__(hidden_size, out, bias, dtype, tp, method)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+        q = self.num_heads * self.head_dim
+        kv = self.num_kv_heads * self.head_dim
+        offset, size = {"q": (0, q), "k": (q, kv), "v": (q + kv, kv)}[str(shard_id)]
+        rank = self.tp.rank if shard_id == "q" else self.tp.rank // self.kv_replicas
+        _copy(param.data.narrow(0, offset, size), loaded.narrow(0, rank * size, size))
+
+
+class RowParallelLinear(LinearBase):
+    """y = x W^T with W's columns (input features) split across ranks, then all-reduced."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype = torch.float32,
+                 tp: TPGroup = SINGLE, method: LinearMethod | None = None) -> None:
+        super().__init__(_divide(in_features, tp.size, "input features"), out_features, bias, dtype, tp, method)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+        if param.dim() == 1:  # the bias is added once, after the reduction
+            _copy(param.data, loaded)
+            return
+        n = param.shape[1]
+        _copy(param.data, loaded.narrow(1, self.tp.rank * n, n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias if self.tp.rank == 0 else None
+        return self.tp.all_reduce(self.method.apply(self, x, bias))
+
+
+def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+    if dst.shape != src.shape:
+        raise ValueError(f"checkpoint tensor has shape {tuple(src.shape)}, the model expects {tuple(dst.shape)}")
+    dst.copy_(src)

@@ -1,0 +1,102 @@
+"""Build a model from its config and fill it from a local safetensors checkpoint.
+
+Weights stream shard by shard, tensor by tensor (`safe_open` maps the file; each tensor is read,
+copied into its parameter on the target device, and dropped), so peak host memory stays about one
+tensor, not the model. `load_format="dummy"` fills parameters with random values straight on the
+device from config.json alone, for benchmarks of models we have no weights for.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ernieserve.attention.base import AttentionBackend
+from ernieserve.config import ModelConfig
+from ernieserve.distributed.parallel_state import SINGLE, TPGroup
+from ernieserve.models.registry import resolve_model_class
+
+logger = logging.getLogger(__name__)
+
+
+class CheckpointError(ValueError):
+    """A missing or unreadable checkpoint file; the message names the file."""
+
+
+def checkpoint_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e}).") from e
+        files = [model_dir / name for name in sorted(set(weight_map.values()))]
+        for f in files:
+            if not f.is_file():
+                raise CheckpointError(f"{f}: missing (listed in {index.name}).")
+        return files
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{model_dir}: no *.safetensors weight files found "
+                              "(use --load-format dummy for random weights).")
+    return files
+
+
+def iterate_checkpoint(files: list[Path], progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    for path in tqdm(files, desc="Loading safetensors shards", unit="shard", disable=not progress or len(files) < 2):
+        try:
+            handle = safe_open(str(path), framework="pt", device="cpu")
+        except Exception as e:  # safetensors raises its own error types for corrupt headers
+            raise CheckpointError(f"{path}: cannot be read as safetensors ({e}).") from e
+        with handle as f:
+            for name in f.keys():
+                try:
+                    tensor = f.get_tensor(name)
+                except Exception as e:
+                    raise CheckpointError(f"{path}: tensor {name!r} cannot be read ({e}).") from e
+                yield name, tensor
+
+
+def build_model(model_config: ModelConfig, backend: AttentionBackend, device: torch.device,
+                tp: TPGroup = SINGLE) -> nn.Module:
+    cls = resolve_model_class(getattr(model_config.hf_config, "architectures", None))
+    start = time.perf_counter()
+    with torch.device(device):
+        model = cls(model_config.text_config(), backend, model_config.dtype, tp)
+    model.eval()
+    model_dir = Path(model_config.model)
+    if model_config.load_format == "dummy":
+        init_dummy_weights(model, model_config.seed)
+    else:
+        expected = {n for n, _ in model.named_parameters()}
+        loaded = model.load_weights(iterate_checkpoint(checkpoint_files(model_dir)))
+        missing = sorted(expected - loaded)
+        if missing:
+            raise CheckpointError(f"{model_dir}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}.")
+    for module in model.modules():
+        method = getattr(module, "method", None)
+        if method is not None:
+            method.process_weights_after_loading(module)
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    logger.info("Loaded %s (%s) in %.1f s: %.2f GiB of weights in %s on %s", cls.__name__,
+                model_config.load_format, time.perf_counter() - start, nbytes / 2**30, model_config.dtype, device)
+    return model
+
+
+@torch.no_grad()
+def init_dummy_weights(model: nn.Module, seed: int) -> None:
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if p.dim() == 1:
+            p.fill_(1.0 if "norm" in name else 0.0)
+        else:
+            p.normal_(0.0, 0.02, generator=gen)

@@ -1,0 +1,120 @@
+"""The worker's copy of each running request, kept in step with the scheduler by diffs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ernieserve.layers.sampling_metadata import SamplingMetadata
+from ernieserve.sampling_params import SamplingParams
+
+_SEED_MIX = 0x9E3779B97F4A7C15  # spreads (seed, position) pairs over the generator's seed space
+
+
+@dataclass(slots=True)
+class CachedRequestState:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]  # prompt + output, grows as the worker samples
+    sampling_params: SamplingParams
+    block_ids: list[int]
+    num_computed_tokens: int
+    eos_token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - len(self.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[len(self.prompt_token_ids):]
+
+
+@dataclass(slots=True)
+class StepInputs:
+    """Host-side arrays of one step, in batch order."""
+
+    req_ids: list[str]
+    input_ids: np.ndarray  # [num_tokens] int64
+    positions: np.ndarray  # [num_tokens] int64
+    slot_mapping: np.ndarray  # [num_tokens] int64
+    query_start_loc: np.ndarray  # [num_reqs + 1] int32
+    seq_lens: np.ndarray  # [num_reqs] int32
+    block_table: np.ndarray  # [num_reqs, max_blocks] int32
+    sample_rows: list[int]  # indices (into req_ids) of requests that sample this step
+
+
+def build_step_inputs(states: dict[str, CachedRequestState], num_scheduled: dict[str, int],
+                      block_size: int) -> StepInputs:
+    req_ids = list(num_scheduled)
+    counts = np.fromiter(num_scheduled.values(), dtype=np.int64, count=len(req_ids))
+    qsl = np.zeros(len(req_ids) + 1, dtype=np.int32)
+    np.cumsum(counts, out=qsl[1:])
+    num_tokens = int(qsl[-1])
+    input_ids = np.empty(num_tokens, dtype=np.int64)
+    positions = np.empty(num_tokens, dtype=np.int64)
+    seq_lens = np.empty(len(req_ids), dtype=np.int32)
+    max_blocks = max(len(states[r].block_ids) for r in req_ids)
+    block_table = np.zeros((len(req_ids), max_blocks), dtype=np.int32)
+    sample_rows = []
+    for i, rid in enumerate(req_ids):  # one iteration per request, vectorised within
+        st = states[rid]
+        start, end = st.num_computed_tokens, st.num_computed_tokens + int(counts[i])
+        input_ids[qsl[i]:qsl[i + 1]] = st.token_ids[start:end]
+        positions[qsl[i]:qsl[i + 1]] = np.arange(start, end)
+        seq_lens[i] = end
+        block_table[i, : len(st.block_ids)] = st.block_ids
+        if end == len(st.token_ids):
+            sample_rows.append(i)
+    req_of_token = np.repeat(np.arange(len(req_ids)), counts)
+    slot_mapping = block_table[req_of_token, positions // block_size].astype(np.int64) * block_size \
+        + positions % block_size
+    return StepInputs(req_ids, input_ids, positions, slot_mapping, qsl, seq_lens, block_table, sample_rows)
+
+
+def _padded(rows: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
+    width = max(1, max(len(r) for r in rows))
+    out = np.full((len(rows), width), pad, dtype=np.int64)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return torch.from_numpy(out).to(device, non_blocking=True)
+
+
+def build_sampling_metadata(states: list[CachedRequestState], vocab_size: int,
+                            device: torch.device, generators: dict[str, torch.Generator]) -> SamplingMetadata:
+    """Per-step sampling tensors for the requests that sample, in batch order."""
+    params = [s.sampling_params for s in states]
+    temps = [0.0 if p.greedy else p.temperature for p in params]
+    greedy = [t == 0.0 for t in temps]
+    f32 = dict(dtype=torch.float32, device=device)
+    meta = SamplingMetadata(temperature=torch.tensor(temps, **f32), all_greedy=all(greedy),
+                            all_random=not any(greedy))
+    if any(p.top_p < 1.0 for p in params):
+        meta.top_p = torch.tensor([p.top_p for p in params], **f32)
+    if any(p.top_k > 0 for p in params):
+        meta.top_k = torch.tensor([p.top_k for p in params], dtype=torch.int64, device=device)
+    if any(p.min_p > 0.0 for p in params):
+        meta.min_p = torch.tensor([p.min_p for p in params], **f32)
+    if any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params):
+        meta.repetition_penalties = torch.tensor([p.repetition_penalty for p in params], **f32)
+        meta.presence_penalties = torch.tensor([p.presence_penalty for p in params], **f32)
+        meta.frequency_penalties = torch.tensor([p.frequency_penalty for p in params], **f32)
+        meta.prompt_token_ids = _padded([s.prompt_token_ids for s in states], vocab_size, device)
+        meta.output_token_ids = _padded([s.output_token_ids for s in states], vocab_size, device)
+    meta.output_token_lists = [s.output_token_ids for s in states]
+    for row, (s, p) in enumerate(zip(states, params)):
+        if p.seed is not None and not greedy[row]:
+            # Re-seed from (seed, output position): the draw depends on nothing else, so a seeded
+            # request samples the same tokens alone, in any batch, and after preemption.
+            gen = generators[s.request_id]
+            gen.manual_seed((p.seed * _SEED_MIX + s.num_output_tokens) % (2**63))
+            meta.generators[row] = gen
+        if p.min_tokens and s.num_output_tokens < p.min_tokens:
+            meta.min_tokens[row] = (p.min_tokens, sorted(set(s.eos_token_ids) | set(p.stop_token_ids or ())))
+        if p.bad_words_token_ids:
+            meta.bad_words_token_ids[row] = p.bad_words_token_ids
+    wanted = [p.logprobs for p in params if p.logprobs is not None]
+    meta.max_num_logprobs = max(wanted) if wanted else None
+    return meta

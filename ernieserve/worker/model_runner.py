@@ -1,0 +1,178 @@
+"""Runs the model for one scheduled step: inputs in, sampled token ids out.
+
+It sees block tables, never the block manager; it keeps its own copy of each request (built from
+the scheduler's diffs) and appends the tokens it samples.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from ernieserve.attention.base import AttentionBackend, AttentionMetadata
+from ernieserve.config import EngineConfig
+from ernieserve.core.scheduler import ModelRunnerOutput, SchedulerOutput
+from ernieserve.engine.protocol import LogprobsLists
+from ernieserve.layers.sampler import Sampler, compute_logprobs
+from ernieserve.models.loader import build_model
+from ernieserve.worker import kv_cache
+from ernieserve.worker.input_batch import (CachedRequestState, StepInputs, build_sampling_metadata,
+                                           build_step_inputs)
+
+logger = logging.getLogger(__name__)
+
+
+def select_attention_backend(device: torch.device) -> AttentionBackend:
+    if device.type == "cuda":
+        try:
+            from ernieserve.attention.triton_attn import TritonAttentionBackend
+
+            return TritonAttentionBackend()
+        except ImportError:
+            logger.warning("Triton attention unavailable; using the pure-torch reference backend")
+    from ernieserve.attention.torch_ref import TorchRefBackend
+
+    return TorchRefBackend()
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, backend: AttentionBackend | None = None) -> None:
+        self.config = config
+        self.device = config.device.device
+        self.block_size = config.cache.block_size
+        self.vocab_size = config.model.vocab_size
+        torch.manual_seed(config.model.seed)
+        self.backend = backend or select_attention_backend(self.device)
+        self.model = build_model(config.model, self.backend, self.device)
+        self.sampler = Sampler()
+        self.states: dict[str, CachedRequestState] = {}
+        self.generators: dict[str, torch.Generator] = {}
+        self.num_blocks = 0
+
+    def model_param_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    # ---- KV cache -----------------------------------------------------------------------------
+    def initialize_kv_cache(self) -> int:
+        cfg = self.config
+        if cfg.cache.num_gpu_blocks_override is not None:
+            num_blocks = cfg.cache.num_gpu_blocks_override
+        elif self.device.type == "cuda":
+            num_blocks = kv_cache.num_blocks_for_budget(cfg, kv_cache.gpu_kv_budget(cfg, self.device,
+                                                                                   self._profile_peak()))
+        else:
+            num_blocks = kv_cache.num_blocks_for_budget(cfg, kv_cache.cpu_kv_budget(cfg))
+        if num_blocks < 1:
+            raise RuntimeError("no memory left for the KV cache after loading the model; lower "
+                               "--max-num-batched-tokens or raise --gpu-memory-utilization")
+        caches = kv_cache.allocate_kv_caches(cfg, num_blocks, self.device)
+        self.model.bind_kv_caches(caches)
+        self.num_blocks = num_blocks
+        logger.info("KV cache: %d blocks of %d tokens (%.2f GiB), %d tokens in all", num_blocks, self.block_size,
+                    num_blocks * kv_cache.bytes_per_block(cfg) / 2**30, num_blocks * self.block_size)
+        return num_blocks
+
+    @torch.inference_mode()
+    def _profile_peak(self) -> int:
+        """Peak device memory of the largest step (max_num_batched_tokens of prefill)."""
+        torch.cuda.reset_peak_memory_stats(self.device)
+        n = self.config.scheduler.max_num_batched_tokens
+        blocks = -(-n // self.block_size)
+        self.model.bind_kv_caches(kv_cache.allocate_kv_caches(self.config, blocks, self.device))
+        states = {"profile": CachedRequestState("profile", [0] * n, [0] * n, _greedy(), list(range(blocks)), 0)}
+        step = build_step_inputs(states, {"profile": n}, self.block_size)
+        hidden = self.model(*self._device_inputs(step))
+        self.model.compute_logits(hidden[-1:])
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        self.model.bind_kv_caches([(torch.empty(0), torch.empty(0))] * len(self.model.attention_layers()))
+        torch.cuda.empty_cache()
+        return peak
+
+    # ---- state updates from the scheduler -----------------------------------------------------
+    def _apply_diffs(self, sched: SchedulerOutput) -> None:
+        for rid in sched.finished_req_ids:
+            self.states.pop(rid, None)
+            self.generators.pop(rid, None)
+        for new in sched.new_reqs:
+            p = new.sampling_params
+            self.states[new.request_id] = CachedRequestState(
+                new.request_id, new.prompt_token_ids, new.prompt_token_ids + new.output_token_ids, p,
+                list(new.block_ids), new.num_computed_tokens, new.eos_token_ids)
+            if p.seed is not None:
+                self.generators[new.request_id] = torch.Generator(device=self.device)
+        for c in sched.cached_reqs:
+            st = self.states[c.request_id]
+            st.block_ids.extend(c.new_block_ids)
+            st.num_computed_tokens = c.num_computed_tokens
+
+    # ---- one step -----------------------------------------------------------------------------
+    def _device_inputs(self, step: StepInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        dev = self.device
+        qsl_cpu = torch.from_numpy(step.query_start_loc)
+        seq_cpu = torch.from_numpy(step.seq_lens)
+        counts = np.diff(step.query_start_loc)
+        meta = AttentionMetadata(
+            num_reqs=len(step.req_ids), num_tokens=int(step.query_start_loc[-1]), max_query_len=int(counts.max()),
+            max_seq_len=int(step.seq_lens.max()), query_start_loc=qsl_cpu.to(dev, non_blocking=True),
+            seq_lens=seq_cpu.to(dev, non_blocking=True),
+            block_tables=torch.from_numpy(step.block_table).to(dev, non_blocking=True),
+            slot_mapping=torch.from_numpy(step.slot_mapping).to(dev, non_blocking=True),
+            query_start_loc_cpu=qsl_cpu, seq_lens_cpu=seq_cpu, is_decode_only=bool((counts == 1).all()))
+        input_ids = torch.from_numpy(step.input_ids).to(dev, non_blocking=True)
+        positions = torch.from_numpy(step.positions).to(dev, non_blocking=True)
+        return input_ids, positions, meta
+
+    @torch.inference_mode()
+    def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        self._apply_diffs(sched)
+        if sched.is_empty:
+            return ModelRunnerOutput([], {})
+        step = build_step_inputs(self.states, sched.num_scheduled_tokens, self.block_size)
+        input_ids, positions, meta = self._device_inputs(step)
+        hidden = self.model(input_ids, positions, meta)  # [num_tokens, hidden]
+        out = ModelRunnerOutput(step.req_ids, {})
+        self._prompt_logprobs(step, hidden, out)
+        if not step.sample_rows:
+            return out
+        rows = step.sample_rows
+        last_token = torch.from_numpy(step.query_start_loc[1:][rows] - 1).to(self.device, non_blocking=True)
+        logits = self.model.compute_logits(hidden.index_select(0, last_token))  # [num_sampling, vocab]
+        sample_states = [self.states[step.req_ids[i]] for i in rows]
+        meta_s = build_sampling_metadata(sample_states, self.vocab_size, self.device, self.generators)
+        result = self.sampler(logits, meta_s)
+        sampled = result.sampled_token_ids.tolist()  # the one host sync of the step
+        lp = result.logprobs.tolists() if result.logprobs is not None else None
+        for j, st in enumerate(sample_states):
+            st.token_ids.append(sampled[j])
+            out.sampled_token_ids[st.request_id] = [sampled[j]]
+            k = st.sampling_params.logprobs
+            if lp is not None and k is not None:
+                out.logprobs[st.request_id] = LogprobsLists([lp[0][j][: k + 1]], [lp[1][j][: k + 1]], [lp[2][j]])
+        return out
+
+    def _prompt_logprobs(self, step: StepInputs, hidden: torch.Tensor, out: ModelRunnerOutput) -> None:
+        """Logprobs of each prompt token given the ones before it, chunk by chunk."""
+        for i, rid in enumerate(step.req_ids):
+            st = self.states[rid]
+            k = st.sampling_params.prompt_logprobs
+            if k is None:
+                continue
+            lo, hi = int(step.query_start_loc[i]), int(step.query_start_loc[i + 1])
+            first_pos = int(step.positions[lo])
+            # position p predicts prompt token p + 1; only positions before the last prompt token
+            n = min(hi - lo, len(st.prompt_token_ids) - 1 - first_pos)
+            if n <= 0:
+                continue
+            logits = self.model.compute_logits(hidden[lo:lo + n])
+            targets = torch.tensor(st.prompt_token_ids[first_pos + 1:first_pos + 1 + n], device=self.device)
+            ids, lps, ranks = compute_logprobs(logits, targets, k).tolists()
+            out.prompt_logprobs[rid] = LogprobsLists(ids, lps, ranks)
+
+
+def _greedy():  # type: ignore[no-untyped-def]
+    from ernieserve.sampling_params import SamplingParams
+
+    return SamplingParams(temperature=0.0)
