@@ -124,7 +124,7 @@ class EngineArgs:
     kv_cache_ratio: float = 1.0
     cpu_kv_cache_space: float = 4.0
     swap_space: float = 0.0
-    enable_prefix_caching: bool = False
+    enable_prefix_caching: bool = True
     tensor_parallel_size: int = 1
     quantization: str | None = None
     enforce_eager: bool = False
@@ -154,7 +154,8 @@ class EngineArgs:
         g.add_argument("--cpu-kv-cache-space", type=float, default=d.cpu_kv_cache_space,
                        help="GiB of host memory for the KV cache when running on CPU.")
         g.add_argument("--swap-space", type=float, default=d.swap_space)
-        g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=False)
+        g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                       help="Reuse the KV blocks of shared prompt prefixes (on by default, as in FastDeploy 2.2).")
         g.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.tensor_parallel_size)
         g.add_argument("--quantization", type=str, default=None)
         g.add_argument("--enforce-eager", action="store_true")
@@ -207,11 +208,9 @@ class EngineArgs:
         if self.quantization not in (None, "", "none", "None"):
             raise ConfigError(f"--quantization {self.quantization} is not supported yet "
                               "(weight-only and FP8 quantization are planned); leave it unset for bf16.")
-        if self.enable_prefix_caching:
-            raise ConfigError("--enable-prefix-caching is not supported yet (planned); "
-                              "use --no-enable-prefix-caching or leave it unset.")
         if self.swap_space:
-            raise ConfigError("--swap-space is not supported yet (it belongs to prefix caching, planned).")
+            raise ConfigError("--swap-space is not supported yet: the CPU tier of the prefix cache is planned; "
+                              "prefix caching itself works on the device's blocks.")
 
     def _model_dir(self) -> Path:
         if self.model is None:

@@ -72,12 +72,11 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int) -> None:
         self.config = config
         self.cache_config = cache_config
-        self.kv = KVCacheManager(num_blocks, cache_config.block_size)
+        self.kv = KVCacheManager(num_blocks, cache_config.block_size, cache_config.enable_prefix_caching)
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._finished_ids: set[str] = set()  # to tell the worker at the next schedule()
-        self._sent_to_worker: set[str] = set()
         self.num_preempted_total = 0
         # Admission stops when blocks in use would exceed this, keeping the rest for decode growth
         # (FastDeploy's --kv-cache-ratio).
@@ -144,25 +143,31 @@ class Scheduler:
         # Admit waiting requests, unless blocks were just short (admitting would thrash).
         while self.waiting and not preempted and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
+            hits = self.kv.find_cached_prefix(req)
+            req.num_computed_tokens = len(hits) * self.kv.block_size
             n = req.num_tokens - req.num_computed_tokens
             if n > budget and not self.config.enable_chunked_prefill:
+                req.num_computed_tokens = 0
                 break
             n = min(n, budget)
-            in_use_after = self.kv.num_blocks_in_use() + self.kv.blocks_needed(req, n)
-            if in_use_after > self._admit_block_limit and self.running:
-                break
-            block_ids = self.kv.allocate_slots(req, n)
+            in_use_after = self.kv.num_blocks_in_use() + self.kv.blocks_needed(req, n, len(hits))
+            block_ids = None
+            if in_use_after <= self._admit_block_limit or not self.running:
+                block_ids = self.kv.allocate_slots(req, n, hits)
             if block_ids is None:
+                req.num_computed_tokens = 0
                 break
             self.waiting.popleft()
+            self.kv.record_lookup(req, req.num_computed_tokens)
+            if req.num_preemptions == 0:
+                req.num_cached_tokens = req.num_computed_tokens
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             num_tokens[req.request_id] = n
             budget -= n
             new.append(NewRequestData(req.request_id, list(req.prompt_token_ids), req.output_token_ids,
-                                      req.sampling_params, self.kv.block_ids(req), req.num_computed_tokens,
+                                      req.sampling_params, block_ids, req.num_computed_tokens,
                                       req.eos_token_ids))
-            self._sent_to_worker.add(req.request_id)
 
         finished = self._finished_ids
         self._finished_ids = set()
@@ -189,6 +194,7 @@ class Scheduler:
             if req is None or req.status != RequestStatus.RUNNING:
                 continue  # aborted while the step ran
             req.num_computed_tokens += n
+            self.kv.cache_full_blocks(req)
             prompt_lp = out.prompt_logprobs.get(rid)
             if prompt_lp is not None:
                 req.prompt_logprobs = _concat_logprobs(req.prompt_logprobs, prompt_lp)
@@ -216,7 +222,8 @@ class Scheduler:
         total = self.kv.pool.num_blocks
         return SchedulerStats(num_running_reqs=len(self.running), num_waiting_reqs=len(self.waiting),
                               num_preempted_total=self.num_preempted_total, kv_cache_usage=self.kv.usage,
-                              num_total_blocks=total, num_free_blocks=self.kv.num_free_blocks)
+                              num_total_blocks=total, num_free_blocks=self.kv.num_free_blocks,
+                              prefix_cache_queries=self.kv.queries, prefix_cache_hits=self.kv.hits)
 
 
 def _concat_logprobs(a: LogprobsLists | None, b: LogprobsLists) -> LogprobsLists:
