@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ernieserve.engine.protocol import EngineOutput, LogprobsLists
-from ernieserve.frontend.detokenizer import IncrementalDetokenizer, decode_token_for_logprobs
+from ernieserve.frontend.detokenizer import IncrementalDetokenizer, LogprobTokenDecoder
 from ernieserve.outputs import CompletionOutput, Logprob, RequestOutput
 from ernieserve.sampling_params import SamplingParams
 
@@ -61,6 +61,7 @@ class RequestState:
 class OutputProcessor:
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
+        self.token_decoder = LogprobTokenDecoder(tokenizer)
         self.requests: dict[str, RequestState] = {}
         self.child_to_parent: dict[str, str] = {}
 
@@ -89,7 +90,7 @@ class OutputProcessor:
 
     def process_outputs(self, outputs: list[EngineOutput]) -> tuple[list[RequestOutput], list[str]]:
         """Returns (outputs to hand to callers, child ids to abort in the engine)."""
-        results: dict[str, RequestOutput] = {}
+        touched: dict[str, RequestState] = {}
         to_abort: list[str] = []
         for out in outputs:
             parent_id = self.child_to_parent.get(out.request_id)
@@ -99,12 +100,18 @@ class OutputProcessor:
             child = state.children[out.request_id]
             if self._update_child(state, child, out):
                 to_abort.append(out.request_id)
+            touched[parent_id] = state
+        # One RequestOutput per parent, made after all its children's outputs are applied: a
+        # DELTA output consumes every child's new text, so making one per child output would
+        # drop the earlier children's deltas when a later one replaced it.
+        results: list[RequestOutput] = []
+        for parent_id, state in touched.items():
             ro = self._make_output(state)
             if ro is not None:
-                results[parent_id] = ro
+                results.append(ro)
             if state.finished:
                 self.abort_request(parent_id)
-        return list(results.values()), to_abort
+        return results, to_abort
 
     def _update_child(self, state: RequestState, child: ChildState, out: EngineOutput) -> bool:
         """Apply one engine output; True if a stop string finished it here (abort in engine)."""
@@ -124,16 +131,18 @@ class OutputProcessor:
         if out.finish_reason is not None:
             child.finish_reason = str(out.finish_reason)
             child.stop_reason = out.stop_reason
+            child.detok.flush()  # a character cut off by max_tokens still reaches the final text
         return False
 
     def _convert_logprobs(self, lp: LogprobsLists) -> list[dict[int, Logprob]]:
         rows = []
         for ids, lps, rank in zip(lp.token_ids, lp.logprobs, lp.ranks):
             row: dict[int, Logprob] = {}
+            texts = self.token_decoder.decode_many(ids)
             for j, (tok, val) in enumerate(zip(ids, lps)):
                 if tok in row:
                     continue
-                row[tok] = Logprob(val, rank if j == 0 else j, decode_token_for_logprobs(self.tokenizer, tok))
+                row[tok] = Logprob(val, rank if j == 0 else j, texts[j])
             rows.append(row)
         return rows
 
