@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 
@@ -36,7 +37,7 @@ def generate_main(args: argparse.Namespace) -> int:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.sampling_seed)
     prompts = args.prompt or ["Hello, my name is", "The capital of France is"]
-    kwargs = {k: v for k, v in vars(engine_args).items() if k not in ("model", "tokenizer")}
+    kwargs = {k: v for k, v in dataclasses.asdict(engine_args).items() if k not in ("model", "tokenizer")}
     llm = LLM(model=engine_args.model, tokenizer=engine_args.tokenizer, **kwargs)
     if args.chat:
         outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)
