@@ -93,7 +93,8 @@ class ParallelConfig:
 @dataclass(frozen=True, slots=True)
 class DeviceConfig:
     device: torch.device
-    enforce_eager: bool
+    enforce_eager: bool  # no CUDA graphs
+    cudagraph_capture_sizes: tuple[int, ...] | None = None  # None: derived from max_num_seqs
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +129,8 @@ class EngineArgs:
     tensor_parallel_size: int = 1
     quantization: str | None = None
     enforce_eager: bool = False
+    use_cudagraph: bool | None = None  # FastDeploy's switch; None = on where CUDA graphs work
+    graph_optimization_config: str | None = None  # FastDeploy's JSON: use_cudagraph, cudagraph_capture_sizes
 
     # ---- command line -------------------------------------------------------------------------
     @staticmethod
@@ -158,7 +161,11 @@ class EngineArgs:
                        help="Reuse the KV blocks of shared prompt prefixes (on by default, as in FastDeploy 2.2).")
         g.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.tensor_parallel_size)
         g.add_argument("--quantization", type=str, default=None)
-        g.add_argument("--enforce-eager", action="store_true")
+        g.add_argument("--enforce-eager", action="store_true", help="Never use CUDA graphs (vLLM's name).")
+        g.add_argument("--use-cudagraph", action=argparse.BooleanOptionalAction, default=None,
+                       help="CUDA graphs for decode steps (FastDeploy's name; on by default on GPU).")
+        g.add_argument("--graph-optimization-config", type=str, default=None,
+                       help='JSON, e.g. \'{"use_cudagraph": true, "cudagraph_capture_sizes": [1, 2, 4, 8]}\'.')
         return parser
 
     @classmethod
@@ -198,8 +205,29 @@ class EngineArgs:
                               self.enable_prefix_caching),
             scheduler=SchedulerConfig(self.max_num_seqs, batched, max_model_len, self.enable_chunked_prefill),
             parallel=ParallelConfig(self.tensor_parallel_size),
-            device=DeviceConfig(device, self.enforce_eager or device.type != "cuda"),
+            device=self._device_config(device),
         )
+
+    def _device_config(self, device: torch.device) -> DeviceConfig:
+        graph_cfg: dict = {}
+        if self.graph_optimization_config:
+            try:
+                graph_cfg = json.loads(self.graph_optimization_config)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"--graph-optimization-config is not valid JSON ({e}).") from e
+            unknown = set(graph_cfg) - {"use_cudagraph", "cudagraph_capture_sizes", "graph_opt_level"}
+            if unknown:
+                raise ConfigError(f"--graph-optimization-config: unsupported keys {sorted(unknown)}; "
+                                  "supported: use_cudagraph, cudagraph_capture_sizes.")
+        use = graph_cfg.get("use_cudagraph", self.use_cudagraph)
+        sizes = graph_cfg.get("cudagraph_capture_sizes")
+        if sizes is not None:
+            if not isinstance(sizes, list) or not sizes or any(not isinstance(x, int) or x < 1 for x in sizes):
+                raise ConfigError("--graph-optimization-config: cudagraph_capture_sizes must be a list of "
+                                  "positive integers.")
+            sizes = tuple(sorted(set(x for x in sizes if x <= self.max_num_seqs))) or (1,)
+        eager = self.enforce_eager or use is False or device.type != "cuda"
+        return DeviceConfig(device, eager, sizes)
 
     def _check_unsupported(self) -> None:
         if self.tensor_parallel_size != 1:

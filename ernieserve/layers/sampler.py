@@ -51,6 +51,10 @@ class Sampler(torch.nn.Module):
     """Stateless: everything a step needs comes in the SamplingMetadata."""
 
     def forward(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
+        if meta.all_greedy and not (meta.min_tokens or meta.bad_words_token_ids or
+                                    meta.repetition_penalties is not None or meta.max_num_logprobs is not None):
+            # plain greedy: one kernel (fp32 conversion is exact, so argmax and its ties are the same)
+            return SamplerOutput(sampled_token_ids=logits.argmax(dim=-1), logprobs=None)
         # [B, V] float32; a copy, so that the in-place steps below never touch the caller's logits
         work = logits.to(torch.float32, copy=True)
         apply_min_tokens(work, meta)

@@ -18,6 +18,7 @@ from ernieserve.engine.protocol import LogprobsLists
 from ernieserve.layers.sampler import Sampler, compute_logprobs
 from ernieserve.models.loader import build_model
 from ernieserve.worker import kv_cache
+from ernieserve.worker.cuda_graph import CudaGraphRunner, default_capture_sizes
 from ernieserve.worker.input_batch import (CachedRequestState, StepInputs, build_sampling_metadata,
                                            build_step_inputs)
 
@@ -50,6 +51,7 @@ class ModelRunner:
         self.states: dict[str, CachedRequestState] = {}
         self.generators: dict[str, torch.Generator] = {}
         self.num_blocks = 0
+        self.graphs: CudaGraphRunner | None = None
 
     def model_param_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
@@ -72,7 +74,18 @@ class ModelRunner:
         self.num_blocks = num_blocks
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB), %d tokens in all", num_blocks, self.block_size,
                     num_blocks * kv_cache.bytes_per_block(cfg) / 2**30, num_blocks * self.block_size)
+        self._maybe_capture_graphs()
         return num_blocks
+
+    def _maybe_capture_graphs(self) -> None:
+        dev = self.config.device
+        if dev.enforce_eager or not self.backend.supports_cuda_graph():
+            logger.info("CUDA graphs: off (%s)", "eager mode" if dev.enforce_eager else f"{self.backend.name} backend")
+            return
+        sizes = list(dev.cudagraph_capture_sizes or default_capture_sizes(self.config.scheduler.max_num_seqs))
+        self.graphs = CudaGraphRunner(self.model, self.backend, sizes, self.config.scheduler.max_model_len,
+                                      self.block_size, self.device)
+        self.graphs.capture()
 
     @torch.inference_mode()
     def _profile_peak(self) -> int:
@@ -131,15 +144,15 @@ class ModelRunner:
         if sched.is_empty:
             return ModelRunnerOutput([], {})
         step = build_step_inputs(self.states, sched.num_scheduled_tokens, self.block_size)
-        input_ids, positions, meta = self._device_inputs(step)
-        hidden = self.model(input_ids, positions, meta)  # [num_tokens, hidden]
         out = ModelRunnerOutput(step.req_ids, {})
-        self._prompt_logprobs(step, hidden, out)
-        if not step.sample_rows:
+        decode_only = sched.total_num_scheduled_tokens == len(step.req_ids)
+        if self.graphs is not None and self.graphs.can_run(step, decode_only):
+            logits = self.graphs.run(step)  # [num_reqs, vocab]; in a decode step every request samples
+        else:
+            logits = self._run_eager(step, out)
+        if logits is None:
             return out
         rows = step.sample_rows
-        last_token = torch.from_numpy(step.query_start_loc[1:][rows] - 1).to(self.device, non_blocking=True)
-        logits = self.model.compute_logits(hidden.index_select(0, last_token))  # [num_sampling, vocab]
         sample_states = [self.states[step.req_ids[i]] for i in rows]
         meta_s = build_sampling_metadata(sample_states, self.vocab_size, self.device, self.generators)
         result = self.sampler(logits, meta_s)
@@ -152,6 +165,15 @@ class ModelRunner:
             if lp is not None and k is not None:
                 out.logprobs[st.request_id] = LogprobsLists([lp[0][j][: k + 1]], [lp[1][j][: k + 1]], [lp[2][j]])
         return out
+
+    def _run_eager(self, step: StepInputs, out: ModelRunnerOutput) -> torch.Tensor | None:
+        input_ids, positions, meta = self._device_inputs(step)
+        hidden = self.model(input_ids, positions, meta)  # [num_tokens, hidden]
+        self._prompt_logprobs(step, hidden, out)
+        if not step.sample_rows:
+            return None
+        last_token = torch.from_numpy(step.query_start_loc[1:][step.sample_rows] - 1).to(self.device, non_blocking=True)
+        return self.model.compute_logits(hidden.index_select(0, last_token))  # [num_sampling, vocab]
 
     def _prompt_logprobs(self, step: StepInputs, hidden: torch.Tensor, out: ModelRunnerOutput) -> None:
         """Logprobs of each prompt token given the ones before it, chunk by chunk."""
