@@ -1,9 +1,41 @@
-"""RMSNorm, with the residual add fused into the same call (one pass on the GPU path later)."""
+"""RMSNorm, with the residual add fused into the same call.
+
+On CUDA tensors the call is one Triton kernel (`ernieserve.kernels.fused_norm`); on CPU, or with
+ERNIESERVE_DISABLE_TRITON_ELEMENTWISE=1, it is the plain torch below, which stays the reference.
+"""
 
 from __future__ import annotations
 
+import functools
+import importlib
+import importlib.util
+import os
+from types import ModuleType
+
 import torch
 from torch import nn
+
+DISABLE_ENV = "ERNIESERVE_DISABLE_TRITON_ELEMENTWISE"
+
+
+def triton_elementwise_enabled() -> bool:
+    """Whether the elementwise layers (norm, rotary, activation) may use their Triton kernels.
+
+    Looks for triton without importing it: the first import fixes interpreter vs compiled mode
+    for the whole process, so it waits until a CUDA tensor actually needs a kernel.
+    """
+    if os.environ.get(DISABLE_ENV, "").strip().lower() in ("1", "true", "yes"):
+        return False
+    return importlib.util.find_spec("triton") is not None
+
+
+@functools.cache
+def load_elementwise_kernel(module: str) -> ModuleType | None:
+    """Import ernieserve.kernels.<module> once; None if triton fails to import (torch path then)."""
+    try:
+        return importlib.import_module(f"ernieserve.kernels.{module}")
+    except ImportError:
+        return None
 
 
 class RMSNorm(nn.Module):
@@ -11,9 +43,19 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype), requires_grad=False)
+        self.use_triton = triton_elementwise_enabled()
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Without residual: norm(x). With residual: (norm(x + residual), x + residual)."""
+        if self.use_triton and x.is_cuda and (residual is None or residual.dtype == x.dtype):
+            kernels = load_elementwise_kernel("fused_norm")
+            if kernels is not None:
+                return kernels.rms_norm(x, self.weight, self.eps, residual)
+        return self.forward_torch(x, residual)
+
+    def forward_torch(self, x: torch.Tensor,
+                      residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The reference: plain torch, any device."""
         if residual is not None:
             x = x + residual
             residual = x

@@ -3,12 +3,18 @@
 Two layouts: "neox" rotates the two halves of head_dim (Llama, Qwen); "interleaved" rotates
 adjacent pairs (ERNIE 4.5, as HF's Ernie4_5 rotate_half does). The cos/sin table is built once
 for max_position and indexed by each token's position.
+
+On CUDA tensors q and k are rotated in place by one Triton launch (`ernieserve.kernels.rotary`);
+on CPU, or with ERNIESERVE_DISABLE_TRITON_ELEMENTWISE=1, the plain torch below (the reference)
+returns new tensors. Callers use the returned pair and must not rely on the inputs either way.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from ernieserve.layers.norm import load_elementwise_kernel, triton_elementwise_enabled
 
 
 def default_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
@@ -48,8 +54,24 @@ class RotaryEmbedding(nn.Module):
         # [max_position, head_dim // 2] each, float32 (kept in float32 for accuracy)
         self.register_buffer("cos", freqs.cos(), persistent=False)
         self.register_buffer("sin", freqs.sin(), persistent=False)
+        self.use_triton = triton_elementwise_enabled()
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [T]; q [T, Hq, D], k [T, Hkv, D] -> rotated (q, k). May overwrite q and k."""
+        if self.use_triton and q.is_cuda and self._kernel_fits(q, k):
+            kernels = load_elementwise_kernel("rotary")
+            if kernels is not None:
+                return kernels.apply_rotary_(positions, q, k, self.cos, self.sin, self.interleaved)
+        return self.forward_torch(positions, q, k)
+
+    @staticmethod
+    def _kernel_fits(q: torch.Tensor, k: torch.Tensor) -> bool:
+        # the kernel rotates [T, heads, D] views in place; anything else takes the torch path
+        return q.dim() == 3 and k.dim() == 3 and q.stride(-1) == 1 and k.stride(-1) == 1
+
+    def forward_torch(self, positions: torch.Tensor, q: torch.Tensor,
+                      k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference: plain torch, any device, new tensors."""
         cos = self.cos[positions].unsqueeze(1)  # [num_tokens, 1, head_dim // 2]
         sin = self.sin[positions].unsqueeze(1)
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)

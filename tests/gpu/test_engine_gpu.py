@@ -40,8 +40,53 @@ def test_cuda_graphs_bit_identical_to_eager(ernie_03b):
     assert graphs == eager
 
 
-def test_triton_backend_greedy_matches_torch_reference(ernie_03b, monkeypatch):
-    """bf16 kernels sum in a different order than the oracle: a near-tie may flip; count them."""
+def test_triton_backend_logits_match_torch_reference(ernie_03b):
+    """Teacher-forced logits of a mixed batch (prefill chunks over cached context + decodes)
+    through the Triton kernels vs the pure-torch oracle, same weights, bf16."""
+    from ernieserve.attention.torch_ref import TorchRefBackend
+    from ernieserve.config import EngineArgs
+    from ernieserve.worker.input_batch import CachedRequestState, build_step_inputs
+    from ernieserve.worker.model_runner import ModelRunner
+    from ernieserve import SamplingParams
+
+    cfg = EngineArgs(model=str(ernie_03b), dtype="bfloat16", max_model_len=2048, num_gpu_blocks_override=256,
+                     enforce_eager=True).create_engine_config()
+    results = []
+    for backend in (None, TorchRefBackend()):
+        runner = ModelRunner(cfg, backend)
+        runner.initialize_kv_cache()
+        gen = torch.Generator().manual_seed(3)
+        prompts = [torch.randint(10, 100000, (n,), generator=gen).tolist() for n in (700, 65, 1, 130, 300)]
+        states, first, second, nb = {}, {}, {}, 0
+        for i, p in enumerate(prompts):
+            blocks = -(-len(p) // 64)
+            states[str(i)] = CachedRequestState(str(i), p, list(p), SamplingParams(), list(range(nb, nb + blocks)), 0)
+            nb += blocks
+            first[str(i)] = max(1, len(p) - 40)  # step 1: most of each prompt
+        with torch.inference_mode():
+            step = build_step_inputs(states, first, 64)
+            runner.model(*runner._device_inputs(step))
+            for i, p in enumerate(prompts):  # step 2: the rest (40-token chunks, or 1-token decodes)
+                st = states[str(i)]
+                st.num_computed_tokens = first[str(i)]
+                second[str(i)] = len(p) - first[str(i)] or 1
+                if second[str(i)] == 1 and len(p) == 1:
+                    st.token_ids.append(5)
+            step = build_step_inputs(states, second, 64)
+            hidden = runner.model(*runner._device_inputs(step))
+            results.append(runner.model.compute_logits(hidden).float())
+        del runner
+        torch.cuda.empty_cache()
+    fast, ref = results
+    scale = ref.std().item()
+    err = (fast - ref).abs().max().item()
+    agree = (fast.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    print(f"\nlogit std {scale:.2f}, max abs diff {err:.4f}, argmax agreement {agree:.4f}")
+    assert err < 0.1 * scale and agree > 0.97
+
+
+def test_greedy_tie_flips_triton_vs_torch_reference_reported(ernie_03b, monkeypatch):
+    """Greedy decoding amplifies bf16 rounding differences at near-ties; count, do not hide them."""
     from ernieserve.attention.torch_ref import TorchRefBackend
     from ernieserve.worker import model_runner
 
@@ -51,6 +96,6 @@ def test_triton_backend_greedy_matches_torch_reference(ernie_03b, monkeypatch):
     ref, _ = _run(ernie_03b, prompts, enforce_eager=True)
     first_diff = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), None) for x, y in zip(fast, ref)]
     flips = sum(d is not None for d in first_diff)
-    print(f"\ngreedy sequences differing (bf16 tie flips): {flips} of {len(prompts)}; first positions {first_diff}")
-    # a flip is a divergence at some position; identical prefixes before it show the kernels agree
-    assert flips <= len(prompts) // 8
+    print(f"\nGREEDY-FLIPS {flips} of {len(prompts)} sequences differ; first differing positions {first_diff}")
+    # the first token comes from the prefill logits: a flip there would be more than a near-tie
+    assert sum(d == 0 for d in first_diff) <= 1

@@ -1,0 +1,101 @@
+"""Rotary position embedding for q and k in one Triton launch, in place.
+
+The plain-torch reference is `ernieserve.layers.rotary.RotaryEmbedding` on CPU tensors. One
+program serves one token: it reads that token's cos/sin row once and rotates all of its query
+heads and key heads. Each rotation pairs element x1 with x2 of a head:
+
+    neox (Llama, Qwen):   x1 = x[j],     x2 = x[j + D/2]     (rotate halves)
+    interleaved (ERNIE):  x1 = x[2j],    x2 = x[2j + 1]      (rotate adjacent pairs)
+    x1' = x1 cos_j - x2 sin_j,   x2' = x2 cos_j + x1 sin_j   for j in [0, D/2), in fp32
+
+so the two layouts differ only in where x1 and x2 live (`PAIR_STRIDE`, `PARTNER_OFFSET`).
+FMA contraction is turned off at launch so each product is rounded on its own as in torch's
+separate elementwise kernels; results should then match torch's bit for bit on the GPU
+(tests/gpu/test_fused_elementwise_gpu.py checks it).
+
+In place is safe for the decoder: q and k are views of the fresh qkv projection output (their
+columns do not overlap v's, nor each other's) or new tensors from the q/k norms, and nothing
+reads the unrotated values afterwards. Strides of the token and head dims are free; the last
+dim must be contiguous.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rotate_heads(
+    x_ptr, stride_t, stride_h, token, num_heads, c, s,
+    BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, HALF: tl.constexpr,
+    PAIR_STRIDE: tl.constexpr, PARTNER_OFFSET: tl.constexpr,
+):
+    heads = tl.arange(0, BLOCK_H)[:, None]  # [BLOCK_H, 1]
+    j = tl.arange(0, BLOCK_HALF)[None, :]  # [1, BLOCK_HALF]
+    mask = (heads < num_heads) & (j < HALF)
+    first = x_ptr + token * stride_t + heads * stride_h + j * PAIR_STRIDE  # [BLOCK_H, BLOCK_HALF]
+    x1 = tl.load(first, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(first + PARTNER_OFFSET, mask=mask, other=0.0).to(tl.float32)
+    out1 = x1 * c - x2 * s
+    out2 = x2 * c + x1 * s
+    tl.store(first, out1.to(x_ptr.dtype.element_ty), mask=mask)
+    tl.store(first + PARTNER_OFFSET, out2.to(x_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rotary_kernel(
+    q_ptr, k_ptr, pos_ptr, cos_ptr, sin_ptr,
+    num_q_heads, num_kv_heads,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_table,
+    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
+    PAIR_STRIDE: tl.constexpr, PARTNER_OFFSET: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + token).to(tl.int64)
+    j = tl.arange(0, BLOCK_HALF)
+    c = tl.load(cos_ptr + pos * stride_table + j, mask=j < HALF, other=0.0)[None, :]  # [1, BLOCK_HALF] fp32
+    s = tl.load(sin_ptr + pos * stride_table + j, mask=j < HALF, other=0.0)[None, :]
+    _rotate_heads(q_ptr, stride_qt, stride_qh, token, num_q_heads, c, s,
+                  BLOCK_HQ, BLOCK_HALF, HALF, PAIR_STRIDE, PARTNER_OFFSET)
+    _rotate_heads(k_ptr, stride_kt, stride_kh, token, num_kv_heads, c, s,
+                  BLOCK_HK, BLOCK_HALF, HALF, PAIR_STRIDE, PARTNER_OFFSET)
+
+
+def _check_heads(x: torch.Tensor, name: str, head_dim: int) -> None:
+    assert x.dim() == 3 and x.shape[-1] == head_dim, f"{name} must be [num_tokens, heads, {head_dim}]"
+    assert x.stride(-1) == 1, f"{name}'s head_dim must be contiguous to rotate it in place"
+
+
+def apply_rotary_(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    interleaved: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q [T, Hq, D] and k [T, Hkv, D] in place by positions [T]; returns (q, k).
+
+    cos, sin: [max_position, D // 2] float32 tables, rows contiguous.
+    """
+    head_dim = q.shape[-1]
+    _check_heads(q, "q", head_dim)
+    _check_heads(k, "k", head_dim)
+    assert head_dim % 2 == 0 and cos.shape[-1] == head_dim // 2 and cos.stride() == sin.stride()
+    assert cos.stride(-1) == 1 and positions.shape == (q.shape[0],) and k.shape[0] == q.shape[0]
+    num_tokens, half = q.shape[0], head_dim // 2
+    if num_tokens == 0:
+        return q, k
+    positions = positions.contiguous()  # a no-op for the runner's 1-D slices
+    _rotary_kernel[(num_tokens,)](
+        q, k, positions, cos, sin, q.shape[1], k.shape[1],
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0),
+        HALF=half, BLOCK_HALF=triton.next_power_of_2(half),
+        BLOCK_HQ=triton.next_power_of_2(q.shape[1]), BLOCK_HK=triton.next_power_of_2(k.shape[1]),
+        # interleaved: x1 = x[2j], x2 = x[2j + 1]; neox: x1 = x[j], x2 = x[j + D/2]
+        PAIR_STRIDE=2 if interleaved else 1, PARTNER_OFFSET=1 if interleaved else half,
+        num_warps=4, enable_fp_fusion=False,
+    )
+    return q, k
