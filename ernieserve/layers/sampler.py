@@ -9,7 +9,7 @@ Semantics follow vLLM's v1 sampler. The steps, all in float32 on a private copy 
 Logprobs are those of the raw model distribution (log_softmax of the incoming logits), taken
 before any of the above, as vLLM does by default.
 
-Only the host-side rules (min_tokens, bad_words) and per-request generators loop in Python, over
+Only the host-side rules (min_tokens, bad_words) loop in Python, over
 the few rows that use them; everything else is batched tensor work with no host-device sync.
 """
 
@@ -188,7 +188,7 @@ def _sample(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
         apply_min_p(logits, meta.min_p)
     if meta.top_k is not None or meta.top_p is not None:
         apply_top_k_top_p(logits, meta.top_k, meta.top_p)
-    random_ids = random_sample(logits.softmax(dim=-1), meta.generators)  # [B]
+    random_ids = random_sample(logits.softmax(dim=-1), meta.seeds)  # [B]
     if greedy_ids is None:
         return random_ids
     return torch.where(meta.temperature < _SAMPLING_EPS, greedy_ids, random_ids)
@@ -234,18 +234,43 @@ def apply_top_k_top_p(
     logits.scatter_(-1, order, sorted_logits)
 
 
-def random_sample(probs: torch.Tensor, generators: dict[int, torch.Generator]) -> torch.Tensor:
+def random_sample(probs: torch.Tensor, seeds: dict[int, int]) -> torch.Tensor:
     """[B] int64 draws from probs [B, V] (edited in place) by an exponential race.
 
     argmax_i p_i / q_i with q_i ~ Exp(1) picks i with probability p_i / sum(p), since q_i / p_i
-    is exponential with rate p_i and the smallest of those wins. Seeded rows draw their q from
-    their own generator, so their tokens do not depend on the rest of the batch.
+    is exponential with rate p_i and the smallest of those wins. Seeded rows take their q from a
+    counter-based hash of (key, token id), computed for all seeded rows at once: reproducible per
+    request whatever the batch, with no per-row launches.
     """
     q = torch.empty_like(probs)  # [B, V]
-    if len(generators) < probs.shape[0]:
+    if len(seeds) < probs.shape[0]:
         q.exponential_()
-    for row, generator in generators.items():
-        q[row].exponential_(generator=generator)
+    if seeds:
+        rows = torch.tensor(list(seeds), dtype=torch.int64, device=probs.device)
+        # keys are in [0, 2**64): store them as the int64 with the same bits
+        keys = torch.tensor([k - 2**64 if k >= 2**63 else k for k in seeds.values()],
+                            dtype=torch.int64, device=probs.device)
+        q[rows] = -torch.log(hashed_uniform(keys, probs.shape[1]))
     # A zero draw would turn a banned token's 0 / 0 into NaN, which argmax would pick.
     q.clamp_min_(torch.finfo(q.dtype).tiny)
     return probs.div_(q).argmax(dim=-1)
+
+
+
+def _srl(x: torch.Tensor, n: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (x >> n) & ((1 << (64 - n)) - 1)
+
+
+def hashed_uniform(keys: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[S, vocab] float32 in (0, 1): splitmix64 of (key, token id), bit-identical on CPU and CUDA.
+
+    int64 multiplication wraps modulo 2**64 in torch, which is exactly the arithmetic splitmix64
+    needs; the top 24 bits make the float.
+    """
+    golden = -7046029254386353131  # 0x9E3779B97F4A7C15 as int64
+    x = keys[:, None] + (torch.arange(1, vocab + 1, device=keys.device, dtype=torch.int64) * golden)[None, :]
+    x = (x ^ _srl(x, 30)) * -4658895280553007687  # 0xBF58476D1CE4E5B9
+    x = (x ^ _srl(x, 27)) * -7723592293110705685  # 0x94D049BB133111EB
+    x = x ^ _srl(x, 31)
+    return (_srl(x, 40).to(torch.float32) + 0.5) * (1.0 / (1 << 24))

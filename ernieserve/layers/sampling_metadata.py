@@ -24,8 +24,9 @@ class SamplingMetadata:
     top_k: torch.Tensor | None = None
     # [B] float32; None when every row has min_p == 0
     min_p: torch.Tensor | None = None
-    # row -> generator of a seeded request (per-request reproducible sampling)
-    generators: dict[int, torch.Generator] = field(default_factory=dict)
+    # row -> 64-bit key of a seeded request at this step (its seed mixed with its output position):
+    # the row's random draws are a pure function of the key, so they do not depend on the batch
+    seeds: dict[int, int] = field(default_factory=dict)
     # Penalties: None when no row uses any penalty.
     # [B] float32 each
     repetition_penalties: torch.Tensor | None = None

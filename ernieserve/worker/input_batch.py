@@ -83,7 +83,7 @@ def _padded(rows: list[list[int]], pad: int, device: torch.device) -> torch.Tens
 
 
 def build_sampling_metadata(states: list[CachedRequestState], vocab_size: int,
-                            device: torch.device, generators: dict[str, torch.Generator]) -> SamplingMetadata:
+                            device: torch.device) -> SamplingMetadata:
     """Per-step sampling tensors for the requests that sample, in batch order."""
     params = [s.sampling_params for s in states]
     temps = [0.0 if p.greedy else p.temperature for p in params]
@@ -106,11 +106,9 @@ def build_sampling_metadata(states: list[CachedRequestState], vocab_size: int,
     meta.output_token_lists = [s.output_token_ids for s in states]
     for row, (s, p) in enumerate(zip(states, params)):
         if p.seed is not None and not greedy[row]:
-            # Re-seed from (seed, output position): the draw depends on nothing else, so a seeded
+            # Key from (seed, output position): the draw depends on nothing else, so a seeded
             # request samples the same tokens alone, in any batch, and after preemption.
-            gen = generators[s.request_id]
-            gen.manual_seed((p.seed * _SEED_MIX + s.num_output_tokens) % (2**63))
-            meta.generators[row] = gen
+            meta.seeds[row] = (p.seed * _SEED_MIX + s.num_output_tokens) % (2**64)
         if p.min_tokens and s.num_output_tokens < p.min_tokens:
             meta.min_tokens[row] = (p.min_tokens, sorted(set(s.eos_token_ids) | set(p.stop_token_ids or ())))
         if p.bad_words_token_ids:

@@ -49,7 +49,6 @@ class ModelRunner:
         self.model = build_model(config.model, self.backend, self.device)
         self.sampler = Sampler()
         self.states: dict[str, CachedRequestState] = {}
-        self.generators: dict[str, torch.Generator] = {}
         self.num_blocks = 0
         self.graphs: CudaGraphRunner | None = None
 
@@ -108,14 +107,11 @@ class ModelRunner:
     def _apply_diffs(self, sched: SchedulerOutput) -> None:
         for rid in sched.finished_req_ids:
             self.states.pop(rid, None)
-            self.generators.pop(rid, None)
         for new in sched.new_reqs:
             p = new.sampling_params
             self.states[new.request_id] = CachedRequestState(
                 new.request_id, new.prompt_token_ids, new.prompt_token_ids + new.output_token_ids, p,
                 list(new.block_ids), new.num_computed_tokens, new.eos_token_ids)
-            if p.seed is not None:
-                self.generators[new.request_id] = torch.Generator(device=self.device)
         for c in sched.cached_reqs:
             st = self.states[c.request_id]
             st.block_ids.extend(c.new_block_ids)
@@ -154,7 +150,7 @@ class ModelRunner:
             return out
         rows = step.sample_rows
         sample_states = [self.states[step.req_ids[i]] for i in rows]
-        meta_s = build_sampling_metadata(sample_states, self.vocab_size, self.device, self.generators)
+        meta_s = build_sampling_metadata(sample_states, self.vocab_size, self.device)
         result = self.sampler(logits, meta_s)
         sampled = result.sampled_token_ids.tolist()  # the one host sync of the step
         lp = result.logprobs.tolists() if result.logprobs is not None else None

@@ -68,11 +68,14 @@ def test_top_k_one_equals_greedy() -> None:
 
 
 def run_seeded(batch: torch.Tensor, seeds: dict[int, int], steps: int = 6) -> list[list[int]]:
-    """Sample `steps` times from the same logits; returns per-step token lists."""
-    generators = {row: torch.Generator().manual_seed(seed) for row, seed in seeds.items()}
-    meta = make_meta([1.0] * batch.shape[0], generators=generators)
+    """Sample `steps` times from the same logits; returns per-step token lists. As the input batch
+    does, each step's key mixes the seed with the output position."""
     torch.manual_seed(1234 + batch.shape[0])  # the default generator only feeds unseeded rows
-    return [Sampler()(batch, meta).sampled_token_ids.tolist() for _ in range(steps)]
+    out = []
+    for step in range(steps):
+        meta = make_meta([1.0] * batch.shape[0], seeds={r: s * 1_000_003 + step for r, s in seeds.items()})
+        out.append(Sampler()(batch, meta).sampled_token_ids.tolist())
+    return out
 
 
 def test_seeded_rows_reproducible_across_batches() -> None:
@@ -306,8 +309,8 @@ def test_mixed_greedy_and_random_batch() -> None:
     logits = torch.randn(6, 1000, generator=g)
     temps = [0.0, 1.0, 0.0, 1.0, 0.0, 1.0]
     seeds = {1: 11, 3: 12, 5: 13}
-    generators = {row: torch.Generator().manual_seed(seed) for row, seed in seeds.items()}
-    meta = make_meta(temps, generators=generators, top_k=torch.tensor([1, 0, 2, 50, 0, 0]))
+    generators = dict(seeds)
+    meta = make_meta(temps, seeds=generators, top_k=torch.tensor([1, 0, 2, 50, 0, 0]))
     before = logits.clone()
     out = Sampler()(logits, meta).sampled_token_ids.tolist()
     assert torch.equal(logits, before)  # the sampler works on a copy of the caller's logits
@@ -317,6 +320,22 @@ def test_mixed_greedy_and_random_batch() -> None:
     # Each random row samples as it would alone in an all-random batch with the same seed.
     for row, seed in seeds.items():
         top_k = torch.tensor([[0, 0, 0, 50, 0, 0][row]])
-        alone = make_meta([1.0], generators={0: torch.Generator().manual_seed(seed)}, top_k=top_k)
+        alone = make_meta([1.0], seeds={0: seed}, top_k=top_k)
         assert Sampler()(logits[row : row + 1], alone).sampled_token_ids.tolist() == [out[row]]
     assert any(out[row] != argmax[row] for row in seeds)
+
+
+def test_seeded_draws_follow_the_distribution_across_seeds():
+    """One draw per seed, many seeds: the counter-hash noise must still sample probs faithfully."""
+    from ernieserve.layers.sampler import hashed_uniform
+
+    u = hashed_uniform(torch.arange(64, dtype=torch.int64) * 7919, 4096)
+    assert 0.0 < u.min() and u.max() < 1.0
+    assert abs(u.mean().item() - 0.5) < 0.01 and abs(u.var().item() - 1 / 12) < 0.005
+    probs = torch.tensor([0.5, 0.25, 0.15, 0.1])
+    logits = probs.log().expand(4000, 4).contiguous()
+    meta = make_meta([1.0] * 4000, seeds={row: row * 1_000_003 + 17 for row in range(4000)})
+    counts = torch.bincount(Sampler()(logits, meta).sampled_token_ids, minlength=4).float()
+    expected = probs * 4000
+    chi2 = ((counts - expected) ** 2 / expected).sum().item()
+    assert chi2 < 16.3  # p = 0.001 at 3 degrees of freedom
