@@ -1,0 +1,475 @@
+"""Triton paged-attention kernels: KV store, unified (prefill / mixed) attention, split-K decode.
+
+The plain-torch reference for every kernel here is `ernieserve.attention.torch_ref`
+(`store_kv`, `paged_attention_ref`); tests/kernels/test_paged_attention.py checks one against the
+other under TRITON_INTERPRET=1, tests/gpu/ at real shapes.
+
+Cache layout (see attention/base.py): k_cache, v_cache are each
+``[num_blocks, block_size, num_kv_heads, head_dim]``; key t of request i lives at block
+``block_tables[i, t // block_size]``, offset ``t % block_size``.
+
+GQA: one program serves all query heads that share a KV head, so every K/V tile is read once per
+KV head rather than once per query head. The rows of a program's query tile are
+(token, head-in-group) pairs, ``row = token * GROUP_PAD + head``, which turns GQA into a plain
+[BLOCK_M, head_dim] x [head_dim, BLOCK_N] matmul.
+
+Nothing here reads a device value on the host, and the decode path allocates nothing when the
+caller hands in its scratch buffers, so the decode path can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# exp(x) = exp2(x * log2(e)); the kernels fold log2(e) into the softmax scale and work in base 2.
+_LOG2_E = 1.4426950408889634
+
+# Split-K policy for decode (see choose_num_splits).
+MIN_KEYS_PER_SPLIT = 128  # below this a split's fixed cost (Q load, partial write) dominates
+MAX_DECODE_SPLITS = 64
+_WAVES_TARGET = 2  # aim for about this many programs per SM
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs get true fp32 matmuls (the oracle is fp32); half types use tensor cores anyway.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _dot_in_fp32(query: torch.Tensor) -> bool:
+    # The Triton interpreter (the only way these kernels run on CPU tensors) multiplies bf16 dot
+    # operands as their raw uint16 bits; upcast there. On GPU, bf16 goes to the tensor cores as is.
+    return query.device.type == "cpu" and query.dtype == torch.bfloat16
+
+
+def _group_pad(num_heads: int, num_kv_heads: int) -> tuple[int, int]:
+    assert num_heads % num_kv_heads == 0, f"{num_heads} query heads not a multiple of {num_kv_heads} KV heads"
+    group = num_heads // num_kv_heads
+    return group, triton.next_power_of_2(group)
+
+
+# --------------------------------------------------------------------------------------------
+# KV store
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _store_kv_kernel(
+    key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+    stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_cb, stride_cs, stride_ch,  # cache strides: block, slot-in-block, kv head (dim stride 1)
+    NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # One program per token row: copies its [num_kv_heads, head_dim] K and V into one cache slot.
+    tok = tl.program_id(0)
+    slot = tl.load(slot_ptr + tok)
+    if slot < 0:  # padding row
+        return
+    blk = slot // BLOCK_SIZE
+    off = slot % BLOCK_SIZE
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_h[:, None] < NUM_KV_HEADS) & (offs_d[None, :] < HEAD_DIM)
+    src_k = key_ptr + tok.to(tl.int64) * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :]
+    src_v = value_ptr + tok.to(tl.int64) * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :]
+    dst = blk * stride_cb + off * stride_cs + offs_h[:, None] * stride_ch + offs_d[None, :]
+    k = tl.load(src_k, mask=mask)
+    v = tl.load(src_v, mask=mask)
+    tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def store_kv_triton(
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    slot_mapping: torch.Tensor,  # [num_tokens] int64, -1 = skip
+) -> None:
+    """Write every K/V row of the step into its cache slot in one launch (rows with slot -1 skipped)."""
+    num_tokens = min(key.shape[0], slot_mapping.shape[0])
+    if num_tokens == 0:
+        return
+    _, block_size, num_kv_heads, head_dim = k_cache.shape
+    assert key.stride(-1) == 1 and value.stride(-1) == 1, "key/value rows must be contiguous in head_dim"
+    assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
+    _store_kv_kernel[(num_tokens,)](
+        key, value, k_cache, v_cache, slot_mapping,
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        BLOCK_H=triton.next_power_of_2(num_kv_heads), BLOCK_D=triton.next_power_of_2(head_dim),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Unified attention: any number of new tokens per request (prefill, chunked prefill, mixed)
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _find_request(qsl_ptr, tile, num_reqs, BLOCK_Q: tl.constexpr):
+    # Request r owns the query tiles [start(r), start(r+1)) with start(r) = qsl[r] // BLOCK_Q + r:
+    # the "+ r" leaves room for each request's partial last tile. start() is strictly increasing,
+    # so the owner of `tile` is the last r with start(r) <= tile; binary search for it.
+    lo = tile * 0  # tensors from the start: num_reqs == 1 arrives as a constexpr
+    hi = lo + num_reqs
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        mid_start = tl.load(qsl_ptr + mid) // BLOCK_Q + mid
+        is_le = mid_start <= tile
+        lo = tl.where(is_le, mid, lo)
+        hi = tl.where(is_le, hi, mid)
+    return lo
+
+
+@triton.jit
+def _attend_kv_tile(
+    q, acc, m_i, l_i,  # q [M, BLOCK_D]; acc [M, BLOCK_D] fp32; m_i, l_i [M] fp32 (base-2 running max / sum)
+    n0, kv_end, q_pos,  # first key of the tile; keys >= kv_end are out; q_pos [M]: row r sees keys <= q_pos[r]
+    k_cache_ptr, v_cache_ptr, bt_row, kv_head_off, qk_scale,
+    stride_cb, stride_cs,
+    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One online-softmax step over keys [n0, n0 + BLOCK_N). MASKED=False is for tiles that every
+    row sees whole (strictly below the causal diagonal and the end of the context): no masks."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)  # [BLOCK_N] key positions
+    offs_d = tl.arange(0, BLOCK_D)
+    n_ok = offs_n < kv_end
+    d_ok = offs_d < HEAD_DIM
+    if MASKED:
+        blk = tl.load(bt_row + offs_n // BLOCK_SIZE, mask=n_ok, other=0)
+    else:
+        blk = tl.load(bt_row + offs_n // BLOCK_SIZE)
+    # [BLOCK_N] offset of each key's row in the cache: block ids gathered per key, so a tile may
+    # span several cache blocks (BLOCK_N > block_size) or part of one
+    kv_off = blk.to(tl.int64) * stride_cb + (offs_n % BLOCK_SIZE) * stride_cs + kv_head_off
+    k_ptrs = k_cache_ptr + kv_off[None, :] + offs_d[:, None]  # [BLOCK_D, BLOCK_N]: K^T for the dot
+    v_ptrs = v_cache_ptr + kv_off[:, None] + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
+    if MASKED:
+        k = tl.load(k_ptrs, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+    elif HEAD_DIM != BLOCK_D:
+        k = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    s = tl.dot(q, k.to(q.dtype), input_precision=DOT_PRECISION) * qk_scale  # [M, BLOCK_N]
+    if MASKED:
+        visible = (offs_n[None, :] <= q_pos[:, None]) & n_ok[None, :]
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _unified_attention_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
+    qsl_ptr, seq_lens_ptr, block_tables_ptr,
+    num_reqs, qk_scale,  # qk_scale = softmax scale * log2(e)
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_cb, stride_cs, stride_ch, stride_bt,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    kvh = tl.program_id(1)
+    req = _find_request(qsl_ptr, tile, num_reqs, BLOCK_Q)
+    q_begin = tl.load(qsl_ptr + req)
+    q_len = tl.load(qsl_ptr + req + 1) - q_begin
+    q0 = (tile - (q_begin // BLOCK_Q + req)) * BLOCK_Q  # first new token of this tile, within the request
+    if q0 >= q_len:  # spare tile (request ended early in its tile range, or empty request)
+        return
+    seq_len = tl.load(seq_lens_ptr + req)
+    ctx_len = seq_len - q_len  # tokens cached before this step; new token j sits at ctx_len + j
+
+    # rows = (token, head-in-group) pairs: [BLOCK_M] with BLOCK_M = BLOCK_Q * GROUP_PAD
+    offs_m = tl.arange(0, BLOCK_M)
+    tok = q0 + offs_m // GROUP_PAD  # [BLOCK_M] token index within the request
+    head = kvh * GROUP + offs_m % GROUP_PAD  # [BLOCK_M] query head
+    row_ok = (tok < q_len) & (offs_m % GROUP_PAD < GROUP)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    q_rows = (q_begin + tok).to(tl.int64)
+    q = tl.load(
+        q_ptr + q_rows[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+        mask=row_ok[:, None] & d_ok[None, :], other=0.0,
+    )  # [BLOCK_M, BLOCK_D]
+    if DOT_FP32:
+        q = q.to(tl.float32)
+    q_pos = ctx_len + tok  # [BLOCK_M] absolute position of each row's token
+
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # running max (finite: padded rows stay NaN-free)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # keys beyond the tile's last token are invisible to every row; keys up to its first token's
+    # position are visible to every row, so whole tiles below that need no mask
+    kv_end = ctx_len + tl.minimum(q0 + BLOCK_Q, q_len)
+    full_end = (ctx_len + q0 + 1) // BLOCK_N * BLOCK_N
+    bt_row = block_tables_ptr + req.to(tl.int64) * stride_bt
+    kv_head_off = kvh * stride_ch
+    for n0 in range(0, full_end, BLOCK_N):
+        acc, m_i, l_i = _attend_kv_tile(
+            q, acc, m_i, l_i, n0, kv_end, q_pos, k_cache_ptr, v_cache_ptr, bt_row, kv_head_off, qk_scale,
+            stride_cb, stride_cs, HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D, False, DOT_PRECISION,
+        )
+    for n0 in range(full_end, kv_end, BLOCK_N):
+        acc, m_i, l_i = _attend_kv_tile(
+            q, acc, m_i, l_i, n0, kv_end, q_pos, k_cache_ptr, v_cache_ptr, bt_row, kv_head_off, qk_scale,
+            stride_cb, stride_cs, HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D, True, DOT_PRECISION,
+        )
+
+    l_i = tl.where(l_i > 0.0, l_i, 1.0)
+    out = acc / l_i[:, None]
+    tl.store(
+        out_ptr + q_rows[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+        out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :],
+    )
+
+
+def paged_attention_unified(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,
+    query_start_loc: torch.Tensor,  # [num_reqs + 1] int32
+    seq_lens: torch.Tensor,  # [num_reqs] int32, context length including this step's tokens
+    block_tables: torch.Tensor,  # [num_reqs, max_blocks] int32
+    scale: float,
+    out: torch.Tensor | None = None,  # [num_tokens, num_heads, head_dim]
+    block_m: int | None = None,
+    block_n: int | None = None,
+) -> torch.Tensor:
+    """Causal attention of each request's new tokens over its whole (already stored) context.
+
+    Grid: (query tiles, kv heads). The tile count is an upper bound known on the host,
+    ``num_tokens // BLOCK_Q + num_reqs``; each program finds its request by binary search over
+    query_start_loc, and spare tiles exit at once. Rows of `out` that belong to no request are
+    left untouched.
+    """
+    num_tokens, num_heads, head_dim = query.shape
+    num_reqs = seq_lens.shape[0]
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    if out is None:
+        out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    if num_tokens == 0 or num_reqs == 0:
+        return out
+    group, group_pad = _group_pad(num_heads, num_kv_heads)
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    # defaults tuned on H100 for the ERNIE-0.3B layout (GQA 8, head_dim 128): about 60% of
+    # FlashAttention-2's dense causal speed on 2k-8k prefills
+    block_m = max(block_m or 64, group_pad, 16)
+    block_n = block_n or 64
+    block_q = block_m // group_pad
+    assert query.stride(-1) == 1 and out.stride(-1) == 1 and k_cache.stride(-1) == 1
+    assert k_cache.stride() == v_cache.stride()
+    grid = (num_tokens // block_q + num_reqs, num_kv_heads)
+    _unified_attention_kernel[grid](
+        query, k_cache, v_cache, out,
+        query_start_loc, seq_lens, block_tables,
+        num_reqs, scale * _LOG2_E,
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        DOT_PRECISION=_dot_precision(query.dtype), DOT_FP32=_dot_in_fp32(query),
+        num_warps=8 if block_m * block_d > 64 * 128 else 4, num_stages=2,
+    )
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Decode: one new token per request, context split across programs (flash-decoding)
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
+    seq_lens_ptr, block_tables_ptr,
+    num_splits, qk_scale,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_cb, stride_cs, stride_ch, stride_bt,
+    stride_pr, stride_ph, stride_ps,  # part_out [num_reqs, num_heads, num_splits, head_dim]
+    stride_lr, stride_lh,  # part_lse [num_reqs, num_heads, num_splits] (split stride 1)
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WRITE_FINAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    # Decode-only steps: request r's single new token is query row r.
+    req = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + req)  # the new token sees all seq_len keys, itself included
+    # each request cuts its own context into num_splits BLOCK_N-aligned ranges
+    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    n_begin = split * split_len
+    n_end = tl.minimum(n_begin + split_len, seq_len)
+
+    offs_g = tl.arange(0, GROUP_PAD)  # [GROUP_PAD] rows: query heads of this kv head (padded for tl.dot)
+    head = kvh * GROUP + offs_g
+    g_ok = offs_g < GROUP
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    row = req.to(tl.int64)
+    q = tl.load(
+        q_ptr + row * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+        mask=g_ok[:, None] & d_ok[None, :], other=0.0,
+    )  # [GROUP_PAD, BLOCK_D]
+    if DOT_FP32:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([GROUP_PAD], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
+    acc = tl.zeros([GROUP_PAD, BLOCK_D], dtype=tl.float32)
+    # every key of the split is visible to the new token: only the split's ragged last tile is masked
+    q_pos = tl.full([GROUP_PAD], 0, tl.int32) + (seq_len - 1)
+    full_end = n_begin + tl.maximum(n_end - n_begin, 0) // BLOCK_N * BLOCK_N
+    bt_row = block_tables_ptr + row * stride_bt
+    kv_head_off = kvh * stride_ch
+    for n0 in range(n_begin, full_end, BLOCK_N):
+        acc, m_i, l_i = _attend_kv_tile(
+            q, acc, m_i, l_i, n0, n_end, q_pos, k_cache_ptr, v_cache_ptr, bt_row, kv_head_off, qk_scale,
+            stride_cb, stride_cs, HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D, False, DOT_PRECISION,
+        )
+    for n0 in range(full_end, n_end, BLOCK_N):
+        acc, m_i, l_i = _attend_kv_tile(
+            q, acc, m_i, l_i, n0, n_end, q_pos, k_cache_ptr, v_cache_ptr, bt_row, kv_head_off, qk_scale,
+            stride_cb, stride_cs, HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D, True, DOT_PRECISION,
+        )
+
+    has_keys = l_i > 0.0  # False for an empty split (short context) or a padded request (seq_len 0)
+    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    mask = g_ok[:, None] & d_ok[None, :]
+    if WRITE_FINAL:
+        tl.store(
+            out_ptr + row * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+            out.to(out_ptr.dtype.element_ty), mask=mask,
+        )
+    else:
+        tl.store(
+            part_out_ptr + row * stride_pr + head[:, None] * stride_ph + split * stride_ps + offs_d[None, :],
+            out, mask=mask,
+        )
+        lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))  # base 2
+        tl.store(part_lse_ptr + row * stride_lr + head * stride_lh + split, lse, mask=g_ok)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    out_ptr, part_out_ptr, part_lse_ptr,
+    num_splits,
+    stride_ot, stride_oh, stride_pr, stride_ph, stride_ps, stride_lr, stride_lh,
+    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # Combine the splits of one (request, head): weights exp2(lse_s - max lse), normalised.
+    req = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    s_ok = offs_s < num_splits
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    lse = tl.load(part_lse_ptr + req * stride_lr + head * stride_lh + offs_s, mask=s_ok, other=float("-inf"))
+    lse_max = tl.max(lse, axis=0)
+    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)  # all splits empty: output zeros
+    w = tl.exp2(lse - lse_max)  # [BLOCK_S]
+    parts = tl.load(
+        part_out_ptr + req * stride_pr + head * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :],
+        mask=s_ok[:, None] & d_ok[None, :], other=0.0,
+    )  # [BLOCK_S, BLOCK_D]
+    w_sum = tl.sum(w, axis=0)
+    out = tl.sum(parts * w[:, None], axis=0) / tl.where(w_sum > 0.0, w_sum, 1.0)
+    tl.store(out_ptr + req * stride_ot + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+def choose_num_splits(num_reqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
+    """Host-side split-K policy, from values the runner already holds (no device read).
+
+    Split only when (reqs x kv heads) programs would leave SMs idle, never below
+    MIN_KEYS_PER_SPLIT keys per split; a power of two so few kernel variants compile.
+    """
+    by_len = max(1, max_seq_len // MIN_KEYS_PER_SPLIT)
+    by_occupancy = triton.cdiv(_WAVES_TARGET * num_sms, max(1, num_reqs * num_kv_heads))
+    splits = max(1, min(by_len, by_occupancy, MAX_DECODE_SPLITS))
+    return 1 << (splits.bit_length() - 1)  # round down to a power of two
+
+
+def decode_scratch_rows(max_num_reqs: int, num_kv_heads: int, num_sms: int) -> int:
+    """Upper bound of num_reqs * num_splits over every batch size up to max_num_reqs."""
+    return max(b * choose_num_splits(b, num_kv_heads, 1 << 30, num_sms) for b in range(1, max_num_reqs + 1))
+
+
+def paged_attention_decode(
+    query: torch.Tensor,  # [num_reqs(+pad), num_heads, head_dim], one token per request
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,
+    seq_lens: torch.Tensor,  # [num_reqs] int32; 0 for a padded request (its output row is zeros)
+    block_tables: torch.Tensor,  # [num_reqs, max_blocks] int32
+    scale: float,
+    num_splits: int,
+    out: torch.Tensor | None = None,  # [num_tokens, num_heads, head_dim]
+    scratch: torch.Tensor | None = None,  # flat fp32, >= num_reqs * num_heads * num_splits * (head_dim + 1)
+    block_n: int | None = None,
+) -> torch.Tensor:
+    """Split-K decode attention. Grid (num_reqs, num_kv_heads, num_splits), then a reduce over
+    splits by log-sum-exp with grid (num_reqs, num_heads). With num_splits == 1 the first kernel
+    writes the output directly. Capturable: with `out` and `scratch` given it allocates nothing.
+    """
+    num_tokens, num_heads, head_dim = query.shape
+    num_reqs = seq_lens.shape[0]
+    assert num_reqs <= num_tokens
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    if out is None:
+        out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    if num_reqs == 0:
+        return out
+    group, group_pad = _group_pad(num_heads, num_kv_heads)
+    group_pad = max(group_pad, 16)  # tl.dot needs M >= 16
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_n = block_n or (128 if block_d <= 128 else 64)  # tuned on H100, ERNIE-0.3B layout
+    assert query.stride(-1) == 1 and out.stride(-1) == 1 and k_cache.stride(-1) == 1
+    assert k_cache.stride() == v_cache.stride()
+
+    if num_splits > 1:
+        need = num_reqs * num_heads * num_splits * (head_dim + 1)
+        if scratch is None:
+            scratch = torch.empty(need, dtype=torch.float32, device=query.device)
+        assert scratch.dtype == torch.float32 and scratch.numel() >= need, "decode scratch too small"
+        n_out = num_reqs * num_heads * num_splits * head_dim
+        part_out = scratch[:n_out].view(num_reqs, num_heads, num_splits, head_dim)
+        part_lse = scratch[n_out:need].view(num_reqs, num_heads, num_splits)
+    else:  # the kernel writes `out` directly; the partial pointers are never read
+        part_out = part_lse = out
+    p_strides = part_out.stride()[:3] if num_splits > 1 else (0, 0, 0)
+    l_strides = part_lse.stride()[:2] if num_splits > 1 else (0, 0)
+
+    _decode_split_kernel[(num_reqs, num_kv_heads, num_splits)](
+        query, k_cache, v_cache, out, part_out, part_lse,
+        seq_lens, block_tables,
+        num_splits, scale * _LOG2_E,
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        *p_strides, *l_strides,
+        GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        BLOCK_N=block_n, BLOCK_D=block_d, WRITE_FINAL=num_splits == 1,
+        DOT_PRECISION=_dot_precision(query.dtype), DOT_FP32=_dot_in_fp32(query),
+        num_warps=4, num_stages=3,
+    )
+    if num_splits > 1:
+        _decode_reduce_kernel[(num_reqs, num_heads)](
+            out, part_out, part_lse,
+            num_splits,
+            out.stride(0), out.stride(1), *p_strides, *l_strides,
+            HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
+            num_warps=4,
+        )
+    return out
