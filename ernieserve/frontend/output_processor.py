@@ -124,7 +124,12 @@ class OutputProcessor:
             child.logprobs.extend(converted)
             for tok, pos in zip(out.new_token_ids, converted):
                 child.cumulative_logprob += pos[tok].logprob
-        stop_str = child.detok.update(out.new_token_ids)
+        # Offline final-only requests without stop strings need the text only at the end: decode
+        # once then, instead of every step (the per-step cost that dominates large batches).
+        defer = state.kind == OutputKind.FINAL_ONLY and not state.params.stop
+        stop_str = None if defer else child.detok.update(out.new_token_ids)
+        if defer and out.finish_reason is not None:
+            child.detok.update(child.token_ids)
         if stop_str is not None:
             child.finish_reason, child.stop_reason = "stop", stop_str
             return out.finish_reason is None

@@ -165,3 +165,13 @@ def test_bad_words_text_is_tokenized_both_spellings(llm):
     ids = llm.llm_engine.processor._bad_words_ids(["hello"])
     assert tok.encode("hello", add_special_tokens=False) in ids
     assert tok.encode(" hello", add_special_tokens=False) in ids
+
+
+def test_offline_text_equals_decode_of_tokens(llm):
+    """Final-only requests without stop strings are detokenized once at the end: same text."""
+    outs = llm.generate([PROMPT, {"prompt_token_ids": [900, 901]}],
+                        SamplingParams(temperature=0.8, seed=5, max_tokens=24, ignore_eos=True), use_tqdm=False)
+    tok = llm.get_tokenizer()
+    for o in outs:
+        c = o.outputs[0]
+        assert c.text == tok.decode(c.token_ids, skip_special_tokens=True) and len(c.token_ids) == 24
