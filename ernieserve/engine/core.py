@@ -67,5 +67,12 @@ class EngineCore:
         outputs = self.scheduler.update_from_output(sched, out) if not sched.is_empty else []
         return EngineOutputs(outputs=outputs, scheduler_stats=self.scheduler.stats(), timestamp=time.time())
 
+    def stats(self):  # type: ignore[no-untyped-def]
+        return self.scheduler.stats()
+
+    @property
+    def num_blocks(self) -> int:
+        return self.runner.num_blocks
+
     def model_param_bytes(self) -> int:
         return self.runner.model_param_bytes()

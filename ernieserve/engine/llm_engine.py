@@ -42,8 +42,9 @@ class LLMEngine:
         child_ids = [child_request_id(request_id, i) for i in range(params.n)]
         self.output_processor.add_request(request_id, text, engine_req.prompt_token_ids, params, kind, child_ids,
                                           engine_req.arrival_time)
+        full = engine_req.sampling_params  # the processor's copy, with bad_words tokenized
         for i, cid in enumerate(child_ids):
-            child = params.clone_for_child(i) if params.n > 1 else params
+            child = full.clone_for_child(i) if params.n > 1 else full
             self.core.add_request(_replace(engine_req, request_id=cid, sampling_params=child))
 
     def abort_request(self, request_id: str) -> None:

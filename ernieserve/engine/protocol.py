@@ -72,6 +72,9 @@ class EngineOutputs(msgspec.Struct, omit_defaults=True):
     outputs: list[EngineOutput] = []
     scheduler_stats: SchedulerStats | None = None
     timestamp: float = 0.0
+    # request id -> wall time it was first scheduled; filled by the engine core process for the
+    # front end's queue-time metric (the in-process engine leaves it empty)
+    first_scheduled: dict[str, float] = {}
 
 
 class AbortRequests(msgspec.Struct):
@@ -83,3 +86,21 @@ class EngineError(msgspec.Struct):
 
     request_id: str
     message: str
+
+
+class EngineReady(msgspec.Struct):
+    """The engine core process is up: what the front end needs to know about its capacity."""
+
+    pid: int
+    num_gpu_blocks: int
+    block_size: int
+    max_model_len: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+
+
+class EngineDead(msgspec.Struct):
+    """The engine core process failed, at startup (bad checkpoint, no memory) or in its loop."""
+
+    message: str
+    during_startup: bool

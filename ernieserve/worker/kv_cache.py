@@ -24,7 +24,11 @@ def num_blocks_for_budget(config: EngineConfig, budget_bytes: int) -> int:
 
 
 def cpu_kv_budget(config: EngineConfig) -> int:
-    return int(config.cache.cpu_kv_cache_space_gb * 2**30)
+    """--cpu-kv-cache-space GiB, but no more than every sequence at full length needs (small
+    models and short contexts then start at once instead of zeroing gigabytes)."""
+    blocks_per_seq = -(-config.scheduler.max_model_len // config.cache.block_size)
+    needed = bytes_per_block(config) * blocks_per_seq * config.scheduler.max_num_seqs
+    return min(int(config.cache.cpu_kv_cache_space_gb * 2**30), needed)
 
 
 def gpu_kv_budget(config: EngineConfig, device: torch.device, peak_bytes: int) -> int:
