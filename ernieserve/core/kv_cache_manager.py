@@ -27,6 +27,7 @@ class KVCacheManager:
         self.pool = BlockPool(num_blocks, enable_caching)
         self.req_blocks: dict[str, list[KVBlock]] = {}
         self.req_hashes: dict[str, list[int]] = {}  # hashes of the request's full blocks so far
+        self.req_num_cached: dict[str, int] = {}  # how many leading blocks are registered already
         self.queries = 0  # prompt tokens looked up
         self.hits = 0  # prompt tokens found
 
@@ -73,6 +74,10 @@ class KVCacheManager:
         """Make room for num_new_tokens more tokens after req.num_computed_tokens (which already
         counts the hits); returns the ids of all blocks added (hits first), or None if the pool
         cannot supply them, in which case nothing changes."""
+        if not hits:  # the common decode case: room left in the last block
+            have = self.req_blocks.get(req.request_id)
+            if have is not None and req.num_computed_tokens + num_new_tokens <= len(have) * self.block_size:
+                return []
         hits = hits or []
         need = self.blocks_needed(req, num_new_tokens, len(hits))
         free_hits = sum(1 for b in hits if b.ref_count == 0)  # touching these takes them off the free queue
@@ -93,10 +98,14 @@ class KVCacheManager:
             return
         blocks = self.req_blocks.get(req.request_id, [])
         num_full = min(req.num_computed_tokens // self.block_size, len(blocks))
+        done = self.req_num_cached.get(req.request_id, 0)
+        if num_full <= done:  # most steps: no block filled up
+            return
         hashes = self._hashes(req, num_full)
-        for i in range(num_full):
+        for i in range(done, num_full):
             if blocks[i].block_hash is None:
                 self.pool.cache_block(blocks[i], hashes[i], self._block_tokens(req, i))
+        self.req_num_cached[req.request_id] = num_full
 
     def block_ids(self, req: Request) -> list[int]:
         return [b.block_id for b in self.req_blocks.get(req.request_id, ())]
@@ -104,6 +113,7 @@ class KVCacheManager:
     def free(self, req: Request) -> None:
         blocks = self.req_blocks.pop(req.request_id, [])
         self.req_hashes.pop(req.request_id, None)
+        self.req_num_cached.pop(req.request_id, None)
         self.pool.free(list(reversed(blocks)))
 
     def num_blocks_in_use(self) -> int:

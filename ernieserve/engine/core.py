@@ -6,6 +6,8 @@ the API server runs it in its own process (engine/core_proc.py).
 
 from __future__ import annotations
 
+import atexit
+import gc
 import logging
 import time
 
@@ -29,6 +31,11 @@ class EngineCore:
             logger.warning("the KV cache holds %d tokens, less than max_model_len %d: one request "
                            "can use at most that many", max_ctx, config.scheduler.max_model_len)
         self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks)
+        # Everything built so far lives as long as the engine: keep the collector from walking it
+        # on every collection (long-tail step latencies otherwise).
+        gc.collect()
+        gc.freeze()
+        atexit.register(gc.unfreeze)  # let interpreter shutdown finalize them (nanobind warns otherwise)
         logger.info("Engine ready in %.1f s: max_model_len %d, max_num_seqs %d, max_num_batched_tokens %d, "
                     "largest context the cache holds %d tokens", time.perf_counter() - start,
                     config.scheduler.max_model_len, config.scheduler.max_num_seqs,

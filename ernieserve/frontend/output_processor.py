@@ -52,10 +52,11 @@ class RequestState:
     num_cached_tokens: int = 0
     arrival_time: float = 0.0
     first_token_time: float | None = None
+    num_unfinished: int = 0  # children still generating
 
     @property
     def finished(self) -> bool:
-        return all(c.finish_reason is not None for c in self.children.values())
+        return self.num_unfinished == 0
 
 
 class OutputProcessor:
@@ -74,7 +75,7 @@ class OutputProcessor:
                                        cumulative_logprob=0.0 if params.logprobs is not None else None)
             self.child_to_parent[cid] = request_id
         self.requests[request_id] = RequestState(request_id, prompt, prompt_token_ids, params, kind, children,
-                                                 arrival_time=arrival_time)
+                                                 arrival_time=arrival_time, num_unfinished=len(children))
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
@@ -115,6 +116,8 @@ class OutputProcessor:
 
     def _update_child(self, state: RequestState, child: ChildState, out: EngineOutput) -> bool:
         """Apply one engine output; True if a stop string finished it here (abort in engine)."""
+        if child.finish_reason is not None:
+            return False  # outputs still in flight after a stop string ended the child here
         if out.prompt_logprobs is not None and state.params.prompt_logprobs is not None:
             state.prompt_logprobs = [None] + self._convert_logprobs(out.prompt_logprobs)
         state.num_cached_tokens = out.num_cached_tokens
@@ -132,11 +135,13 @@ class OutputProcessor:
             child.detok.update(child.token_ids)
         if stop_str is not None:
             child.finish_reason, child.stop_reason = "stop", stop_str
+            state.num_unfinished -= 1
             return out.finish_reason is None
         if out.finish_reason is not None:
             child.finish_reason = str(out.finish_reason)
             child.stop_reason = out.stop_reason
             child.detok.flush()  # a character cut off by max_tokens still reaches the final text
+            state.num_unfinished -= 1
         return False
 
     def _convert_logprobs(self, lp: LogprobsLists) -> list[dict[int, Logprob]]:

@@ -103,7 +103,6 @@ def build_sampling_metadata(states: list[CachedRequestState], vocab_size: int,
         meta.frequency_penalties = torch.tensor([p.frequency_penalty for p in params], **f32)
         meta.prompt_token_ids = _padded([s.prompt_token_ids for s in states], vocab_size, device)
         meta.output_token_ids = _padded([s.output_token_ids for s in states], vocab_size, device)
-    meta.output_token_lists = [s.output_token_ids for s in states]
     for row, (s, p) in enumerate(zip(states, params)):
         if p.seed is not None and not greedy[row]:
             # Key from (seed, output position): the draw depends on nothing else, so a seeded
@@ -113,6 +112,8 @@ def build_sampling_metadata(states: list[CachedRequestState], vocab_size: int,
             meta.min_tokens[row] = (p.min_tokens, sorted(set(s.eos_token_ids) | set(p.stop_token_ids or ())))
         if p.bad_words_token_ids:
             meta.bad_words_token_ids[row] = p.bad_words_token_ids
+    if meta.min_tokens or meta.bad_words_token_ids:  # host-side rules read the outputs so far
+        meta.output_token_lists = [s.output_token_ids for s in states]
     wanted = [p.logprobs for p in params if p.logprobs is not None]
     meta.max_num_logprobs = max(wanted) if wanted else None
     return meta
