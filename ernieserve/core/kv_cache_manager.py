@@ -97,7 +97,8 @@ class KVCacheManager:
         if not self.enable_caching:
             return
         blocks = self.req_blocks.get(req.request_id, [])
-        num_full = min(req.num_computed_tokens // self.block_size, len(blocks))
+        # only blocks whose tokens the host knows (tokens in flight are not in all_token_ids yet)
+        num_full = min(min(req.num_computed_tokens, req.num_tokens) // self.block_size, len(blocks))
         done = self.req_num_cached.get(req.request_id, 0)
         if num_full <= done:  # most steps: no block filled up
             return

@@ -36,7 +36,8 @@ class Request:
     max_tokens: int  # resolved: never past max_model_len
     cache_salt: str | None = None
     all_token_ids: list[int] = field(default_factory=list)  # prompt + output
-    num_computed_tokens: int = 0  # tokens whose KV is in the cache
+    num_computed_tokens: int = 0  # tokens whose KV is in the cache or being computed by a launched step
+    num_inflight: int = 0  # sampled tokens of launched steps whose ids the host does not know yet
     status: RequestStatus = RequestStatus.WAITING
     num_preemptions: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
@@ -67,6 +68,15 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.all_token_ids) - len(self.prompt_token_ids)
+
+    @property
+    def num_tokens_with_inflight(self) -> int:
+        return len(self.all_token_ids) + self.num_inflight
+
+    def reached_length_limit(self, max_model_len: int) -> bool:
+        """True when the tokens already in flight take it to max_tokens or max_model_len."""
+        return (self.num_output_tokens + self.num_inflight >= self.max_tokens
+                or self.num_tokens_with_inflight >= max_model_len)
 
     @property
     def output_token_ids(self) -> list[int]:

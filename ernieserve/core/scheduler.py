@@ -3,7 +3,13 @@
 Each step gives every scheduled request some number of new tokens: the rest of its known tokens
 (a whole or partial prompt, or 1 for decode) within `max_num_batched_tokens` and `max_num_seqs`.
 Running requests are served first, in arrival order; then waiting ones are admitted while budget,
-sequence slots and blocks last. When blocks run out, the newest running request is preempted: its
+sequence slots and blocks last.
+
+Steps overlap: step t is scheduled and launched before step t-1's sampled tokens reach the host
+(the worker feeds them in). So a request's progress counts tokens "in flight": scheduling advances
+`num_computed_tokens` at once, a step that will sample adds one to `num_inflight`, and the update
+for that step resolves it. A request that turns out to have stopped at t-1 had its step-t work
+wasted; its output is dropped. Length limits are known ahead, so they waste nothing. When blocks run out, the newest running request is preempted: its
 blocks are freed and it goes back to the head of the waiting queue, to be recomputed later. No
 request is ever dropped.
 
@@ -119,11 +125,12 @@ class Scheduler:
         preempted = False
 
         i = 0
+        max_len = self.config.max_model_len
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            if n <= 0:
-                i += 1
+            n = min(req.num_tokens_with_inflight - req.num_computed_tokens, budget)
+            if n <= 0 or req.reached_length_limit(max_len):
+                i += 1  # nothing to compute, or its last token is already in flight
                 continue
             new_blocks = self.kv.allocate_slots(req, n)
             while new_blocks is None:
@@ -138,11 +145,14 @@ class Scheduler:
             num_tokens[req.request_id] = n
             budget -= n
             cached.append(CachedRequestData(req.request_id, new_blocks, req.num_computed_tokens))
+            self._advance(req, n)
             i += 1
 
         # Admit waiting requests, unless blocks were just short (admitting would thrash).
         while self.waiting and not preempted and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
+            if req.num_inflight:  # preempted while a token was in flight: wait for it
+                break
             hits = self.kv.find_cached_prefix(req)
             req.num_computed_tokens = len(hits) * self.kv.block_size
             n = req.num_tokens - req.num_computed_tokens
@@ -168,10 +178,17 @@ class Scheduler:
             new.append(NewRequestData(req.request_id, list(req.prompt_token_ids), req.output_token_ids,
                                       req.sampling_params, block_ids, req.num_computed_tokens,
                                       req.eos_token_ids))
+            self._advance(req, n)
 
         finished = self._finished_ids
         self._finished_ids = set()
         return SchedulerOutput(new, cached, num_tokens, sum(num_tokens.values()), finished)
+
+    @staticmethod
+    def _advance(req: Request, n: int) -> None:
+        req.num_computed_tokens += n
+        if req.num_computed_tokens == req.num_tokens_with_inflight:
+            req.num_inflight += 1  # this step samples the next token
 
     def _preempt(self, req: Request) -> None:
         """Free a running request's blocks and put it at the head of the queue, to recompute later."""
@@ -186,27 +203,27 @@ class Scheduler:
         logger.debug("preempted %s (%d tokens)", req.request_id, req.num_tokens)
 
     # ---- results ------------------------------------------------------------------------------
-    def update_from_output(self, sched: SchedulerOutput, out: ModelRunnerOutput) -> list[EngineOutput]:
+    def update_from_output(self, out: ModelRunnerOutput) -> list[EngineOutput]:
+        """Apply one finished step's sampled tokens; stop checks happen here."""
         outputs: list[EngineOutput] = []
         max_len = self.config.max_model_len
-        for rid, n in sched.num_scheduled_tokens.items():
+        for rid, prompt_lp in out.prompt_logprobs.items():
             req = self.requests.get(rid)
-            if req is None or req.status != RequestStatus.RUNNING:
-                continue  # aborted while the step ran
-            req.num_computed_tokens += n
-            self.kv.cache_full_blocks(req)
-            prompt_lp = out.prompt_logprobs.get(rid)
-            if prompt_lp is not None:
+            if req is not None and req.status == RequestStatus.RUNNING:
                 req.prompt_logprobs = _concat_logprobs(req.prompt_logprobs, prompt_lp)
-            new_ids = out.sampled_token_ids.get(rid) or []
-            if not new_ids:
-                continue
+        for rid, new_ids in out.sampled_token_ids.items():
+            req = self.requests.get(rid)
+            if req is None:
+                continue  # finished (stopped or aborted) after this step was launched
+            req.num_inflight -= len(new_ids)
             stopped = False
             for tok in new_ids:
                 req.append_output_token(tok)
                 if req.check_stop(max_len):
                     stopped = True
                     break
+            if req.status == RequestStatus.RUNNING or stopped:
+                self.kv.cache_full_blocks(req)
             first = req.num_output_tokens == len(new_ids)
             outputs.append(EngineOutput(
                 request_id=rid, new_token_ids=new_ids, new_logprobs=out.logprobs.get(rid),
@@ -214,7 +231,10 @@ class Scheduler:
                 finish_reason=req.status.finish_reason() if stopped else None,
                 stop_reason=req.stop_reason, num_cached_tokens=req.num_cached_tokens))
             if stopped:
-                self.running.remove(req)
+                if req in self.running:
+                    self.running.remove(req)
+                else:
+                    self.waiting.remove(req)  # preempted while its last token was in flight
                 self._finish(req, req.status)
         return outputs
 

@@ -66,12 +66,13 @@ class EngineCore:
         return [EngineOutput(r.request_id, [], finish_reason=FinishReason.ABORT) for r in aborted]
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or self.runner.has_pending
 
     def step(self) -> EngineOutputs:
+        """Schedule and launch step t, then apply step t-1's results while the device works."""
         sched = self.scheduler.schedule()
         out = self.runner.execute_model(sched)
-        outputs = self.scheduler.update_from_output(sched, out) if not sched.is_empty else []
+        outputs = self.scheduler.update_from_output(out)
         return EngineOutputs(outputs=outputs, scheduler_stats=self.scheduler.stats(), timestamp=time.time())
 
     def stats(self):  # type: ignore[no-untyped-def]

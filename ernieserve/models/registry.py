@@ -10,6 +10,8 @@ _MODELS: dict[str, tuple[str, str]] = {
     "LlamaForCausalLM": ("ernieserve.models.families", "LlamaForCausalLM"),
     "Qwen2ForCausalLM": ("ernieserve.models.families", "Qwen2ForCausalLM"),
     "Qwen3ForCausalLM": ("ernieserve.models.families", "Qwen3ForCausalLM"),
+    "Ernie4_5_MoeForCausalLM": ("ernieserve.models.ernie4_5_moe", "Ernie4_5_MoeForCausalLM"),
+    "Qwen3MoeForCausalLM": ("ernieserve.models.qwen3_moe", "Qwen3MoeForCausalLM"),
 }
 
 

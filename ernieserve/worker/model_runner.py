@@ -7,6 +7,7 @@ the scheduler's diffs) and appends the tokens it samples.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -15,7 +16,7 @@ from ernieserve.attention.base import AttentionBackend, AttentionMetadata
 from ernieserve.config import EngineConfig
 from ernieserve.core.scheduler import ModelRunnerOutput, SchedulerOutput
 from ernieserve.engine.protocol import LogprobsLists
-from ernieserve.layers.sampler import Sampler, compute_logprobs
+from ernieserve.layers.sampler import LogprobsTensors, Sampler, compute_logprobs
 from ernieserve.models.loader import build_model
 from ernieserve.worker import kv_cache
 from ernieserve.worker.cuda_graph import CudaGraphRunner, default_capture_sizes
@@ -23,6 +24,14 @@ from ernieserve.worker.input_batch import (CachedRequestState, StepInputs, build
                                            build_step_inputs)
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _PendingStep:
+    req_ids: list[str]  # requests that sample, in row order
+    sampled: torch.Tensor | None  # [len(req_ids)] int64 on the device
+    logprobs: LogprobsTensors | None
+    prompt_logprobs: dict[str, LogprobsLists]
 
 
 def select_attention_backend(device: torch.device) -> AttentionBackend:
@@ -51,6 +60,7 @@ class ModelRunner:
         self.states: dict[str, CachedRequestState] = {}
         self.num_blocks = 0
         self.graphs: CudaGraphRunner | None = None
+        self._pending: _PendingStep | None = None  # the launched step whose tokens are not read yet
 
     def model_param_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
@@ -134,44 +144,70 @@ class ModelRunner:
         positions = torch.from_numpy(step.positions).to(dev, non_blocking=True)
         return input_ids, positions, meta
 
+    @property
+    def has_pending(self) -> bool:
+        return self._pending is not None
+
     @torch.inference_mode()
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        """Launches this step and returns the PREVIOUS step's results.
+
+        Steps overlap: while the device runs step t, the engine applies step t-1's tokens and
+        schedules t+1. The previous step's sampled ids are read (the one host sync) before this
+        step's inputs are built, since its decode inputs are those very tokens.
+        """
+        prev = self._collect()
         self._apply_diffs(sched)
-        if sched.is_empty:
-            return ModelRunnerOutput([], {})
+        if not sched.is_empty:
+            self._pending = self._launch(sched)
+        return prev
+
+    def _launch(self, sched: SchedulerOutput) -> _PendingStep:
         step = build_step_inputs(self.states, sched.num_scheduled_tokens, self.block_size)
-        out = ModelRunnerOutput(step.req_ids, {})
+        pending = _PendingStep([], None, None, {})
         decode_only = sched.total_num_scheduled_tokens == len(step.req_ids)
         if self.graphs is not None and self.graphs.can_run(step, decode_only):
             logits = self.graphs.run(step)  # [num_reqs, vocab]; in a decode step every request samples
         else:
-            logits = self._run_eager(step, out)
+            logits = self._run_eager(step, pending.prompt_logprobs)
         if logits is None:
-            return out
-        rows = step.sample_rows
-        sample_states = [self.states[step.req_ids[i]] for i in rows]
-        meta_s = build_sampling_metadata(sample_states, self.vocab_size, self.device)
-        result = self.sampler(logits, meta_s)
-        sampled = result.sampled_token_ids.tolist()  # the one host sync of the step
-        lp = result.logprobs.tolists() if result.logprobs is not None else None
-        for j, st in enumerate(sample_states):
+            return pending
+        sample_states = [self.states[step.req_ids[i]] for i in step.sample_rows]
+        result = self.sampler(logits, build_sampling_metadata(sample_states, self.vocab_size, self.device))
+        pending.req_ids = [st.request_id for st in sample_states]
+        pending.sampled = result.sampled_token_ids  # stays on the device until the next step
+        pending.logprobs = result.logprobs
+        return pending
+
+    def _collect(self) -> ModelRunnerOutput:
+        """Wait for the launched step, hand its tokens to the request states, return its output."""
+        pending, self._pending = self._pending, None
+        if pending is None or pending.sampled is None:
+            return ModelRunnerOutput([], {}, prompt_logprobs=pending.prompt_logprobs if pending else {})
+        sampled = pending.sampled.tolist()  # the one host sync of the step
+        lp = pending.logprobs.tolists() if pending.logprobs is not None else None
+        out = ModelRunnerOutput(pending.req_ids, {}, prompt_logprobs=pending.prompt_logprobs)
+        for j, rid in enumerate(pending.req_ids):
+            out.sampled_token_ids[rid] = [sampled[j]]
+            st = self.states.get(rid)
+            if st is None:
+                continue
             st.token_ids.append(sampled[j])
-            out.sampled_token_ids[st.request_id] = [sampled[j]]
             k = st.sampling_params.logprobs
             if lp is not None and k is not None:
-                out.logprobs[st.request_id] = LogprobsLists([lp[0][j][: k + 1]], [lp[1][j][: k + 1]], [lp[2][j]])
+                out.logprobs[rid] = LogprobsLists([lp[0][j][: k + 1]], [lp[1][j][: k + 1]], [lp[2][j]])
         return out
 
-    def _run_eager(self, step: StepInputs, out: ModelRunnerOutput) -> torch.Tensor | None:
+    def _run_eager(self, step: StepInputs, prompt_logprobs: dict[str, LogprobsLists]) -> torch.Tensor | None:
         input_ids, positions, meta = self._device_inputs(step)
         hidden = self.model(input_ids, positions, meta)  # [num_tokens, hidden]
-        self._prompt_logprobs(step, hidden, out)
+        self._prompt_logprobs(step, hidden, prompt_logprobs)
         if not step.sample_rows:
             return None
         last_token = torch.from_numpy(step.query_start_loc[1:][step.sample_rows] - 1).to(self.device, non_blocking=True)
         return self.model.compute_logits(hidden.index_select(0, last_token))  # [num_sampling, vocab]
 
-    def _prompt_logprobs(self, step: StepInputs, hidden: torch.Tensor, out: ModelRunnerOutput) -> None:
+    def _prompt_logprobs(self, step: StepInputs, hidden: torch.Tensor, out: dict[str, LogprobsLists]) -> None:
         """Logprobs of each prompt token given the ones before it, chunk by chunk."""
         for i, rid in enumerate(step.req_ids):
             st = self.states[rid]
@@ -187,7 +223,7 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[lo:lo + n])
             targets = torch.tensor(st.prompt_token_ids[first_pos + 1:first_pos + 1 + n], device=self.device)
             ids, lps, ranks = compute_logprobs(logits, targets, k).tolists()
-            out.prompt_logprobs[rid] = LogprobsLists(ids, lps, ranks)
+            out[rid] = LogprobsLists(ids, lps, ranks)
 
 
 def _greedy():  # type: ignore[no-untyped-def]

@@ -22,9 +22,9 @@ def req(rid: str, tokens: list[int], salt: str | None = None, **kw) -> Request:
 def run_to_end(s: Scheduler) -> None:
     while s.has_unfinished_requests():
         out = s.schedule()
-        sampled = {rid: [5] for rid, n in out.num_scheduled_tokens.items()
-                   if s.requests[rid].num_computed_tokens + n == s.requests[rid].num_tokens}
-        s.update_from_output(out, ModelRunnerOutput(list(out.num_scheduled_tokens), sampled))
+        # scheduling advanced progress already; requests that sample have a token in flight
+        sampled = {rid: [5] for rid in out.num_scheduled_tokens if s.requests[rid].num_inflight}
+        s.update_from_output(ModelRunnerOutput(list(out.num_scheduled_tokens), sampled))
 
 
 def test_shared_prefix_hits_full_blocks_only():
@@ -55,7 +55,7 @@ def test_hit_blocks_are_shared_not_copied_and_ref_counted():
     s = make_scheduler()
     s.add_request(req("a", list(range(1, 14)), max_tokens=50))
     out = s.schedule()
-    s.update_from_output(out, ModelRunnerOutput(["a"], {"a": [5]}))
+    s.update_from_output(ModelRunnerOutput(["a"], {"a": [5]}))
     s.add_request(req("b", list(range(1, 14))))
     out = s.schedule()
     a_blocks = s.kv.req_blocks["a"]

@@ -24,12 +24,9 @@ def make_request(rid: str, prompt_len: int, max_tokens: int = 4, **params) -> Re
 def fake_run(sched: Scheduler, token: int = 7):
     """One step where every request that reaches the end of its known tokens samples `token`."""
     out = sched.schedule()
-    sampled = {}
-    for rid, n in out.num_scheduled_tokens.items():
-        req = sched.requests[rid]
-        if req.num_computed_tokens + n == req.num_tokens:
-            sampled[rid] = [token]
-    return out, sched.update_from_output(out, ModelRunnerOutput(list(out.num_scheduled_tokens), sampled))
+    # scheduling advanced progress already; requests that sample have a token in flight
+    sampled = {rid: [token] for rid in out.num_scheduled_tokens if sched.requests[rid].num_inflight}
+    return out, sched.update_from_output(ModelRunnerOutput(list(out.num_scheduled_tokens), sampled))
 
 
 def test_prefill_then_decode_shares_budget():
@@ -146,3 +143,49 @@ def test_kv_cache_ratio_limits_admission():
     s.add_request(make_request("b", 12))  # would make 6 > 5
     out, _ = fake_run(s)
     assert list(out.num_scheduled_tokens) == ["a"]
+
+
+def pipelined_run(sched: Scheduler, token_for, max_steps: int = 200) -> dict[str, list[int]]:
+    """Drive the scheduler as the overlapped engine does: step t+1 is scheduled before step t's
+    tokens are applied. token_for(rid, n_out) picks the sampled token."""
+    produced: dict[str, list[int]] = {}
+    pending = None
+    for _ in range(max_steps):
+        out = sched.schedule()
+        launched = {rid: [token_for(rid, sched.requests[rid].num_output_tokens + sched.requests[rid].num_inflight - 1)]
+                    for rid in out.num_scheduled_tokens if sched.requests[rid].num_inflight}
+        if pending is not None:
+            for o in sched.update_from_output(ModelRunnerOutput(list(pending), pending)):
+                produced.setdefault(o.request_id, []).extend(o.new_token_ids)
+        pending = launched or None
+        if not sched.has_unfinished_requests() and pending is None:
+            break
+    return produced
+
+
+def test_pipelined_steps_respect_max_tokens_exactly():
+    s = make_scheduler()
+    s.add_request(make_request("a", 5, max_tokens=7))
+    s.add_request(make_request("b", 9, max_tokens=3))
+    produced = pipelined_run(s, lambda rid, i: 5)
+    assert {k: len(v) for k, v in produced.items()} == {"a": 7, "b": 3}
+    assert s.kv.num_free_blocks == 64
+
+
+def test_pipelined_stop_token_drops_the_wasted_step():
+    s = make_scheduler()
+    s.add_request(make_request("a", 5, max_tokens=20))
+    # eos (0) as the 4th token: the step launched meanwhile produces a token nobody sees
+    produced = pipelined_run(s, lambda rid, i: 0 if i == 3 else 5)
+    assert produced == {"a": [5, 5, 5, 0]}
+    assert not s.has_unfinished_requests() and s.kv.num_free_blocks == 64
+
+
+def test_pipelined_preemption_with_tokens_in_flight_loses_nothing():
+    s = make_scheduler(num_blocks=5, block_size=4, budget=64)
+    s.add_request(make_request("old", 8, max_tokens=8))
+    s.add_request(make_request("new", 8, max_tokens=8))
+    produced = pipelined_run(s, lambda rid, i: 5)
+    assert s.num_preempted_total > 0
+    assert {k: len(v) for k, v in produced.items()} == {"old": 8, "new": 8}
+    assert s.kv.num_free_blocks == 5

@@ -1,0 +1,353 @@
+"""The routed-expert computation: a plain-torch reference and a fused Triton path.
+
+Both compute, for every token t and each of its top_k assignments (expert e, weight w),
+``out[t] += w * down_e(silu(gate_e(x[t])) * up_e(x[t]))`` with the stacked expert weights
+``w13 [E, 2I, H]`` (gate rows first, then up rows, as HF's `gate_up_proj`) and ``w2 [E, H, I]``.
+
+The fused path runs four Triton launches and one reduction, with no host sync and no allocation
+whose size depends on the routing, so it can be captured in a CUDA graph:
+
+1. `_moe_align_kernel` (grid: one program per expert). Counts assignments per expert, lays the
+   experts out one after another in a flat array padded per expert to a multiple of BLOCK_M,
+   writes each assignment's index (token * top_k + slot) into its expert's segment
+   (`sorted_ids`, padding = N), the expert of every BLOCK_M block (`block_expert`) and the padded
+   total. Sizes use the bound N + min(N, E) * (BLOCK_M - 1), known from shapes alone.
+2. `_gate_up_kernel`: grouped GEMM over those blocks. Each program gathers BLOCK_M token rows of
+   x, multiplies by one expert's gate and up tiles (two accumulators sharing the A tile), applies
+   silu(gate) * up in float32 and stores the activation in assignment order: `inter [N, I]`.
+3. `_down_kernel`: the same block walk over `inter` and w2, scaled by the routing weight in the
+   epilogue, stored per assignment: `[N, H]`.
+4. `.view(T, top_k, H).sum(1)`: the weighted combine in token order, in a fixed order (no atomics,
+   so results do not depend on the batch's other tokens' scheduling).
+
+Blocks past the padded total exit at once, so the grid is sized from the bound, not the routing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from ernieserve.layers.moe.router import RouterConfig
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # CPU-only installs serve through the torch reference
+    HAS_TRITON = False
+
+
+# ---- plain-torch reference (the oracle, and the CPU path) ----------------------------------------
+
+def fused_moe_ref(
+    x: torch.Tensor,  # [T, H]
+    w13: torch.Tensor,  # [E, 2I, H]
+    w2: torch.Tensor,  # [E, H, I]
+    topk_weights: torch.Tensor,  # [T, K]
+    topk_ids: torch.Tensor,  # [T, K]
+) -> torch.Tensor:  # [T, H]
+    """Loops over the experts that received tokens, like HF's `Ernie4_5_MoeExperts.forward`."""
+    num_experts, inter = w13.shape[0], w2.shape[2]
+    top_k = topk_ids.shape[1]
+    out = torch.zeros_like(x)
+    flat_ids = topk_ids.reshape(-1).long()  # [T * K]
+    # HF multiplies by the weights cast to the activations' dtype
+    flat_w = topk_weights.reshape(-1).to(x.dtype)
+    order = torch.argsort(flat_ids, stable=True)  # assignments grouped by expert
+    counts = torch.bincount(flat_ids, minlength=num_experts).tolist()
+    start = 0
+    for e, count in enumerate(counts):
+        if count == 0:
+            continue
+        idx = order[start:start + count]  # [count] assignment indices
+        start += count
+        tokens = idx // top_k
+        h = torch.nn.functional.linear(x[tokens], w13[e])  # [count, 2I]
+        act = torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]
+        y = torch.nn.functional.linear(act, w2[e]) * flat_w[idx, None]  # [count, H]
+        out.index_add_(0, tokens, y.to(out.dtype))
+    return out
+
+
+# ---- tile configuration -------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class GemmTile:
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True, slots=True)
+class MoETileConfig:
+    block_m: int  # rows per expert block; shared by both GEMMs (the alignment is done once)
+    gate_up: GemmTile
+    down: GemmTile
+    group_m: int = 8
+
+
+def choose_tile_config(num_assignments: int, num_experts: int) -> MoETileConfig:
+    """Tiles by the mean rows per expert: small M is a weight stream, large M a real GEMM."""
+    # Picked by benchmarks/bench_moe.py --sweep on an H100 at the 21B-A3B shape (H 2560, I 1536):
+    # decode tiles reach 2.5-3.0 TB/s of weight reads, the prefill tiles about 380 TFLOP/s.
+    rows = num_assignments / max(1, min(num_experts, num_assignments))
+    if rows <= 16:
+        return MoETileConfig(16, GemmTile(32, 128, 4, 4), GemmTile(128, 128, 4, 3))
+    if rows <= 48:
+        return MoETileConfig(32, GemmTile(64, 128, 4, 4), GemmTile(128, 128, 4, 3))
+    if rows <= 192:
+        return MoETileConfig(64, GemmTile(64, 64, 4, 4), GemmTile(128, 64, 4, 4))
+    return MoETileConfig(128, GemmTile(128, 64, 8, 3), GemmTile(256, 64, 8, 3))
+
+
+def padded_capacity(num_assignments: int, num_experts: int, block_m: int) -> int:
+    """Upper bound of the per-expert padded length: at most min(N, E) experts get a partial block."""
+    return num_assignments + min(num_assignments, num_experts) * (block_m - 1)
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _topk_softmax_kernel(
+        logits_ptr, bias_ptr, weights_ptr, ids_ptr,
+        T, E, stride_t, norm_min,
+        TOP_K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+        HAS_BIAS: tl.constexpr, RENORM: tl.constexpr,
+    ):
+        rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        cols = tl.arange(0, E_PAD)
+        row_ok = rows < T
+        col_ok = cols < E
+        lg = tl.load(logits_ptr + rows[:, None].to(tl.int64) * stride_t + cols[None, :],
+                     mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        lg = tl.where(col_ok[None, :], lg, float("-inf"))  # [BLOCK_T, E_PAD]
+        ex = tl.exp(lg - tl.max(lg, axis=1)[:, None])
+        probs = ex / tl.sum(ex, axis=1)[:, None]
+        scores = probs
+        if HAS_BIAS:
+            scores = probs + tl.load(bias_ptr + cols, mask=col_ok, other=0.0)[None, :]
+        scores = tl.where(col_ok[None, :], scores, float("-inf"))
+        kcols = tl.arange(0, K_PAD)
+        w_tile = tl.zeros([BLOCK_T, K_PAD], dtype=tl.float32)
+        id_tile = tl.zeros([BLOCK_T, K_PAD], dtype=tl.int32)
+        for j in tl.static_range(TOP_K):
+            best = tl.argmax(scores, axis=1)  # [BLOCK_T], first index on ties
+            hit = cols[None, :] == best[:, None]
+            w = tl.sum(tl.where(hit, probs, 0.0), axis=1)
+            w_tile = tl.where(kcols[None, :] == j, w[:, None], w_tile)
+            id_tile = tl.where(kcols[None, :] == j, best[:, None].to(tl.int32), id_tile)
+            scores = tl.where(hit, float("-inf"), scores)
+        if RENORM:
+            w_tile = w_tile / tl.maximum(tl.sum(w_tile, axis=1), norm_min)[:, None]
+        out = rows[:, None] * TOP_K + kcols[None, :]
+        mask = row_ok[:, None] & (kcols[None, :] < TOP_K)
+        tl.store(weights_ptr + out, w_tile, mask=mask)
+        tl.store(ids_ptr + out, id_tile, mask=mask)
+
+    @triton.jit
+    def _moe_align_kernel(
+        ids_ptr, sorted_ptr, block_expert_ptr, total_ptr, N, E,
+        BLOCK_M: tl.constexpr, NUM_BINS: tl.constexpr, CHUNK: tl.constexpr,
+    ):
+        e = tl.program_id(0)
+        bins = tl.arange(0, NUM_BINS)
+        # every program counts all experts: it needs the padded sizes of the experts before it
+        counts = tl.zeros([NUM_BINS], dtype=tl.int32)
+        for start in range(0, N, CHUNK):
+            offs = start + tl.arange(0, CHUNK)
+            ids = tl.load(ids_ptr + offs, mask=offs < N, other=E).to(tl.int32)  # E = spare bin
+            counts += tl.histogram(ids, NUM_BINS)
+        padded = tl.where(bins < E, (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M, 0)
+        seg_start = tl.sum(tl.where(bins < e, padded, 0))
+        count_e = tl.sum(tl.where(bins == e, counts, 0))
+        padded_e = tl.sum(tl.where(bins == e, padded, 0))
+        tl.store(total_ptr, tl.sum(padded), mask=e == 0)
+        # this expert's assignments, in index order, at the head of its segment
+        running = count_e * 0
+        for start in range(0, N, CHUNK):
+            offs = start + tl.arange(0, CHUNK)
+            ids = tl.load(ids_ptr + offs, mask=offs < N, other=E).to(tl.int32)
+            hit = (ids == e).to(tl.int32)
+            rank = running + tl.cumsum(hit, 0) - 1
+            tl.store(sorted_ptr + seg_start + rank, offs, mask=hit == 1)
+            running += tl.sum(hit)
+        pad = tl.arange(0, BLOCK_M)
+        tl.store(sorted_ptr + seg_start + count_e + pad, tl.zeros([BLOCK_M], dtype=tl.int32) + N,
+                 mask=pad < padded_e - count_e)
+        first_block = seg_start // BLOCK_M
+        num_blocks = padded_e // BLOCK_M
+        for b in range(0, num_blocks, CHUNK):
+            bo = b + tl.arange(0, CHUNK)
+            tl.store(block_expert_ptr + first_block + bo, tl.zeros([CHUNK], dtype=tl.int32) + e,
+                     mask=bo < num_blocks)
+
+    @triton.jit
+    def _block_coords(num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+        """Grouped program order: GROUP_M blocks of rows share each weight tile while it is in L2."""
+        pid = tl.program_id(0)
+        per_group = GROUP_M * num_pid_n
+        first_m = (pid // per_group) * GROUP_M
+        size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % per_group) % size_m
+        pid_n = (pid % per_group) // size_m
+        return pid_m, pid_n
+
+    @triton.jit
+    def _gate_up_kernel(
+        x_ptr, w_ptr, out_ptr, sorted_ptr, block_expert_ptr, total_ptr,
+        N, H, I, num_pid_m, stride_xt, stride_we, stride_wn,
+        TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    ):
+        pid_m, pid_n = _block_coords(num_pid_m, tl.cdiv(I, BLOCK_N), GROUP_M)
+        if pid_m * BLOCK_M >= tl.load(total_ptr):
+            return
+        expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+        ids = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))  # [BLOCK_M] assignments
+        row_ok = ids < N
+        tokens = (ids // TOP_K).to(tl.int64)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < I
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = x_ptr + tokens[:, None] * stride_xt + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
+        g_ptrs = w_ptr + expert * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+        u_ptrs = g_ptrs + I * stride_wn  # up rows follow the gate rows
+        acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k in range(0, tl.cdiv(H, BLOCK_K)):
+            k_ok = offs_k < H - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            g = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)  # [BLOCK_K, BLOCK_N]
+            u = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if DOT_FP32:
+                a, g, u = a.to(tl.float32), g.to(tl.float32), u.to(tl.float32)
+            acc_g = tl.dot(a, g, acc_g, input_precision=DOT_PRECISION)
+            acc_u = tl.dot(a, u, acc_u, input_precision=DOT_PRECISION)
+            a_ptrs += BLOCK_K
+            g_ptrs += BLOCK_K
+            u_ptrs += BLOCK_K
+        act = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u  # silu(gate) * up, float32
+        out_ptrs = out_ptr + ids[:, None].to(tl.int64) * I + offs_n[None, :]
+        tl.store(out_ptrs, act.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+
+    @triton.jit
+    def _down_kernel(
+        a_ptr, w_ptr, out_ptr, weights_ptr, sorted_ptr, block_expert_ptr, total_ptr,
+        N, H, I, num_pid_m, stride_we, stride_wn,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    ):
+        pid_m, pid_n = _block_coords(num_pid_m, tl.cdiv(H, BLOCK_N), GROUP_M)
+        if pid_m * BLOCK_M >= tl.load(total_ptr):
+            return
+        expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+        ids = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+        row_ok = ids < N
+        rows = ids.to(tl.int64)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < H
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + rows[:, None] * I + offs_k[None, :]  # [BLOCK_M, BLOCK_K] of inter [N, I]
+        b_ptrs = w_ptr + expert * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k in range(0, tl.cdiv(I, BLOCK_K)):
+            k_ok = offs_k < I - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)  # [BLOCK_K, BLOCK_N]
+            if DOT_FP32:
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
+        acc *= tl.load(weights_ptr + rows, mask=row_ok, other=0.0)[:, None]
+        out_ptrs = out_ptr + rows[:, None] * H + offs_n[None, :]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+
+
+# ---- launchers ----------------------------------------------------------------------------------
+
+def triton_select_experts(
+    logits: torch.Tensor,  # [T, E]
+    cfg: RouterConfig,
+    score_bias: torch.Tensor | None,  # [E] float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax, optional bias, top-k and renormalisation in one launch: (weights f32, ids int32)."""
+    num_tokens, num_experts = logits.shape
+    logits = logits.contiguous()
+    weights = torch.empty(num_tokens, cfg.top_k, dtype=torch.float32, device=logits.device)
+    ids = torch.empty(num_tokens, cfg.top_k, dtype=torch.int32, device=logits.device)
+    if num_tokens == 0:
+        return weights, ids
+    e_pad = triton.next_power_of_2(num_experts)
+    # a few rows per program: the top-k loop is serial per row, so parallelism comes from programs
+    block_t = max(1, min(triton.next_power_of_2(num_tokens), 256 // e_pad))
+    bias = score_bias if score_bias is not None else weights  # unused pointer when HAS_BIAS is off
+    _topk_softmax_kernel[(triton.cdiv(num_tokens, block_t),)](
+        logits, bias, weights, ids, num_tokens, num_experts, logits.stride(0), float(cfg.norm_min),
+        TOP_K=cfg.top_k, K_PAD=triton.next_power_of_2(cfg.top_k), E_PAD=e_pad, BLOCK_T=block_t,
+        HAS_BIAS=score_bias is not None, RENORM=cfg.renormalize, num_warps=1 if block_t * e_pad <= 256 else 4)
+    return weights, ids
+
+
+def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                                               torch.Tensor]:
+    """(sorted_ids [cap] int32, block_expert [cap // block_m] int32, padded total [1] int32)."""
+    n = topk_ids.numel()
+    cap = padded_capacity(n, num_experts, block_m)
+    dev = topk_ids.device
+    sorted_ids = torch.empty(cap, dtype=torch.int32, device=dev)
+    block_expert = torch.empty(triton.cdiv(cap, block_m), dtype=torch.int32, device=dev)
+    total = torch.empty(1, dtype=torch.int32, device=dev)
+    _moe_align_kernel[(num_experts,)](
+        topk_ids.reshape(-1), sorted_ids, block_expert, total, n, num_experts,
+        BLOCK_M=block_m, NUM_BINS=triton.next_power_of_2(num_experts + 1), CHUNK=1024 if n > 256 else 256)
+    return sorted_ids, block_expert, total
+
+
+def fused_moe_triton(
+    x: torch.Tensor,  # [T, H]
+    w13: torch.Tensor,  # [E, 2I, H]
+    w2: torch.Tensor,  # [E, H, I]
+    topk_weights: torch.Tensor,  # [T, K]
+    topk_ids: torch.Tensor,  # [T, K]
+    tiles: MoETileConfig | None = None,
+) -> torch.Tensor:  # [T, H]
+    num_tokens, hidden = x.shape
+    num_experts, inter = w13.shape[0], w2.shape[2]
+    top_k = topk_ids.shape[1]
+    n = num_tokens * top_k
+    if n == 0:
+        return torch.zeros_like(x)
+    assert w13.is_contiguous() and w2.is_contiguous() and w13.shape[1] == 2 * inter
+    x = x.contiguous()
+    tiles = tiles or choose_tile_config(n, num_experts)
+    bm = tiles.block_m
+    sorted_ids, block_expert, total = moe_align(topk_ids.contiguous(), num_experts, bm)
+    num_pid_m = block_expert.shape[0]
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    # The interpreter (the only way these kernels run on CPU tensors) multiplies bf16 dot operands
+    # as their raw bits; upcast there. On the GPU bf16 goes to the tensor cores as is.
+    dot_fp32 = x.device.type == "cpu" and x.dtype == torch.bfloat16
+
+    act = torch.empty(n, inter, dtype=x.dtype, device=x.device)  # [N, I], assignment order
+    t1 = tiles.gate_up
+    _gate_up_kernel[(num_pid_m * triton.cdiv(inter, t1.block_n),)](
+        x, w13, act, sorted_ids, block_expert, total, n, hidden, inter, num_pid_m,
+        x.stride(0), w13.stride(0), w13.stride(1),
+        TOP_K=top_k, BLOCK_M=bm, BLOCK_N=t1.block_n, BLOCK_K=t1.block_k, GROUP_M=tiles.group_m,
+        DOT_PRECISION=precision, DOT_FP32=dot_fp32, num_warps=t1.num_warps, num_stages=t1.num_stages)
+
+    per_slot = torch.empty(n, hidden, dtype=x.dtype, device=x.device)  # [N, H], weighted
+    t2 = tiles.down
+    _down_kernel[(num_pid_m * triton.cdiv(hidden, t2.block_n),)](
+        act, w2, per_slot, topk_weights.float().contiguous(), sorted_ids, block_expert, total,
+        n, hidden, inter, num_pid_m, w2.stride(0), w2.stride(1),
+        BLOCK_M=bm, BLOCK_N=t2.block_n, BLOCK_K=t2.block_k, GROUP_M=tiles.group_m,
+        DOT_PRECISION=precision, DOT_FP32=dot_fp32, num_warps=t2.num_warps, num_stages=t2.num_stages)
+    return per_slot.view(num_tokens, top_k, hidden).sum(dim=1)
