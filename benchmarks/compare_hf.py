@@ -77,6 +77,28 @@ def ours_decode_step(llm, prompt_len: int, steps: int) -> list[float]:
     return times
 
 
+def graph_replay_ms(llm) -> dict:
+    """GPU time of one decode step replayed from its CUDA graph, without any host work: the
+    difference to the engine's step time is what the host adds."""
+    graphs = llm.llm_engine.core.runner.graphs
+    if graphs is None:
+        return {}
+    out = {}
+    for bs in sorted({1, min(64, graphs.max_bs), graphs.max_bs}):
+        if bs not in graphs.graphs:
+            continue
+        g = graphs.graphs[bs]
+        for _ in range(5):
+            g.replay()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(100):
+            g.replay()
+        torch.cuda.synchronize()
+        out[str(bs)] = (time.perf_counter() - t) / 100 * 1e3
+    return out
+
+
 def ours_offline(llm, reqs) -> dict:
     from ernieserve import SamplingParams
 
@@ -130,6 +152,9 @@ def main() -> int:
     ap.add_argument("--hf-batch-prompts", type=int, default=64)
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--engine-args", default="{}", help="JSON of extra LLM() arguments")
+    ap.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
+                    help="dummy: random weights from config.json alone (for presets too big to write); "
+                         "HF then gets a random init of the same config on the GPU")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     result: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
@@ -144,8 +169,10 @@ def main() -> int:
     ckpt = Path(args.checkpoint)
     if not (ckpt / "config.json").exists():
         write_dummy_checkpoint(args.preset, ckpt, dtype="bfloat16")
+    result["preset"] = args.preset
     llm = LLM(model=str(ckpt), dtype="bfloat16", max_model_len=4096, max_num_seqs=256,
-              **json.loads(args.engine_args))
+              load_format=args.load_format, **json.loads(args.engine_args))
+    result["ours_graph_replay_ms"] = graph_replay_ms(llm)
     param_bytes = llm.model_param_bytes()
     vocab = llm.llm_engine.config.model.vocab_size
     steps = ours_decode_step(llm, 32, 129)
@@ -165,9 +192,13 @@ def main() -> int:
     torch.cuda.empty_cache()
 
     if not args.skip_hf:
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoConfig, AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.bfloat16).cuda().eval()
+        if args.load_format == "dummy":
+            with torch.device("cuda"):
+                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(ckpt)), dtype=torch.bfloat16).eval()
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.bfloat16).cuda().eval()
         with torch.no_grad():  # not inference_mode: generate_batch updates its tensors from a thread
             result["hf_generate_decode_b1_ms"] = hf_decode_step(model, 32, 129) * 1e3
             print(json.dumps(result), flush=True)
@@ -183,11 +214,14 @@ def main() -> int:
 
 def print_table(r: dict) -> None:
     print("\n=========== ernieserve vs HF transformers ===========")
-    print(f"device: {r['device']}  torch {r['torch']}  {r['date']}")
+    print(f"device: {r['device']}  torch {r['torch']}  {r['date']}  preset {r.get('preset')}")
     print(f"copy bandwidth (read+write): {r['copy_bandwidth_tb_s']:.2f} TB/s; bf16 matmul {r['bf16_matmul_tflops']:.0f} TFLOP/s")
     d = r["ours_decode_b1_ms"]
     print(f"decode b=1, ours: p50 {d['p50']:.3f} ms (mean {d['mean']:.3f}, p99 {d['p99']:.3f}); "
           f"floor {r['bandwidth_floor_ms']:.3f} ms -> {100 * r['ours_decode_b1_fraction_of_floor']:.1f}% of bandwidth")
+    if r.get("ours_graph_replay_ms"):
+        print("decode step GPU time (graph replay alone, ms by batch size): "
+              + ", ".join(f"b={k}: {v:.3f}" for k, v in r["ours_graph_replay_ms"].items()))
     if "hf_generate_decode_b1_ms" in r:
         hf = r["hf_generate_decode_b1_ms"]
         print(f"decode b=1, HF generate: {hf:.3f} ms/step -> ours is {hf / d['p50']:.1f}x faster")
