@@ -255,8 +255,15 @@ def _fit_text(tokenizer: Tokenizer, rng: np.random.Generator, allowed: np.ndarra
               prefix_text: str, ids: list[int], target: int) -> tuple[str, list[int]]:
     """Text = prefix_text + decode(ids), with ``ids`` trimmed/extended toward ``target`` tokens.
 
+    Each round continues from the text's own tokenization (its re-encoded ids past the prefix),
+    not from ``ids``: a vocabulary entry may re-encode to several tokens (a BPE word that no
+    merge builds comes back as its letters, so one id can be 3 tokens), and trimming ``ids`` by
+    the token surplus would then cut far too much, down to an empty prompt. The tokenizer's own
+    tokens re-encode to themselves up to merges at the cut, so a round or two lands on target.
+
     Returns the closest text found and its re-encoded ids.
     """
+    num_prefix = len(tokenizer.encode(prefix_text, add_special_tokens=False)) if prefix_text else 0
     best_text, best_ids = "", []
     best_err = math.inf
     for _ in range(_MAX_FIT_ROUNDS):
@@ -267,10 +274,11 @@ def _fit_text(tokenizer: Tokenizer, rng: np.random.Generator, allowed: np.ndarra
             best_text, best_ids, best_err = text, encoded, abs(diff)
         if diff == 0 or (diff > 0 and not ids):
             break
+        own_ids = encoded[num_prefix:]
         if diff > 0:
-            ids = ids[: max(len(ids) - diff, 0)]
+            ids = own_ids[: max(len(own_ids) - diff, 0)]
         else:
-            ids = ids + rng.choice(allowed, size=-diff).tolist()
+            ids = own_ids + rng.choice(allowed, size=-diff).tolist()
     return best_text, best_ids
 
 

@@ -20,6 +20,7 @@ import math
 import os
 import sys
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -349,9 +350,31 @@ def _serve_config(args: argparse.Namespace, backend: Backend, base_url: str,
 def _print_errors(metrics: BenchmarkMetrics) -> None:
     if not metrics.errors:
         return
+    # Group by kind, not by text: a server's message names the request's own numbers ("the
+    # prompt has 541 tokens"), so six refusals of one kind would print as six distinct errors.
+    kinds: Counter[str] = Counter()
+    example: dict[str, str] = {}
+    for text, count in metrics.errors.items():
+        kind = error_kind(text)
+        kinds[kind] += count
+        example.setdefault(kind, text)
     print(f"{metrics.failed} requests failed; most common errors:", file=sys.stderr)
-    for text, count in metrics.errors.most_common(3):
-        print(f"  {count} x {text}", file=sys.stderr)
+    for kind, count in kinds.most_common(3):
+        print(f"  {count} x {kind}, e.g. {example[kind]}", file=sys.stderr)
+
+
+def error_kind(text: str) -> str:
+    """``HTTP 400: {"error": {"code": "context_length_exceeded", ...}}`` -> ``HTTP 400
+    context_length_exceeded``; the OpenAI error's code, else its type; other texts as they are."""
+    status, sep, body = text.partition(": ")
+    if not sep or not status.startswith("HTTP "):
+        return text
+    try:
+        error = json.loads(body).get("error") or {}
+    except (ValueError, AttributeError):  # not JSON, or JSON that is not an object
+        return status
+    label = (error.get("code") or error.get("type")) if isinstance(error, dict) else None
+    return f"{status} {label}" if label else status
 
 
 def save_result(args: argparse.Namespace, config: ServeConfig, tokenizer_path: str,
