@@ -37,6 +37,9 @@ _ENGINE_FLAGS: list[tuple[str, type | None]] = [
     ("--block-size", int),
     ("--num-gpu-blocks-override", int),
     ("--tensor-parallel-size", int),
+    ("--quantization", str),
+    ("--quantization-config", str),
+    ("--kv-cache-ratio", float),
     ("--enforce-eager", None),
 ]
 

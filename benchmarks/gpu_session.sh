@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# One device session's measurements, stage by stage, each under its own time limit, logs to $OUT.
+#   bash benchmarks/gpu_session.sh tests|dense|serve|moe|quant ...
+# Every figure in docs/performance.md names the stage that produced it.
+set -uo pipefail
+out=${OUT:-/tmp/gpu_out}; mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+filter() { grep -v -E "it/s\]|B/s\]|s/it\]|graph/s\]|shard/s\]"; }
+for stage in "$@"; do
+  echo "===== stage $stage $(date -u +%H:%M:%S)"
+  case $stage in
+    tests)  timeout 300 python3 -m pytest -m gpu tests/gpu -q -s --no-header -p no:cacheprovider 2>&1 \
+              | grep -E "passed|failed|GREEDY|logit std|^E |FAILED|Error" | head -40 ;;
+    dense)  timeout 330 python3 benchmarks/compare_hf.py --preset ernie-4.5-0.3b --checkpoint /tmp/ckpt-03b \
+              --num-prompts 256 --hf-batch-prompts 32 --out "$out/dense.json" 2>&1 | filter | tail -12 ;;
+    serve)  [ -f /tmp/ckpt-03b/config.json ] || python3 -m ernieserve make-dummy --preset ernie-4.5-0.3b /tmp/ckpt-03b
+            timeout 240 bash benchmarks/serve_gpu.sh /tmp/ckpt-03b 128 64 1000 1000 "$out" 2>&1 | filter | tail -40 ;;
+    moe)    timeout 420 python3 benchmarks/compare_hf.py --preset ernie-4.5-21b-a3b --checkpoint /tmp/ckpt-21b \
+              --load-format dummy --num-prompts 256 --hf-batch-prompts 8 --out "$out/moe.json" 2>&1 | filter | tail -12 ;;
+    quant)  [ -f /tmp/ckpt-21b/config.json ] || python3 -m ernieserve make-dummy --preset ernie-4.5-21b-a3b /tmp/ckpt-21b
+            for q in none wint8 wint4; do
+              extra=(); [ "$q" != none ] && extra=(--quantization "$q")
+              timeout 200 python3 -m ernieserve bench latency --model /tmp/ckpt-21b --load-format dummy --dtype bfloat16 \
+                --batch-size 1 --input-len 128 --output-len 64 --num-iters-warmup 1 --num-iters 3 --max-model-len 2048 \
+                --mem-bandwidth-gbs 3000 "${extra[@]}" 2>&1 | filter | grep -E -i "decode|prefill|weight|bandwidth|GiB|Error|error" | head -12
+            done ;;
+  esac
+done
