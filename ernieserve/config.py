@@ -13,9 +13,12 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from ernieserve.layers.quantization import QuantConfig
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +42,7 @@ class ModelConfig:
     load_format: str  # auto | safetensors | dummy
     seed: int
     generation_config: dict
+    quant_config: "QuantConfig | None" = None  # --quantization: dense linear layers quantized while loading
 
     @property
     def architecture(self) -> str:
@@ -128,6 +132,7 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     tensor_parallel_size: int = 1
     quantization: str | None = None
+    quantization_config: str | None = None  # JSON options of --quantization (group_size, gemm_backend)
     enforce_eager: bool = False
     use_cudagraph: bool | None = None  # FastDeploy's switch; None = on where CUDA graphs work
     graph_optimization_config: str | None = None  # FastDeploy's JSON: use_cudagraph, cudagraph_capture_sizes
@@ -140,27 +145,47 @@ class EngineArgs:
         g.add_argument("--model", type=str, default=None,
                        help="Local Hugging Face checkpoint folder (default: the built-in dummy ERNIE-4.5-0.3B).")
         g.add_argument("--tokenizer", type=str, default=None, help="Tokenizer folder (default: the model folder).")
-        g.add_argument("--served-model-name", type=str, default=None)
+        g.add_argument("--served-model-name", type=str, default=None,
+                       help="Model name the API answers to (default: the --model value).")
         g.add_argument("--dtype", type=str, default=d.dtype, choices=["auto", "bfloat16", "float16", "float32"],
                        help="auto: the checkpoint's dtype on GPU, float32 on CPU.")
-        g.add_argument("--device", type=str, default=d.device, choices=["auto", "cpu", "cuda"])
-        g.add_argument("--load-format", type=str, default=d.load_format, choices=["auto", "safetensors", "dummy"])
-        g.add_argument("--seed", type=int, default=d.seed)
-        g.add_argument("--max-model-len", type=int, default=None)
-        g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
-        g.add_argument("--max-num-batched-tokens", type=int, default=None)
-        g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
-        g.add_argument("--block-size", type=int, default=d.block_size)
-        g.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization)
-        g.add_argument("--num-gpu-blocks-override", type=int, default=None)
-        g.add_argument("--kv-cache-ratio", type=float, default=d.kv_cache_ratio)
+        g.add_argument("--device", type=str, default=d.device, choices=["auto", "cpu", "cuda"],
+                       help="Where the model runs; auto picks CUDA when present.")
+        g.add_argument("--load-format", type=str, default=d.load_format, choices=["auto", "safetensors", "dummy"],
+                       help="dummy: random weights from config.json alone, made on the device (vLLM's name).")
+        g.add_argument("--seed", type=int, default=d.seed, help="Seed for dummy weights and unseeded sampling.")
+        g.add_argument("--max-model-len", type=int, default=None,
+                       help="Longest context (prompt + output) in tokens (default: max_position_embeddings).")
+        g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs,
+                       help="Most sequences running at once; also sets the CUDA graph capture sizes.")
+        g.add_argument("--max-num-batched-tokens", type=int, default=None,
+                       help="Token budget of one step (prefill chunks + decodes); default max(2048, max_num_seqs).")
+        g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True,
+                       help="Split long prompts over steps that also run decodes (on by default).")
+        g.add_argument("--block-size", type=int, default=d.block_size, help="Tokens per KV cache block.")
+        g.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization,
+                       help="Fraction of GPU memory for weights, activations and the KV cache.")
+        g.add_argument("--num-gpu-blocks-override", type=int, default=None,
+                       help="Use exactly this many KV blocks instead of sizing from memory.")
+        g.add_argument("--kv-cache-ratio", type=float, default=d.kv_cache_ratio,
+                       help="New prompts are admitted only while this fraction of KV blocks is in use; "
+                            "the rest is kept for running requests to grow (FastDeploy).")
         g.add_argument("--cpu-kv-cache-space", type=float, default=d.cpu_kv_cache_space,
                        help="GiB of host memory for the KV cache when running on CPU.")
-        g.add_argument("--swap-space", type=float, default=d.swap_space)
+        g.add_argument("--swap-space", type=float, default=d.swap_space,
+                       help="GiB of CPU memory for the prefix cache's second tier: evicted cached blocks are kept "
+                            "there and copied back on a hit instead of recomputed (needs prefix caching).")
         g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                        help="Reuse the KV blocks of shared prompt prefixes (on by default, as in FastDeploy 2.2).")
-        g.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.tensor_parallel_size)
-        g.add_argument("--quantization", type=str, default=None)
+        g.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.tensor_parallel_size,
+                       help="GPUs per model replica (only 1 today; larger values are refused).")
+        g.add_argument("--quantization", type=str, default=None,
+                       help="Quantize the bf16 checkpoint while loading: wint8, wint4 (weight-only int8/int4), "
+                            "block_wise_fp8 or fp8 (Hopper); FastDeploy's JSON form "
+                            "'{\"quantization\": \"wint4\", \"group_size\": 128}' works too.")
+        g.add_argument("--quantization-config", type=str, default=None,
+                       help='JSON options of --quantization: {"group_size": 128} (wint8/wint4; default per '
+                            'output channel), {"gemm_backend": "auto|triton|torch|reference"}.')
         g.add_argument("--enforce-eager", action="store_true", help="Never use CUDA graphs (vLLM's name).")
         g.add_argument("--use-cudagraph", action=argparse.BooleanOptionalAction, default=None,
                        help="CUDA graphs for decode steps (FastDeploy's name; on by default on GPU).")
@@ -180,6 +205,7 @@ class EngineArgs:
         model_dir = self._model_dir()
         hf_config = load_hf_config(model_dir)
         dtype = resolve_dtype(self.dtype, hf_config, device)
+        quant_config = self._quant_config(device, dtype)
         max_model_len = self._max_model_len(hf_config)
         batched = self.max_num_batched_tokens or (max(2048, self.max_num_seqs) if self.enable_chunked_prefill
                                                   else max_model_len)
@@ -197,7 +223,8 @@ class EngineArgs:
             model=str(model_dir), tokenizer=self.tokenizer or str(model_dir),
             served_model_name=self.served_model_name or (self.model or "ernie-4.5-0.3b-dummy"),
             hf_config=hf_config, dtype=dtype, max_model_len=max_model_len,
-            load_format=self.load_format, seed=self.seed, generation_config=load_generation_config(model_dir))
+            load_format=self.load_format, seed=self.seed, generation_config=load_generation_config(model_dir),
+            quant_config=quant_config)
         return EngineConfig(
             model=model,
             cache=CacheConfig(self.block_size, self.gpu_memory_utilization, self.num_gpu_blocks_override,
@@ -233,12 +260,20 @@ class EngineArgs:
         if self.tensor_parallel_size != 1:
             raise ConfigError(f"--tensor-parallel-size {self.tensor_parallel_size} is not supported yet "
                               "(tensor parallelism is planned); use 1.")
-        if self.quantization not in (None, "", "none", "None"):
-            raise ConfigError(f"--quantization {self.quantization} is not supported yet "
-                              "(weight-only and FP8 quantization are planned); leave it unset for bf16.")
-        if self.swap_space:
-            raise ConfigError("--swap-space is not supported yet: the CPU tier of the prefix cache is planned; "
-                              "prefix caching itself works on the device's blocks.")
+        if not 0.0 <= self.swap_space < float("inf"):
+            raise ConfigError(f"--swap-space must be a number of GiB >= 0, got {self.swap_space}.")
+
+    def _quant_config(self, device: torch.device, dtype: torch.dtype) -> "QuantConfig | None":
+        from ernieserve.layers.quantization import UnsupportedQuantization, parse_quantization
+
+        try:
+            config = parse_quantization(self.quantization, self.quantization_config)
+            if config is not None:
+                config.check_device(device, dtype)
+        except UnsupportedQuantization as e:
+            flag = f"--quantization {self.quantization}" if self.quantization else "--quantization-config"
+            raise ConfigError(f"{flag}: {e}.") from e
+        return config
 
     def _model_dir(self) -> Path:
         if self.model is None:

@@ -2,12 +2,14 @@
 
 Freed blocks go to the tail of the free queue and are taken from the head, so the queue is in
 least-recently-freed order. A freed block keeps its hash and contents: it stays findable by prefix
-lookups until it reaches the head and is handed out again (LRU eviction).
+lookups until it reaches the head and is handed out again (LRU eviction). An evicted cached block
+is first offered to `on_evict` (the host tier of the prefix cache takes a copy of it there).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -20,7 +22,8 @@ class KVBlock:
 
 
 class BlockPool:
-    def __init__(self, num_blocks: int, enable_caching: bool = False) -> None:
+    def __init__(self, num_blocks: int, enable_caching: bool = False,
+                 on_evict: Callable[[KVBlock], None] | None = None) -> None:
         if num_blocks < 1:
             raise ValueError("the KV cache needs at least one block")
         self.num_blocks = num_blocks
@@ -29,6 +32,8 @@ class BlockPool:
         # block_id -> block, in the order blocks were freed (OrderedDict: O(1) removal from the middle)
         self._free: OrderedDict[int, KVBlock] = OrderedDict((b.block_id, b) for b in self.blocks)
         self._cached: dict[int, KVBlock] = {}  # block hash -> block holding those tokens
+        # called with a cached block about to lose its contents, when the device keeps no other copy
+        self.on_evict = on_evict
 
     @property
     def num_free_blocks(self) -> int:
@@ -50,11 +55,16 @@ class BlockPool:
         return out
 
     def _evict(self, block: KVBlock) -> None:
-        if block.block_hash is not None:
-            if self._cached.get(block.block_hash) is block:
-                del self._cached[block.block_hash]
-            block.block_hash = None
-            block.token_ids = ()
+        if block.block_hash is None:
+            return
+        indexed = self._cached.get(block.block_hash)
+        if indexed is block:
+            del self._cached[block.block_hash]
+        # a duplicate (the same tokens computed twice) is offered only once the indexed copy is gone
+        if self.on_evict is not None and (indexed is block or indexed is None):
+            self.on_evict(block)
+        block.block_hash = None
+        block.token_ids = ()
 
     def free(self, blocks: list[KVBlock]) -> None:
         """Drop one reference from each block; blocks that reach zero return to the free queue.

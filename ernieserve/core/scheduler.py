@@ -11,7 +11,13 @@ Steps overlap: step t is scheduled and launched before step t-1's sampled tokens
 for that step resolves it. A request that turns out to have stopped at t-1 had its step-t work
 wasted; its output is dropped. Length limits are known ahead, so they waste nothing. When blocks run out, the newest running request is preempted: its
 blocks are freed and it goes back to the head of the waiting queue, to be recomputed later. No
-request is ever dropped.
+request is ever dropped. Its full blocks stay in the prefix cache when freed (and move to the host
+tier, `--swap-space`, if the device evicts them), so on readmission only what was lost to both
+tiers and its last partial block are recomputed.
+
+Prefix-cache hits found in the host tier are copied back to fresh device blocks: the step's block
+copies (`swap_out`, `swap_in`) travel with its `SchedulerOutput`, and the worker does them before
+the step's forward pass.
 
 The worker gets diffs: a request's full state once (`NewRequestData`), then only its new block ids
 and progress (`CachedRequestData`); the worker appends the tokens it sampled itself.
@@ -24,7 +30,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from ernieserve.config import CacheConfig, SchedulerConfig
-from ernieserve.core.kv_cache_manager import KVCacheManager
+from ernieserve.core.kv_cache_manager import BlockCopies, KVCacheManager
 from ernieserve.core.request import Request, RequestStatus
 from ernieserve.engine.protocol import EngineOutput, LogprobsLists, SchedulerStats
 from ernieserve.sampling_params import SamplingParams
@@ -59,6 +65,11 @@ class SchedulerOutput:
     total_num_scheduled_tokens: int
     # requests the worker must forget (finished, aborted or preempted) before this step
     finished_req_ids: set[str]
+    # KV block copies to do before this step's forward pass, all swap-outs first:
+    # (device block, host block) evicted cached blocks to keep in the host tier (--swap-space),
+    # (host block, device block) prefix hits in the host tier to bring back
+    swap_out: BlockCopies = field(default_factory=list)
+    swap_in: BlockCopies = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
@@ -75,14 +86,17 @@ class ModelRunnerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int) -> None:
+    def __init__(self, config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int,
+                 num_host_blocks: int = 0) -> None:
         self.config = config
         self.cache_config = cache_config
-        self.kv = KVCacheManager(num_blocks, cache_config.block_size, cache_config.enable_prefix_caching)
+        self.kv = KVCacheManager(num_blocks, cache_config.block_size, cache_config.enable_prefix_caching,
+                                 num_host_blocks)
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._finished_ids: set[str] = set()  # to tell the worker at the next schedule()
+        self._partial_prefills: list[Request] = []  # scheduled a prompt chunk that samples nothing
         self.num_preempted_total = 0
         # Admission stops when blocks in use would exceed this, keeping the rest for decode growth
         # (FastDeploy's --kv-cache-ratio).
@@ -118,6 +132,7 @@ class Scheduler:
 
     # ---- one step -----------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
+        self._cache_partial_prefills()
         budget = self.config.max_num_batched_tokens
         num_tokens: dict[str, int] = {}
         cached: list[CachedRequestData] = []
@@ -153,14 +168,14 @@ class Scheduler:
             req = self.waiting[0]
             if req.num_inflight:  # preempted while a token was in flight: wait for it
                 break
-            hits = self.kv.find_cached_prefix(req)
+            hits = self.kv.find_cached_prefix(req)  # on the device, or on the host (copied back)
             req.num_computed_tokens = len(hits) * self.kv.block_size
             n = req.num_tokens - req.num_computed_tokens
             if n > budget and not self.config.enable_chunked_prefill:
                 req.num_computed_tokens = 0
                 break
             n = min(n, budget)
-            in_use_after = self.kv.num_blocks_in_use() + self.kv.blocks_needed(req, n, len(hits))
+            in_use_after = self.kv.num_blocks_in_use() + self.kv.blocks_needed(req, n, hits)
             block_ids = None
             if in_use_after <= self._admit_block_limit or not self.running:
                 block_ids = self.kv.allocate_slots(req, n, hits)
@@ -168,7 +183,7 @@ class Scheduler:
                 req.num_computed_tokens = 0
                 break
             self.waiting.popleft()
-            self.kv.record_lookup(req, req.num_computed_tokens)
+            self.kv.record_lookup(req, hits)
             if req.num_preemptions == 0:
                 req.num_cached_tokens = req.num_computed_tokens
             req.status = RequestStatus.RUNNING
@@ -182,13 +197,25 @@ class Scheduler:
 
         finished = self._finished_ids
         self._finished_ids = set()
-        return SchedulerOutput(new, cached, num_tokens, sum(num_tokens.values()), finished)
+        swap_out, swap_in = self.kv.take_swaps()
+        return SchedulerOutput(new, cached, num_tokens, sum(num_tokens.values()), finished, swap_out, swap_in)
 
-    @staticmethod
-    def _advance(req: Request, n: int) -> None:
+    def _advance(self, req: Request, n: int) -> None:
         req.num_computed_tokens += n
         if req.num_computed_tokens == req.num_tokens_with_inflight:
             req.num_inflight += 1  # this step samples the next token
+        elif self.kv.enable_caching:
+            self._partial_prefills.append(req)
+
+    def _cache_partial_prefills(self) -> None:
+        """Register the blocks filled by the last step's prompt chunks that sample nothing (blocks
+        of sampling requests are registered with their tokens, in update_from_output). Done a step
+        later, like those, so a hit is only ever read by a later step than the one writing it;
+        then a request preempted in the middle of its prompt keeps what it computed."""
+        for req in self._partial_prefills:
+            if req.status == RequestStatus.RUNNING:
+                self.kv.cache_full_blocks(req)
+        self._partial_prefills.clear()
 
     def _preempt(self, req: Request) -> None:
         """Free a running request's blocks and put it at the head of the queue, to recompute later."""
@@ -243,7 +270,11 @@ class Scheduler:
         return SchedulerStats(num_running_reqs=len(self.running), num_waiting_reqs=len(self.waiting),
                               num_preempted_total=self.num_preempted_total, kv_cache_usage=self.kv.usage,
                               num_total_blocks=total, num_free_blocks=self.kv.num_free_blocks,
-                              prefix_cache_queries=self.kv.queries, prefix_cache_hits=self.kv.hits)
+                              prefix_cache_queries=self.kv.queries, prefix_cache_hits=self.kv.hits,
+                              prefix_cache_host_hits=self.kv.host_hits, num_host_blocks=self.kv.num_host_blocks,
+                              num_host_cached_blocks=self.kv.num_host_cached_blocks,
+                              num_swapped_out_blocks_total=self.kv.num_swapped_out,
+                              num_swapped_in_blocks_total=self.kv.num_swapped_in)
 
 
 def _concat_logprobs(a: LogprobsLists | None, b: LogprobsLists) -> LogprobsLists:

@@ -30,7 +30,7 @@ class EngineCore:
         if max_ctx < config.scheduler.max_model_len:
             logger.warning("the KV cache holds %d tokens, less than max_model_len %d: one request "
                            "can use at most that many", max_ctx, config.scheduler.max_model_len)
-        self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks)
+        self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, self.runner.num_host_blocks)
         # Everything built so far lives as long as the engine: keep the collector from walking it
         # on every collection (long-tail step latencies otherwise).
         gc.collect()

@@ -64,8 +64,14 @@ class SchedulerStats(msgspec.Struct, omit_defaults=True):
     kv_cache_usage: float = 0.0  # fraction of GPU blocks in use
     num_total_blocks: int = 0
     num_free_blocks: int = 0
-    prefix_cache_queries: int = 0
-    prefix_cache_hits: int = 0
+    prefix_cache_queries: int = 0  # prompt tokens looked up, in all
+    prefix_cache_hits: int = 0  # prompt tokens found, on the device or the host tier, in all
+    # host tier of the prefix cache (--swap-space)
+    prefix_cache_host_hits: int = 0  # prompt tokens found on the host tier (copied back), in all
+    num_host_blocks: int = 0  # the tier's size; 0 when there is none
+    num_host_cached_blocks: int = 0  # host blocks holding a cached KV block
+    num_swapped_out_blocks_total: int = 0  # evicted device blocks copied to the host
+    num_swapped_in_blocks_total: int = 0  # host blocks copied back to the device
 
 
 class EngineOutputs(msgspec.Struct, omit_defaults=True):

@@ -21,6 +21,7 @@ from ernieserve.layers.attention import Attention
 from ernieserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from ernieserve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from ernieserve.layers.norm import RMSNorm
+from ernieserve.layers.quantization import scoped_linear_method
 from ernieserve.layers.rotary import RotaryEmbedding
 
 
@@ -46,10 +47,11 @@ class DecoderAttention(nn.Module):
         super().__init__()
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         num_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        # --quantization covers these projections (the loader's quantization_scope picks the method)
         self.qkv_proj = QKVParallelLinear(cfg.hidden_size, self.head_dim, cfg.num_attention_heads, num_kv,
-                                          bias=spec.qkv_bias, dtype=dtype, tp=tp)
+                                          bias=spec.qkv_bias, dtype=dtype, tp=tp, method=scoped_linear_method())
         self.o_proj = RowParallelLinear(cfg.num_attention_heads * self.head_dim, cfg.hidden_size,
-                                        bias=spec.o_bias, dtype=dtype, tp=tp)
+                                        bias=spec.o_bias, dtype=dtype, tp=tp, method=scoped_linear_method())
         self.q_size = self.qkv_proj.num_heads * self.head_dim
         self.kv_size = self.qkv_proj.num_kv_heads * self.head_dim
         theta, scaling = rope_settings(cfg)
@@ -77,8 +79,10 @@ class DecoderAttention(nn.Module):
 class DecoderMLP(nn.Module):
     def __init__(self, hidden: int, intermediate: int, bias: bool, dtype: torch.dtype, tp: TPGroup) -> None:
         super().__init__()
-        self.gate_up_proj = MergedColumnParallelLinear(hidden, [intermediate] * 2, bias=bias, dtype=dtype, tp=tp)
-        self.down_proj = RowParallelLinear(intermediate, hidden, bias=bias, dtype=dtype, tp=tp)
+        self.gate_up_proj = MergedColumnParallelLinear(hidden, [intermediate] * 2, bias=bias, dtype=dtype, tp=tp,
+                                                       method=scoped_linear_method())
+        self.down_proj = RowParallelLinear(intermediate, hidden, bias=bias, dtype=dtype, tp=tp,
+                                           method=scoped_linear_method())
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

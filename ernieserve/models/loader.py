@@ -21,6 +21,7 @@ from tqdm import tqdm
 from ernieserve.attention.base import AttentionBackend
 from ernieserve.config import ModelConfig
 from ernieserve.distributed.parallel_state import SINGLE, TPGroup
+from ernieserve.layers.quantization import is_streaming_quantized, quantization_scope, quantized_share
 from ernieserve.models.registry import resolve_model_class
 
 logger = logging.getLogger(__name__)
@@ -70,7 +71,9 @@ def build_model(model_config: ModelConfig, backend: AttentionBackend, device: to
                 tp: TPGroup = SINGLE) -> nn.Module:
     cls = resolve_model_class(getattr(model_config.hf_config, "architectures", None))
     start = time.perf_counter()
-    with torch.device(device):
+    # Quantized linear layers start as meta tensors and quantize each layer as its last checkpoint
+    # shard streams in (layers/quantization/base.py), so the full-precision model is never resident.
+    with torch.device(device), quantization_scope(model_config.quant_config):
         model = cls(model_config.text_config(), backend, model_config.dtype, tp)
     model.eval()
     model_dir = Path(model_config.model)
@@ -87,8 +90,10 @@ def build_model(model_config: ModelConfig, backend: AttentionBackend, device: to
         if method is not None:
             method.process_weights_after_loading(module)
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    logger.info("Loaded %s (%s) in %.1f s: %.2f GiB of weights in %s on %s", cls.__name__,
-                model_config.load_format, time.perf_counter() - start, nbytes / 2**30, model_config.dtype, device)
+    quant = model_config.quant_config
+    logger.info("Loaded %s (%s) in %.1f s: %.2f GiB of weights in %s%s on %s", cls.__name__,
+                model_config.load_format, time.perf_counter() - start, nbytes / 2**30, model_config.dtype,
+                f", {quantized_share(model):.0%} of weights {quant.describe()}" if quant is not None else "", device)
     return model
 
 
@@ -96,7 +101,12 @@ def build_model(model_config: ModelConfig, backend: AttentionBackend, device: to
 def init_dummy_weights(model: nn.Module, seed: int) -> None:
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     for name, p in model.named_parameters():
+        if p.is_meta:  # a quantized layer's placeholder: filled below, one layer at a time
+            continue
         if p.dim() == 1:
             p.fill_(1.0 if "norm" in name else 0.0)
         else:
             p.normal_(0.0, 0.02, generator=gen)
+    for module in model.modules():
+        if is_streaming_quantized(module):
+            module.method.init_random(module, gen)

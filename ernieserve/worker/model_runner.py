@@ -22,6 +22,7 @@ from ernieserve.worker import kv_cache
 from ernieserve.worker.cuda_graph import CudaGraphRunner, default_capture_sizes
 from ernieserve.worker.input_batch import (CachedRequestState, StepInputs, build_sampling_metadata,
                                            build_step_inputs)
+from ernieserve.worker.swap import KVSwapper, build_swapper
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +60,13 @@ class ModelRunner:
         self.sampler = Sampler()
         self.states: dict[str, CachedRequestState] = {}
         self.num_blocks = 0
+        self.swapper: KVSwapper | None = None  # the prefix cache's host tier (--swap-space)
         self.graphs: CudaGraphRunner | None = None
         self._pending: _PendingStep | None = None  # the launched step whose tokens are not read yet
+
+    @property
+    def num_host_blocks(self) -> int:
+        return self.swapper.num_host_blocks if self.swapper is not None else 0
 
     def model_param_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
@@ -78,11 +84,12 @@ class ModelRunner:
         if num_blocks < 1:
             raise RuntimeError("no memory left for the KV cache after loading the model; lower "
                                "--max-num-batched-tokens or raise --gpu-memory-utilization")
-        caches = kv_cache.allocate_kv_caches(cfg, num_blocks, self.device)
-        self.model.bind_kv_caches(caches)
+        cache = kv_cache.allocate_kv_cache(cfg, num_blocks, self.device)
+        self.model.bind_kv_caches(kv_cache.layer_views(cache))
         self.num_blocks = num_blocks
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB), %d tokens in all", num_blocks, self.block_size,
                     num_blocks * kv_cache.bytes_per_block(cfg) / 2**30, num_blocks * self.block_size)
+        self.swapper = build_swapper(cfg, cache)
         self._maybe_capture_graphs()
         return num_blocks
 
@@ -155,7 +162,13 @@ class ModelRunner:
         Steps overlap: while the device runs step t, the engine applies step t-1's tokens and
         schedules t+1. The previous step's sampled ids are read (the one host sync) before this
         step's inputs are built, since its decode inputs are those very tokens.
+
+        The step's KV block copies to and from the host tier are issued first, so that on CUDA
+        they run while the previous step finishes (worker/swap.py says how they are ordered).
         """
+        if sched.swap_out or sched.swap_in:
+            assert self.swapper is not None, "block copies scheduled without a host tier"
+            self.swapper.swap(sched.swap_out, sched.swap_in)
         prev = self._collect()
         self._apply_diffs(sched)
         if not sched.is_empty:
@@ -165,18 +178,21 @@ class ModelRunner:
     def _launch(self, sched: SchedulerOutput) -> _PendingStep:
         step = build_step_inputs(self.states, sched.num_scheduled_tokens, self.block_size)
         pending = _PendingStep([], None, None, {})
+        if self.swapper is not None:
+            self.swapper.before_forward()  # the forward reads swapped-in blocks, overwrites swapped-out ones
         decode_only = sched.total_num_scheduled_tokens == len(step.req_ids)
         if self.graphs is not None and self.graphs.can_run(step, decode_only):
             logits = self.graphs.run(step)  # [num_reqs, vocab]; in a decode step every request samples
         else:
             logits = self._run_eager(step, pending.prompt_logprobs)
-        if logits is None:
-            return pending
-        sample_states = [self.states[step.req_ids[i]] for i in step.sample_rows]
-        result = self.sampler(logits, build_sampling_metadata(sample_states, self.vocab_size, self.device))
-        pending.req_ids = [st.request_id for st in sample_states]
-        pending.sampled = result.sampled_token_ids  # stays on the device until the next step
-        pending.logprobs = result.logprobs
+        if logits is not None:
+            sample_states = [self.states[step.req_ids[i]] for i in step.sample_rows]
+            result = self.sampler(logits, build_sampling_metadata(sample_states, self.vocab_size, self.device))
+            pending.req_ids = [st.request_id for st in sample_states]
+            pending.sampled = result.sampled_token_ids  # stays on the device until the next step
+            pending.logprobs = result.logprobs
+        if self.swapper is not None:
+            self.swapper.step_launched(step.block_table)
         return pending
 
     def _collect(self) -> ModelRunnerOutput:

@@ -1,0 +1,332 @@
+"""Weight-only int8 / int4 GEMM: ``y = x @ dequant(W)^T (+ bias)``, with the dequantization in the
+GEMM's inner loop, so the bf16 weight is never materialized.
+
+Weight layouts (what `quantize_int8` / `quantize_int4` produce, at load time):
+
+* int8: ``qweight [N, K] int8``, symmetric, q in [-127, 127].
+* int4: ``qweight [N, ceil(K / 2)] uint8``, two values per byte along K: byte j of row n holds
+  k = 2j in its low nibble and k = 2j + 1 in its high nibble, each stored as q + 8 with
+  q in [-7, 7] (an odd K pads its last high nibble with q = 0).
+* ``scales [N, G] float32`` with ``W[n, k] = q[n, k] * scales[n, k // group_size]``; G = 1 when
+  per output channel (group_size 0), else ceil(K / group_size) (the last group may be partial).
+
+Kernel (`_weight_only_gemm_kernel`): grid (M tiles, N tiles, K splits). Each program walks its K
+range in BLOCK_K steps, loads the x tile and the int8 (or packed int4) weight tile, converts the
+weight to x's dtype (exact: |q| <= 127) and accumulates ``x @ q^T`` in fp32. A group-wise scale
+multiplies each step's partial product (BLOCK_K divides group_size, so a step never straddles two
+groups); a per-channel scale multiplies the accumulator once at the end. int4 splits x into its
+even and odd columns, so the low and high nibbles go to two dots without any interleave.
+
+Two tile policies (`choose_tiles`): decode (M <= 32, memory bound, GEMV-like) uses BLOCK_M = 16 and
+splits K until the grid has about two programs per SM; the partial sums land in a
+``[splits, M, N]`` fp32 buffer reduced by one deterministic ``sum(0)`` (no atomics, so results do
+not depend on scheduling). Prefill uses large M/N tiles and no split. Nothing reads a device value
+on the host and the only allocations are the caching allocator's, so both capture in CUDA graphs.
+
+Every kernel has its plain-torch reference here (`weight_only_matmul_ref`: dequantize then
+matmul), which is also the CPU serving path. `torch._weight_int8pack_mm` and
+`torch._weight_int4pack_mm` are wrapped as an alternative backend (`GemmBackend.TORCH`).
+TODO(lead, GPU): measure Triton vs the torch built-ins with benchmarks/bench_quant.py at decode and
+prefill shapes and make the faster one the default per shape; Triton is the default until then.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # CPU-only installs serve through the references
+    HAS_TRITON = False
+
+INT8_MAX = 127
+INT4_MAX = 7
+INT4_OFFSET = 8  # stored nibble = q + 8
+_QUANT_ROW_CHUNK = 4096  # rows quantized at once: bounds the fp32 temporaries at load time
+
+
+class GemmBackend(enum.Enum):
+    """Which implementation a quantized linear layer calls (`--quantization-config` "gemm_backend")."""
+
+    AUTO = "auto"  # TRITON on CUDA tensors, REFERENCE elsewhere
+    TRITON = "triton"
+    TORCH = "torch"  # torch's built-in quantized GEMMs (int8pack / int4pack / _scaled_mm)
+    REFERENCE = "reference"  # dequantize then matmul, plain torch: the oracle and the CPU path
+
+    def resolve(self, device: torch.device) -> "GemmBackend":
+        if self is GemmBackend.AUTO:
+            return GemmBackend.TRITON if device.type == "cuda" and HAS_TRITON else GemmBackend.REFERENCE
+        return self
+
+
+# ---- quantization and dequantization (plain torch, at load time, on the weight's device) -----------
+
+def num_groups(k: int, group_size: int) -> int:
+    return 1 if group_size == 0 else math.ceil(k / group_size)
+
+
+def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[N, K] -> [N, G, group] fp32, zero-padded to whole groups (zeros do not change an amax)."""
+    n, k = w.shape
+    g = k if group_size == 0 else group_size
+    pad = num_groups(k, group_size) * g - k
+    w = w.float()
+    if pad:
+        w = torch.nn.functional.pad(w, (0, pad))
+    return w.view(n, -1, g)
+
+
+def _quantize_symmetric(w: torch.Tensor, group_size: int, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] -> (q int8 [N, K], scales fp32 [N, G]), row chunk by row chunk."""
+    n, k = w.shape
+    q = torch.empty(n, k, dtype=torch.int8, device=w.device)
+    scales = torch.empty(n, num_groups(k, group_size), dtype=torch.float32, device=w.device)
+    for start in range(0, n, _QUANT_ROW_CHUNK):
+        rows = slice(start, min(n, start + _QUANT_ROW_CHUNK))
+        wg = _grouped(w[rows], group_size)  # [rows, G, group]
+        s = wg.abs().amax(dim=-1).clamp_min(1e-10) / qmax  # [rows, G]
+        qg = torch.round(wg / s[..., None]).clamp_(-qmax, qmax)
+        q[rows] = qg.flatten(1)[:, :k].to(torch.int8)
+        scales[rows] = s
+    return q, scales
+
+
+def quantize_int8(w: torch.Tensor, group_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] float -> (qweight int8 [N, K], scales fp32 [N, G])."""
+    return _quantize_symmetric(w, group_size, INT8_MAX)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """q int8 [N, K] in [-7, 7] -> uint8 [N, ceil(K / 2)] (even k low nibble, odd k high)."""
+    if q.shape[1] % 2:
+        q = torch.nn.functional.pad(q, (0, 1))
+    u = (q.to(torch.int16) + INT4_OFFSET).to(torch.uint8)
+    return u[:, 0::2] | (u[:, 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """uint8 [N, ceil(K / 2)] -> q int8 [N, K]."""
+    low = (packed & 0xF).to(torch.int8) - INT4_OFFSET
+    high = (packed >> 4).to(torch.int8) - INT4_OFFSET
+    return torch.stack([low, high], dim=-1).flatten(1)[:, :k]
+
+
+def quantize_int4(w: torch.Tensor, group_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] float -> (qweight uint8 [N, ceil(K / 2)], scales fp32 [N, G])."""
+    q, scales = _quantize_symmetric(w, group_size, INT4_MAX)
+    return pack_int4(q), scales
+
+
+def dequantize_weight_only(qweight: torch.Tensor, scales: torch.Tensor, bits: int, k: int,
+                           group_size: int) -> torch.Tensor:
+    """Back to fp32 [N, K]."""
+    q = unpack_int4(qweight, k) if bits == 4 else qweight
+    g = k if group_size == 0 else group_size
+    expanded = scales.repeat_interleave(g, dim=1)[:, :k]  # [N, K]
+    return q.float() * expanded
+
+
+# ---- references ---------------------------------------------------------------------------------
+
+def weight_only_matmul_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bits: int,
+                           group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] -> [..., N] in x's dtype: dequantize to fp32, matmul in fp32, round once."""
+    k = x.shape[-1]
+    w = dequantize_weight_only(qweight, scales, bits, k, group_size)
+    y = x.float() @ w.t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+# ---- Triton ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class GemmTiles:
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int
+    num_warps: int
+    num_stages: int
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def choose_tiles(m: int, n: int, k: int, group_size: int, device: torch.device) -> GemmTiles:
+    """Decode (small M): many N tiles and split K to fill the GPU. Prefill: big tiles, no split.
+
+    TODO(lead, GPU): tune with benchmarks/bench_quant.py; these are first guesses for H100.
+    """
+    if m <= 32:
+        bm, bn, bk, warps, stages = 16 if m <= 16 else 32, 64, 128, 4, 4
+    elif m <= 128:
+        bm, bn, bk, warps, stages = 64, 128, 64, 4, 4
+    else:
+        bm, bn, bk, warps, stages = 128, 128, 64, 8, 3
+    if group_size:
+        bk = min(bk, group_size)  # a K step must stay inside one scale group
+    split = 1
+    if m <= 32 and device.type == "cuda":
+        programs = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+        split = max(1, min(16, 2 * _num_sms(device.index or 0) // programs, triton.cdiv(k, 4 * bk)))
+    return GemmTiles(bm, bn, bk, split, warps, stages)
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _weight_only_gemm_kernel(
+        x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr,
+        M, N, K, k_per_split,
+        stride_xm, stride_wn, stride_sn, stride_os, stride_om,
+        INT4: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
+        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_ok, n_ok = rm < M, rn < N
+        x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm  # [BLOCK_M, 1]
+        w_rows = w_ptr + rn.to(tl.int64)[:, None] * stride_wn  # [BLOCK_N, 1]
+        dot_ty = tl.float32 if DOT_FP32 else x_ptr.dtype.element_ty
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        k_begin = pid_k * k_per_split
+        k_end = tl.minimum(k_begin + k_per_split, K)
+        for k0 in range(k_begin, k_end, BLOCK_K):
+            if INT4:
+                j = tl.arange(0, BLOCK_K // 2)
+                k_even = k0 + 2 * j  # [BLOCK_K / 2]
+                x_even = tl.load(x_rows + k_even[None, :], mask=m_ok[:, None] & (k_even < K)[None, :], other=0.0)
+                x_odd = tl.load(x_rows + k_even[None, :] + 1, mask=m_ok[:, None] & (k_even + 1 < K)[None, :],
+                                other=0.0)
+                byte = tl.load(w_rows + (k0 // 2 + j)[None, :], mask=n_ok[:, None] & (k_even < K)[None, :],
+                               other=0x88)  # [BLOCK_N, BLOCK_K / 2] uint8; nibbles hold q + 8
+                w_low = ((byte & 0xF).to(tl.int32) - 8).to(dot_ty)
+                w_high = ((byte >> 4).to(tl.int32) - 8).to(dot_ty)
+                part = tl.dot(x_even.to(dot_ty), tl.trans(w_low), input_precision=PRECISION)
+                part = tl.dot(x_odd.to(dot_ty), tl.trans(w_high), acc=part, input_precision=PRECISION)
+            else:
+                kk = k0 + tl.arange(0, BLOCK_K)
+                k_ok = (kk < K)[None, :]
+                xt = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok, other=0.0)
+                wq = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & k_ok, other=0)  # [BLOCK_N, BLOCK_K]
+                part = tl.dot(xt.to(dot_ty), tl.trans(wq.to(dot_ty)), input_precision=PRECISION)
+            if GROUP_SIZE > 0:
+                scale = tl.load(s_ptr + rn * stride_sn + k0 // GROUP_SIZE, mask=n_ok, other=0.0)
+                acc += part * scale[None, :]
+            else:
+                acc += part
+        if GROUP_SIZE == 0:
+            acc *= tl.load(s_ptr + rn * stride_sn, mask=n_ok, other=0.0)[None, :]
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        out = out_ptr + pid_k * stride_os + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def _dot_settings(x: torch.Tensor) -> tuple[bool, str]:
+    # The interpreter (CPU tensors) multiplies bf16 dot operands as raw bits: upcast there.
+    # fp32 inputs get IEEE fp32 dots (fp32 is the oracle dtype); half types use tensor cores.
+    dot_fp32 = x.device.type == "cpu" and x.dtype == torch.bfloat16
+    return dot_fp32, "ieee" if x.dtype == torch.float32 or dot_fp32 else "tf32"
+
+
+def weight_only_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bits: int,
+                       group_size: int, bias: torch.Tensor | None = None,
+                       tiles: GemmTiles | None = None) -> torch.Tensor:
+    """x [..., K] (fp32 / fp16 / bf16) -> [..., N] in x's dtype, through the Triton kernel."""
+    assert HAS_TRITON, "triton is not installed"
+    assert bits in (4, 8) and scales.dtype == torch.float32
+    k = x.shape[-1]
+    n = qweight.shape[0]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out.view(*x.shape[:-1], n)
+    t = tiles or choose_tiles(m, n, k, group_size, x.device)
+    if group_size:
+        assert group_size % t.block_k == 0, f"BLOCK_K {t.block_k} must divide the group size {group_size}"
+    k_per_split = triton.cdiv(triton.cdiv(k, t.split_k), t.block_k) * t.block_k
+    split = triton.cdiv(k, k_per_split)
+    dest = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+    dot_fp32, precision = _dot_settings(x2)
+    grid = (triton.cdiv(m, t.block_m), triton.cdiv(n, t.block_n), split)
+    _weight_only_gemm_kernel[grid](
+        x2, qweight, scales, bias if bias is not None and split == 1 else x2, dest,
+        m, n, k, k_per_split,
+        x2.stride(0), qweight.stride(0), scales.stride(0), m * n if split > 1 else 0, n,
+        INT4=bits == 4, GROUP_SIZE=group_size, HAS_BIAS=bias is not None and split == 1, DOT_FP32=dot_fp32,
+        PRECISION=precision, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
+        num_warps=t.num_warps, num_stages=t.num_stages,
+    )
+    if split > 1:
+        summed = dest.sum(0)  # [M, N] fp32, a fixed reduction order
+        if bias is not None:
+            summed += bias.float()
+        out.copy_(summed)
+    return out.view(*x.shape[:-1], n)
+
+
+# ---- torch built-ins (GemmBackend.TORCH) --------------------------------------------------------
+
+def int8pack_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """torch._weight_int8pack_mm: per-channel int8 only; scales [N, 1] fp32 (cast to x's dtype)."""
+    k = x.shape[-1]
+    y = torch._weight_int8pack_mm(x.reshape(-1, k), qweight, scales[:, 0].to(x.dtype))
+    if bias is not None:
+        y = y + bias
+    return y.view(*x.shape[:-1], -1)
+
+
+INT4PACK_GROUP = 128  # tinygemm groups; per-channel scales are repeated per group
+INT4PACK_INNER_K_TILES = 8
+
+
+def to_int4pack(qweight: torch.Tensor, scales: torch.Tensor, k: int, group_size: int,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Our int4 layout -> (tinygemm weight, scales_and_zeros [K/G, N, 2], G) for _weight_int4pack_mm.
+
+    tinygemm dequantizes ``(nibble - 8) * scale + zero``: symmetric int4 is zero = 0 with our
+    stored nibbles unchanged. The CUDA packer takes bytes with the even k in the high nibble (ours
+    is in the low one); the CPU packer takes unpacked int32 nibbles. Needs a group size of 32..256
+    dividing K, and on CUDA K % (16 * inner k tiles) == 0 and bf16.
+    """
+    g = group_size or INT4PACK_GROUP
+    inner = INT4PACK_INNER_K_TILES if qweight.is_cuda else 1
+    if g not in (32, 64, 128, 256) or k % g or k % (16 * inner):
+        raise ValueError(f"torch's int4pack GEMM cannot take K={k} with group size {group_size or 'per channel'}")
+    if qweight.is_cuda:
+        swapped = ((qweight & 0xF) << 4) | (qweight >> 4)  # [N, K/2] uint8
+        packed = torch._convert_weight_to_int4pack(swapped.contiguous(), inner)
+    else:
+        nibbles = unpack_int4(qweight, k).to(torch.int32) + INT4_OFFSET  # [N, K] in [1, 15]
+        packed = torch._convert_weight_to_int4pack_for_cpu(nibbles, inner)
+    per_group = scales if group_size else scales.expand(-1, k // g)  # [N, K/G]
+    sz = torch.stack([per_group.t(), torch.zeros_like(per_group.t())], dim=-1)  # [K/G, N, 2]
+    return packed, sz.to(dtype).contiguous(), g
+
+
+def int4pack_matmul(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group: int,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    k = x.shape[-1]
+    mm = torch._weight_int4pack_mm if x.is_cuda else torch._weight_int4pack_mm_for_cpu
+    y = mm(x.reshape(-1, k), packed, group, scales_and_zeros)
+    if bias is not None:
+        y = y + bias
+    return y.view(*x.shape[:-1], -1)

@@ -1,0 +1,53 @@
+"""Writes docs/parameters.md from the server's real argument parser, so the document cannot drift.
+
+    python3 scripts/gen_parameters_doc.py > docs/parameters.md
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ernieserve.entrypoints.openai.cli_args import make_arg_parser
+
+HEADER = """# Parameters
+
+`ernieserve serve [MODEL] [flags]` and `python -m ernieserve.entrypoints.openai.api_server --model
+PATH [flags]` take these flags (FastDeploy's names; vLLM's where FastDeploy has none). The offline
+`LLM(...)` takes the engine flags as keyword arguments with underscores (`max_model_len=4096`).
+Generated from the parser by `scripts/gen_parameters_doc.py`; a test keeps it in step.
+
+Environment variables: `FD_API_KEY` (comma-separated API keys, as in FastDeploy),
+`ERNIESERVE_CACHE_DIR` (where the built-in default model is written; default
+`~/.cache/ernieserve`), `ERNIESERVE_DISABLE_TRITON_ELEMENTWISE=1` (use the torch reference for
+norm/rotary/activation on GPU, for debugging).
+"""
+
+
+def fmt_default(action: argparse.Action) -> str:
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        return f"`{action.default}`"
+    if action.default is None or action.default == argparse.SUPPRESS:
+        return "—"
+    return f"`{action.default}`"
+
+
+def main() -> None:
+    parser = make_arg_parser(argparse.ArgumentParser(prog="ernieserve serve"))
+    print(HEADER)
+    for group in parser._action_groups:
+        actions = [a for a in group._group_actions if a.option_strings and a.dest != "help"]
+        if not actions:
+            continue
+        print(f"\n## {group.title}\n")
+        print("| flag | default | meaning |")
+        print("|---|---|---|")
+        for a in actions:
+            flags = ", ".join(f"`{f}`" for f in a.option_strings)
+            text = (a.help or "").replace("|", "\\|").replace("\n", " ")
+            if a.choices:
+                text += f" Choices: {', '.join(map(str, a.choices))}."
+            print(f"| {flags} | {fmt_default(a)} | {text} |")
+
+
+if __name__ == "__main__":
+    main()
