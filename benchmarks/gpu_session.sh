@@ -9,12 +9,12 @@ filter() { grep -v -E "it/s\]|B/s\]|s/it\]|graph/s\]|shard/s\]"; }
 for stage in "$@"; do
   echo "===== stage $stage $(date -u +%H:%M:%S)"
   case $stage in
-    tests)  timeout 300 python3 -m pytest -m gpu tests/gpu -q -s --no-header -p no:cacheprovider 2>&1 \
+    tests)  timeout 230 python3 -m pytest -m gpu tests/gpu -q -s --no-header -p no:cacheprovider 2>&1 \
               | grep -E "passed|failed|GREEDY|logit std|^E |FAILED|Error" | head -40 ;;
-    dense)  timeout 330 python3 benchmarks/compare_hf.py --preset ernie-4.5-0.3b --checkpoint /tmp/ckpt-03b \
-              --num-prompts 256 --hf-batch-prompts 32 --out "$out/dense.json" 2>&1 | filter | tail -12 ;;
+    dense)  timeout 200 python3 benchmarks/compare_hf.py --preset ernie-4.5-0.3b --checkpoint /tmp/ckpt-03b \
+              --num-prompts 256 --hf-batch-prompts 16 --out "$out/dense.json" 2>&1 | filter | tail -12 ;;
     serve)  [ -f /tmp/ckpt-03b/config.json ] || python3 -m ernieserve make-dummy --preset ernie-4.5-0.3b /tmp/ckpt-03b
-            timeout 240 bash benchmarks/serve_gpu.sh /tmp/ckpt-03b 128 64 1000 1000 "$out" 2>&1 | filter | tail -40 ;;
+            timeout 140 bash benchmarks/serve_gpu.sh /tmp/ckpt-03b 128 64 1000 1000 "$out" 2>&1 | filter | tail -40 ;;
     moe)    timeout 420 python3 benchmarks/compare_hf.py --preset ernie-4.5-21b-a3b --checkpoint /tmp/ckpt-21b \
               --load-format dummy --num-prompts 256 --hf-batch-prompts 8 --out "$out/moe.json" 2>&1 | filter | tail -12 ;;
     quant)  [ -f /tmp/ckpt-21b/config.json ] || python3 -m ernieserve make-dummy --preset ernie-4.5-21b-a3b /tmp/ckpt-21b
