@@ -77,6 +77,22 @@ def ours_decode_step(llm, prompt_len: int, steps: int) -> list[float]:
     return times
 
 
+def active_weight_bytes(llm) -> int:
+    """Bytes a decode step must read: every weight once, but of the routed experts only the
+    fraction a token picks (k of E); a tied embedding is read once, as the LM head."""
+    model = llm.llm_engine.core.runner.model
+    cfg = llm.llm_engine.config.model.text_config()
+    experts = getattr(cfg, "moe_num_experts", None) or getattr(cfg, "num_experts", None)
+    k = getattr(cfg, "moe_k", None) or getattr(cfg, "num_experts_per_tok", None)
+    total = 0
+    for name, p in model.named_parameters():
+        nbytes = p.numel() * p.element_size()
+        if experts and k and name.endswith((".w13", ".w2")):
+            nbytes = nbytes * k // experts
+        total += nbytes
+    return total
+
+
 def graph_replay_ms(llm) -> dict:
     """GPU time of one decode step replayed from its CUDA graph, without any host work: the
     difference to the engine's step time is what the host adds."""
@@ -173,7 +189,7 @@ def main() -> int:
     llm = LLM(model=str(ckpt), dtype="bfloat16", max_model_len=4096, max_num_seqs=256,
               load_format=args.load_format, **json.loads(args.engine_args))
     result["ours_graph_replay_ms"] = graph_replay_ms(llm)
-    param_bytes = llm.model_param_bytes()
+    param_bytes = active_weight_bytes(llm)
     vocab = llm.llm_engine.config.model.vocab_size
     steps = ours_decode_step(llm, 32, 129)
     p50 = statistics.median(steps)

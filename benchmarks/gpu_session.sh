@@ -15,8 +15,9 @@ for stage in "$@"; do
               --num-prompts 256 --hf-batch-prompts 16 --out "$out/dense.json" 2>&1 | filter | tail -12 ;;
     serve)  [ -f /tmp/ckpt-03b/config.json ] || python3 -m ernieserve make-dummy --preset ernie-4.5-0.3b /tmp/ckpt-03b
             timeout 140 bash benchmarks/serve_gpu.sh /tmp/ckpt-03b 128 64 1000 1000 "$out" 2>&1 | filter | tail -40 ;;
-    moe)    timeout 420 python3 benchmarks/compare_hf.py --preset ernie-4.5-21b-a3b --checkpoint /tmp/ckpt-21b \
-              --load-format dummy --num-prompts 256 --hf-batch-prompts 8 --out "$out/moe.json" 2>&1 | filter | tail -12 ;;
+    # HF's 21B does not fit beside our engine in one process: ours here, HF needs its own run
+    moe)    timeout 300 python3 benchmarks/compare_hf.py --preset ernie-4.5-21b-a3b --checkpoint /tmp/ckpt-21b \
+              --load-format dummy --num-prompts 256 --skip-hf --out "$out/moe.json" 2>&1 | filter | tail -12 ;;
     quant)  [ -f /tmp/ckpt-21b/config.json ] || python3 -m ernieserve make-dummy --preset ernie-4.5-21b-a3b /tmp/ckpt-21b
             for q in none wint8 wint4; do
               extra=(); [ "$q" != none ] && extra=(--quantization "$q")
