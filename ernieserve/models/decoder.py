@@ -42,8 +42,16 @@ def rope_settings(cfg: Any) -> tuple[float, dict | None]:
     return float(theta), scaling
 
 
+def make_rotary(cfg: Any, spec: DecoderSpec) -> RotaryEmbedding:
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    theta, scaling = rope_settings(cfg)
+    return RotaryEmbedding(head_dim, cfg.max_position_embeddings, theta, interleaved=spec.rope_interleaved,
+                           rope_scaling=scaling)
+
+
 class DecoderAttention(nn.Module):
-    def __init__(self, cfg: Any, spec: DecoderSpec, backend: AttentionBackend, dtype: torch.dtype, tp: TPGroup) -> None:
+    def __init__(self, cfg: Any, spec: DecoderSpec, backend: AttentionBackend, dtype: torch.dtype, tp: TPGroup,
+                 rotary: RotaryEmbedding) -> None:
         super().__init__()
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         num_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
@@ -54,9 +62,7 @@ class DecoderAttention(nn.Module):
                                         bias=spec.o_bias, dtype=dtype, tp=tp, method=scoped_linear_method())
         self.q_size = self.qkv_proj.num_heads * self.head_dim
         self.kv_size = self.qkv_proj.num_kv_heads * self.head_dim
-        theta, scaling = rope_settings(cfg)
-        self.rotary = RotaryEmbedding(self.head_dim, cfg.max_position_embeddings, theta,
-                                      interleaved=spec.rope_interleaved, rope_scaling=scaling)
+        self.rotary = rotary  # one table per model, shared by every layer
         if spec.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, dtype)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, dtype)
@@ -91,9 +97,9 @@ class DecoderMLP(nn.Module):
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: Any, spec: DecoderSpec, backend: AttentionBackend, dtype: torch.dtype, tp: TPGroup,
-                 mlp: nn.Module | None = None) -> None:
+                 rotary: RotaryEmbedding, mlp: nn.Module | None = None) -> None:
         super().__init__()
-        self.self_attn = DecoderAttention(cfg, spec, backend, dtype, tp)
+        self.self_attn = DecoderAttention(cfg, spec, backend, dtype, tp, rotary)
         self.mlp = mlp or DecoderMLP(cfg.hidden_size, cfg.intermediate_size, spec.mlp_bias, dtype, tp)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
@@ -115,8 +121,11 @@ class DecoderModel(nn.Module):
                  make_mlp: Any = None) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype, tp)
+        # The cos/sin table covers max_position_embeddings (131k positions for ERNIE: 67 MB in
+        # fp32): built once and shared, not once per layer (that cost 1.2 GB on the 0.3B model).
+        rotary = make_rotary(cfg, spec)
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, spec, backend, dtype, tp, make_mlp(i) if make_mlp else None)
+            DecoderLayer(cfg, spec, backend, dtype, tp, rotary, make_mlp(i) if make_mlp else None)
             for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
