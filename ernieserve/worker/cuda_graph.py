@@ -89,8 +89,9 @@ class CudaGraphRunner:
     def can_run(self, step: StepInputs, is_decode_only: bool) -> bool:
         return is_decode_only and len(step.req_ids) <= self.max_bs and step.block_table.shape[1] <= self.max_blocks
 
-    def run(self, step: StepInputs) -> torch.Tensor:
-        """Logits [num_reqs, vocab] of a decode step (every request has one new token)."""
+    def run(self, step: StepInputs, feed: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Logits [num_reqs, vocab] of a decode step (every request has one new token). feed:
+        (positions, token ids) on the device, overriding the host's placeholder input ids."""
         n = len(step.req_ids)
         bs = self.sizes[int(self._bucket(self.sizes, n))]
         width = step.block_table.shape[1]
@@ -104,6 +105,8 @@ class CudaGraphRunner:
         self.slot_mapping[:bs].copy_(torch.from_numpy(slots), non_blocking=True)
         self.seq_lens[:bs].copy_(torch.from_numpy(seq_lens), non_blocking=True)
         self.block_tables[:n, :width].copy_(torch.from_numpy(step.block_table), non_blocking=True)
+        if feed is not None:
+            self.input_ids.index_copy_(0, *feed)
         self.graphs[bs].replay()
         return self.logits[:n]
 

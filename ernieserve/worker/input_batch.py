@@ -22,14 +22,26 @@ class CachedRequestState:
     block_ids: list[int]
     num_computed_tokens: int
     eos_token_ids: list[int] = field(default_factory=list)
+    # sampled tokens of launched steps whose ids are still on the device only (0, 1 or, between
+    # launching step t and reading step t-1, 2)
+    num_inflight: int = 0
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.token_ids) - len(self.prompt_token_ids)
+        """Generated tokens, counting one still in flight (its id is on the device only)."""
+        return len(self.token_ids) - len(self.prompt_token_ids) + self.num_inflight
 
     @property
     def output_token_ids(self) -> list[int]:
+        """The generated ids the host knows (not one still in flight)."""
         return self.token_ids[len(self.prompt_token_ids):]
+
+    @property
+    def needs_token_values(self) -> bool:
+        """Sampling that reads the generated ids themselves, not just their count."""
+        p = self.sampling_params
+        return bool(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
+                    or p.bad_words_token_ids or p.min_tokens)
 
 
 @dataclass(slots=True)
@@ -44,10 +56,16 @@ class StepInputs:
     seq_lens: np.ndarray  # [num_reqs] int32
     block_table: np.ndarray  # [num_reqs, max_blocks] int32
     sample_rows: list[int]  # indices (into req_ids) of requests that sample this step
+    # token positions (into input_ids) whose id is the previous step's sampled token, still on the
+    # device, and that token's row in the previous step's sampled tensor
+    inflight_pos: list[int] = field(default_factory=list)
+    inflight_src: list[int] = field(default_factory=list)
 
 
 def build_step_inputs(states: dict[str, CachedRequestState], num_scheduled: dict[str, int],
-                      block_size: int) -> StepInputs:
+                      block_size: int, inflight_rows: dict[str, int] | None = None) -> StepInputs:
+    """inflight_rows: request id -> its row in the previous step's sampled tensor, for requests
+    whose last token is still on the device (filled in there, after the host copy)."""
     req_ids = list(num_scheduled)
     counts = np.fromiter(num_scheduled.values(), dtype=np.int64, count=len(req_ids))
     qsl = np.zeros(len(req_ids) + 1, dtype=np.int32)
@@ -58,20 +76,29 @@ def build_step_inputs(states: dict[str, CachedRequestState], num_scheduled: dict
     seq_lens = np.empty(len(req_ids), dtype=np.int32)
     max_blocks = max(len(states[r].block_ids) for r in req_ids)
     block_table = np.zeros((len(req_ids), max_blocks), dtype=np.int32)
-    sample_rows = []
+    sample_rows: list[int] = []
+    inflight_pos: list[int] = []
+    inflight_src: list[int] = []
     for i, rid in enumerate(req_ids):  # one iteration per request, vectorised within
         st = states[rid]
         start, end = st.num_computed_tokens, st.num_computed_tokens + int(counts[i])
-        input_ids[qsl[i]:qsl[i + 1]] = st.token_ids[start:end]
+        known = st.token_ids[start:end]
+        if len(known) < end - start:  # the last input token is the one in flight
+            assert st.num_inflight and inflight_rows is not None and len(known) == end - start - 1
+            inflight_pos.append(int(qsl[i + 1]) - 1)
+            inflight_src.append(inflight_rows[rid])
+            known = known + [0]
+        input_ids[qsl[i]:qsl[i + 1]] = known
         positions[qsl[i]:qsl[i + 1]] = np.arange(start, end)
         seq_lens[i] = end
         block_table[i, : len(st.block_ids)] = st.block_ids
-        if end == len(st.token_ids):
+        if end == len(st.token_ids) + st.num_inflight:
             sample_rows.append(i)
     req_of_token = np.repeat(np.arange(len(req_ids)), counts)
     slot_mapping = block_table[req_of_token, positions // block_size].astype(np.int64) * block_size \
         + positions % block_size
-    return StepInputs(req_ids, input_ids, positions, slot_mapping, qsl, seq_lens, block_table, sample_rows)
+    return StepInputs(req_ids, input_ids, positions, slot_mapping, qsl, seq_lens, block_table, sample_rows,
+                      inflight_pos, inflight_src)
 
 
 def _padded(rows: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:

@@ -159,9 +159,11 @@ class ModelRunner:
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         """Launches this step and returns the PREVIOUS step's results.
 
-        Steps overlap: while the device runs step t, the engine applies step t-1's tokens and
-        schedules t+1. The previous step's sampled ids are read (the one host sync) before this
-        step's inputs are built, since its decode inputs are those very tokens.
+        Steps overlap: step t is prepared and launched while the device still runs step t-1, and
+        step t-1's sampled ids are read (the one host sync) only afterwards. A decode input that is
+        step t-1's token is filled in on the device from its sampled tensor. Only batches whose
+        sampling reads generated ids by value (penalties, bad words, min_tokens) wait for them
+        before launching.
 
         The step's KV block copies to and from the host tier are issued first, so that on CUDA
         they run while the previous step finishes (worker/swap.py says how they are ordered).
@@ -169,37 +171,53 @@ class ModelRunner:
         if sched.swap_out or sched.swap_in:
             assert self.swapper is not None, "block copies scheduled without a host tier"
             self.swapper.swap(sched.swap_out, sched.swap_in)
-        prev = self._collect()
+        prev, self._pending = self._pending, None
         self._apply_diffs(sched)
+        out = None
+        if prev is not None and (sched.is_empty or self._needs_token_values(sched)):
+            out, prev = self._collect(prev), None
         if not sched.is_empty:
-            self._pending = self._launch(sched)
-        return prev
+            self._pending = self._launch(sched, prev)
+        if prev is not None:
+            out = self._collect(prev)
+        return out if out is not None else ModelRunnerOutput([], {})
 
-    def _launch(self, sched: SchedulerOutput) -> _PendingStep:
-        step = build_step_inputs(self.states, sched.num_scheduled_tokens, self.block_size)
+    def _needs_token_values(self, sched: SchedulerOutput) -> bool:
+        return any(self.states[rid].needs_token_values for rid in sched.num_scheduled_tokens)
+
+    def _launch(self, sched: SchedulerOutput, prev: _PendingStep | None) -> _PendingStep:
+        inflight = {rid: j for j, rid in enumerate(prev.req_ids)} if prev is not None else None
+        step = build_step_inputs(self.states, sched.num_scheduled_tokens, self.block_size, inflight)
+        feed = None
+        if step.inflight_pos:  # [n] positions in input_ids <- rows of the previous sampled tensor
+            assert prev is not None and prev.sampled is not None
+            idx = torch.tensor([step.inflight_pos, step.inflight_src], dtype=torch.int64)
+            idx = idx.to(self.device, non_blocking=True)
+            feed = (idx[0], prev.sampled.index_select(0, idx[1]))
         pending = _PendingStep([], None, None, {})
         if self.swapper is not None:
             self.swapper.before_forward()  # the forward reads swapped-in blocks, overwrites swapped-out ones
         decode_only = sched.total_num_scheduled_tokens == len(step.req_ids)
         if self.graphs is not None and self.graphs.can_run(step, decode_only):
-            logits = self.graphs.run(step)  # [num_reqs, vocab]; in a decode step every request samples
+            logits = self.graphs.run(step, feed)  # [num_reqs, vocab]; in a decode step every request samples
         else:
-            logits = self._run_eager(step, pending.prompt_logprobs)
+            logits = self._run_eager(step, pending.prompt_logprobs, feed)
         if logits is not None:
             sample_states = [self.states[step.req_ids[i]] for i in step.sample_rows]
             result = self.sampler(logits, build_sampling_metadata(sample_states, self.vocab_size, self.device))
             pending.req_ids = [st.request_id for st in sample_states]
-            pending.sampled = result.sampled_token_ids  # stays on the device until the next step
+            pending.sampled = result.sampled_token_ids  # stays on the device until read
             pending.logprobs = result.logprobs
+            for st in sample_states:
+                st.num_inflight += 1  # the previous step's token may still be in flight too
         if self.swapper is not None:
             self.swapper.step_launched(step.block_table)
         return pending
 
-    def _collect(self) -> ModelRunnerOutput:
-        """Wait for the launched step, hand its tokens to the request states, return its output."""
-        pending, self._pending = self._pending, None
-        if pending is None or pending.sampled is None:
-            return ModelRunnerOutput([], {}, prompt_logprobs=pending.prompt_logprobs if pending else {})
+    def _collect(self, pending: _PendingStep) -> ModelRunnerOutput:
+        """Wait for a launched step, hand its tokens to the request states, return its output."""
+        if pending.sampled is None:
+            return ModelRunnerOutput([], {}, prompt_logprobs=pending.prompt_logprobs)
         sampled = pending.sampled.tolist()  # the one host sync of the step
         lp = pending.logprobs.tolists() if pending.logprobs is not None else None
         out = ModelRunnerOutput(pending.req_ids, {}, prompt_logprobs=pending.prompt_logprobs)
@@ -209,13 +227,17 @@ class ModelRunner:
             if st is None:
                 continue
             st.token_ids.append(sampled[j])
+            st.num_inflight -= 1
             k = st.sampling_params.logprobs
             if lp is not None and k is not None:
                 out.logprobs[rid] = LogprobsLists([lp[0][j][: k + 1]], [lp[1][j][: k + 1]], [lp[2][j]])
         return out
 
-    def _run_eager(self, step: StepInputs, prompt_logprobs: dict[str, LogprobsLists]) -> torch.Tensor | None:
+    def _run_eager(self, step: StepInputs, prompt_logprobs: dict[str, LogprobsLists],
+                   feed: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
         input_ids, positions, meta = self._device_inputs(step)
+        if feed is not None:
+            input_ids.index_copy_(0, *feed)  # tokens the previous step sampled, never seen by the host
         hidden = self.model(input_ids, positions, meta)  # [num_tokens, hidden]
         self._prompt_logprobs(step, hidden, prompt_logprobs)
         if not step.sample_rows:
