@@ -158,34 +158,10 @@ def hf_generate_batch(model, reqs) -> dict:
             "note": f"every request generates max_new_tokens={max_out}"}
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--preset", default="ernie-4.5-0.3b")
-    ap.add_argument("--checkpoint", default="/tmp/bench-ckpt")
-    ap.add_argument("--num-prompts", type=int, default=256)
-    ap.add_argument("--lo", type=int, default=100)
-    ap.add_argument("--hi", type=int, default=1024)
-    ap.add_argument("--hf-batch-prompts", type=int, default=64)
-    ap.add_argument("--skip-hf", action="store_true")
-    ap.add_argument("--engine-args", default="{}", help="JSON of extra LLM() arguments")
-    ap.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
-                    help="dummy: random weights from config.json alone (for presets too big to write); "
-                         "HF then gets a random init of the same config on the GPU")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
-    result: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    result["copy_bandwidth_tb_s"] = copy_bandwidth() / 1e12
-    result["bf16_matmul_tflops"] = matmul_rate() / 1e12
-    print(json.dumps(result), flush=True)
-
+def run_ours(args, ckpt: Path, result: dict) -> list[tuple[list[int], int]]:
+    """Our engine's figures into result; returns the workload, for HF to run the same."""
     from ernieserve import LLM
-    from ernieserve.checkpoint.dummy import write_dummy_checkpoint
 
-    ckpt = Path(args.checkpoint)
-    if not (ckpt / "config.json").exists():
-        write_dummy_checkpoint(args.preset, ckpt, dtype="bfloat16")
-    result["preset"] = args.preset
     llm = LLM(model=str(ckpt), dtype="bfloat16", max_model_len=4096, max_num_seqs=256,
               load_format=args.load_format, **json.loads(args.engine_args))
     result["ours_graph_replay_ms"] = graph_replay_ms(llm)
@@ -206,6 +182,47 @@ def main() -> int:
     print(json.dumps(result), flush=True)
     del llm
     torch.cuda.empty_cache()
+    return reqs
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="ernie-4.5-0.3b")
+    ap.add_argument("--checkpoint", default="/tmp/bench-ckpt")
+    ap.add_argument("--num-prompts", type=int, default=256)
+    ap.add_argument("--lo", type=int, default=100)
+    ap.add_argument("--hi", type=int, default=1024)
+    ap.add_argument("--hf-batch-prompts", type=int, default=64)
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--skip-ours", action="store_true",
+                    help="HF only: for models where HF and our engine do not fit in one process's GPU memory")
+    ap.add_argument("--engine-args", default="{}", help="JSON of extra LLM() arguments")
+    ap.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
+                    help="dummy: random weights from config.json alone (for presets too big to write); "
+                         "HF then gets a random init of the same config on the GPU")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    result: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    result["copy_bandwidth_tb_s"] = copy_bandwidth() / 1e12
+    result["bf16_matmul_tflops"] = matmul_rate() / 1e12
+    print(json.dumps(result), flush=True)
+
+    from ernieserve.checkpoint.dummy import write_dummy_checkpoint
+
+    ckpt = Path(args.checkpoint)
+    if not (ckpt / "config.json").exists():
+        write_dummy_checkpoint(args.preset, ckpt, dtype="bfloat16")
+    result["preset"] = args.preset
+    if not args.skip_ours:
+        reqs = run_ours(args, ckpt, result)
+    else:
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(str(ckpt))
+        vocab = (getattr(cfg, "text_config", None) or cfg).vocab_size
+        reqs = workload(args.num_prompts, args.lo, args.hi, vocab, 0)
+        result["hf_workload_requests"] = len(reqs)
 
     if not args.skip_hf:
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -232,7 +249,13 @@ def print_table(r: dict) -> None:
     print("\n=========== ernieserve vs HF transformers ===========")
     print(f"device: {r['device']}  torch {r['torch']}  {r['date']}  preset {r.get('preset')}")
     print(f"copy bandwidth (read+write): {r['copy_bandwidth_tb_s']:.2f} TB/s; bf16 matmul {r['bf16_matmul_tflops']:.0f} TFLOP/s")
-    d = r["ours_decode_b1_ms"]
+    d = r.get("ours_decode_b1_ms")
+    if d is None:
+        if "hf_generate_decode_b1_ms" in r:
+            print(f"decode b=1, HF generate: {r['hf_generate_decode_b1_ms']:.3f} ms/step")
+        hb = r.get("hf_generate_batch") or {}
+        print(f"HF generate_batch: {hb.get('output_tok_s', hb)}")
+        return
     print(f"decode b=1, ours: p50 {d['p50']:.3f} ms (mean {d['mean']:.3f}, p99 {d['p99']:.3f}); "
           f"floor {r['bandwidth_floor_ms']:.3f} ms -> {100 * r['ours_decode_b1_fraction_of_floor']:.1f}% of bandwidth")
     if r.get("ours_graph_replay_ms"):
