@@ -14,7 +14,6 @@ the graph's. Routing is random-uniform (the router kernel is timed separately).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -27,46 +26,14 @@ from ernieserve.layers.moe import RouterConfig  # noqa: E402
 from ernieserve.layers.moe import fused_moe as fm  # noqa: E402
 from ernieserve.layers.moe.fused_moe import GemmTile  # noqa: E402
 
+from gpu_timing import measure_bandwidth, time_graph  # benchmarks/gpu_timing.py
+
 # name: (experts, top_k, hidden, moe_intermediate)
 PRESETS = {
     "ernie-21b-a3b": (64, 6, 2560, 1536),
     "ernie-300b-a47b": (64, 8, 8192, 3584),
     "qwen3-30b-a3b": (128, 8, 2048, 768),
 }
-
-
-def time_graph(fn, iters: int = 30, replays: int = 5) -> float:
-    """Median milliseconds of one replay of a graph that calls fn()."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    for _ in range(5):
-        graph.replay()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        # several replays per sample: the GPU stays busy while the host submits the next one, so
-        # the host's launch latency is not counted as device time
-        start.record()
-        for _ in range(replays):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / replays)
-    return statistics.median(times)
-
-
-def measure_bandwidth() -> float:
-    """Bytes/s of a large device-to-device copy, counting read + write."""
-    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = time_graph(lambda: dst.copy_(src), iters=20)
-    return 2 * src.numel() / (ms / 1e3)
 
 
 def measure_matmul() -> float:

@@ -20,7 +20,6 @@ results in docs/performance.md.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ernieserve.kernels import fp8_matmul as f8  # noqa: E402
 from ernieserve.kernels import quant_matmul as qm  # noqa: E402
 
+from gpu_timing import measure_bandwidth, time_graph  # benchmarks/gpu_timing.py
+
 # preset -> [(projection, N, K)]
 PRESETS = {
     "ernie-0.3b": [("qkv", 2560, 1024), ("o", 1024, 2048), ("gate_up", 6144, 1024), ("down", 1024, 3072)],
@@ -42,37 +43,6 @@ PRESETS = {
                         ("dense down", 8192, 28672)],
 }
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
-
-
-def time_graph(fn: Callable[[], object], iters: int = 30, replays: int = 5) -> float:
-    """Median milliseconds of one replay of a graph that calls fn()."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    for _ in range(3):
-        graph.replay()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(replays):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / replays)
-    return statistics.median(times)
-
-
-def measure_bandwidth() -> float:
-    """Bytes/s of a 1 GiB device-to-device copy, counting read + write."""
-    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    return 2 * src.numel() / (time_graph(lambda: dst.copy_(src), iters=10) / 1e3)
 
 
 @dataclass
