@@ -10,6 +10,7 @@ import enum
 
 import msgspec
 
+from ernieserve.multimodal.inputs import MultiModalItem
 from ernieserve.sampling_params import SamplingParams
 
 
@@ -29,6 +30,8 @@ class EngineRequest(msgspec.Struct, omit_defaults=True, kw_only=True):
     eos_token_ids: list[int] = []
     arrival_time: float = 0.0
     cache_salt: str | None = None
+    # images / videos of the prompt, in prompt order (see multimodal/inputs.py); [] for text
+    mm_items: list[MultiModalItem] = []
 
 
 class LogprobsLists(msgspec.Struct, array_like=True):
