@@ -296,6 +296,8 @@ def check_invariants(s: Scheduler, w: FakeWorker) -> None:
     for h, b in kv.pool._cached.items():  # cached device blocks hold their tokens' KV
         assert b.block_hash == h and [slot[1] for slot in w.dev[b.block_id]] == list(b.token_ids)
     host = kv.host
+    if host is None:  # no --swap-space: a device-only cache
+        return
     assert not host._pinned and len(host._empty) + len(host._cached) == host.num_blocks
     assert set(host._lru) == {b.block_id for b in host._cached.values()}
     for h, b in host._cached.items():  # so do cached host blocks: the copies moved the right data
