@@ -83,6 +83,10 @@ class BlockPool:
                     self._free[block.block_id] = block
 
     # ---- prefix cache -------------------------------------------------------------------------
+    @property
+    def num_cached_blocks(self) -> int:
+        return len(self._cached)
+
     def lookup(self, block_hash: int, token_ids: tuple[int, ...]) -> KVBlock | None:
         block = self._cached.get(block_hash)
         if block is None or block.token_ids != token_ids:  # a hash collision is a miss

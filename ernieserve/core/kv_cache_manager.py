@@ -59,6 +59,8 @@ class KVCacheManager:
         self.queries = 0  # prompt tokens looked up
         self.hits = 0  # prompt tokens found (on the device or the host)
         self.host_hits = 0  # prompt tokens found on the host
+        self.query_requests = 0  # requests looked up
+        self.hit_requests = 0  # requests that found at least one block
         self.num_swapped_out = 0  # blocks copied to the host, in all
         self.num_swapped_in = 0  # blocks copied back to the device, in all
 
@@ -176,6 +178,8 @@ class KVCacheManager:
 
     def record_lookup(self, req: Request, hits: CachedPrefix) -> None:
         self.queries += req.num_tokens
+        self.query_requests += 1
+        self.hit_requests += bool(len(hits))
         self.hits += len(hits) * self.block_size
         self.host_hits += hits.num_host * self.block_size
 

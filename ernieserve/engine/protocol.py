@@ -69,6 +69,9 @@ class SchedulerStats(msgspec.Struct, omit_defaults=True):
     num_free_blocks: int = 0
     prefix_cache_queries: int = 0  # prompt tokens looked up, in all
     prefix_cache_hits: int = 0  # prompt tokens found, on the device or the host tier, in all
+    prefix_cache_requests: int = 0  # requests looked up, in all
+    prefix_cache_hit_requests: int = 0  # requests that found at least one cached block, in all
+    num_cached_blocks: int = 0  # device blocks holding a cached (hashed) KV block
     # host tier of the prefix cache (--swap-space)
     prefix_cache_host_hits: int = 0  # prompt tokens found on the host tier (copied back), in all
     num_host_blocks: int = 0  # the tier's size; 0 when there is none

@@ -44,6 +44,7 @@ class ServerMetrics:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self._preempted_seen = 0
         self._max_num_seqs = 0
+        self._block_size = 0
         self._define_request_metrics()
         self._define_latency_metrics()
         self._define_token_metrics()
@@ -102,6 +103,12 @@ class ServerMetrics:
         self.max_gpu_block_num = g("max_gpu_block_num", "Total number of GPU blocks initialized at startup")
         self.available_gpu_resource = g("available_gpu_resource", "Ratio of available GPU blocks to total GPU blocks")
         self.hit_token_rate = g("hit_token_rate", "Prefix cache hit rate at the token level")
+        self.hit_req_rate = g("hit_req_rate", "Prefix cache hit rate at the request level")
+        self.gpu_hit_token_rate = g("gpu_hit_token_rate", "Prefix cache hit rate of tokens found on the GPU")
+        self.cpu_hit_token_rate = g("cpu_hit_token_rate",
+                                    "Prefix cache hit rate of tokens found on the CPU tier (--swap-space)")
+        self.prefix_gpu_cache_token_num = g("prefix_gpu_cache_token_num", "Tokens held by cached GPU blocks")
+        self.prefix_cpu_cache_token_num = g("prefix_cpu_cache_token_num", "Tokens held by cached CPU-tier blocks")
         self.cache_config_info = g("cache_config_info", "Cache configuration info of the inference engine",
                                    ("block_size", "num_gpu_blocks", "max_model_len", "max_num_seqs",
                                     "max_num_batched_tokens"))
@@ -109,6 +116,7 @@ class ServerMetrics:
     # ---- updates ------------------------------------------------------------------------------
     def set_engine_info(self, ready: EngineReady) -> None:
         self._max_num_seqs = ready.max_num_seqs
+        self._block_size = ready.block_size
         self.max_batch_size.set(ready.max_num_seqs)
         self.available_batch_size.set(ready.max_num_seqs)
         self.max_gpu_block_num.set(ready.num_gpu_blocks)
@@ -130,7 +138,14 @@ class ServerMetrics:
             self.max_gpu_block_num.set(stats.num_total_blocks)
             self.available_gpu_resource.set(stats.num_free_blocks / stats.num_total_blocks)
         if stats.prefix_cache_queries:
-            self.hit_token_rate.set(stats.prefix_cache_hits / stats.prefix_cache_queries)
+            q = stats.prefix_cache_queries
+            self.hit_token_rate.set(stats.prefix_cache_hits / q)
+            self.gpu_hit_token_rate.set((stats.prefix_cache_hits - stats.prefix_cache_host_hits) / q)
+            self.cpu_hit_token_rate.set(stats.prefix_cache_host_hits / q)
+        if stats.prefix_cache_requests:
+            self.hit_req_rate.set(stats.prefix_cache_hit_requests / stats.prefix_cache_requests)
+        self.prefix_gpu_cache_token_num.set(stats.num_cached_blocks * self._block_size)
+        self.prefix_cpu_cache_token_num.set(stats.num_host_cached_blocks * self._block_size)
         if stats.num_preempted_total > self._preempted_seen:
             self.request_preempted.inc(stats.num_preempted_total - self._preempted_seen)
             self._preempted_seen = stats.num_preempted_total

@@ -228,3 +228,17 @@ def test_metrics_parse_and_counters_move(server, client, model):
     assert after["ernieserve:num_requests_running"] == 0
     assert after["ernieserve:free_gpu_block_num"] == 256
     assert after["ernieserve:max_batch_size"] == 16
+
+
+def test_prefix_cache_metrics_and_cached_tokens(server, client, model):
+    long_chat = [{"role": "user", "content": "the quick brown fox jumps over the lazy dog " * 12}]
+    first = client.chat.completions.create(model=model, messages=long_chat, max_tokens=2, **GREEDY)
+    second = client.chat.completions.create(model=model, messages=long_chat, max_tokens=2, **GREEDY)
+    assert second.usage.prompt_tokens_details.cached_tokens >= 16  # at least one full block (--block-size 16)
+    assert second.usage.prompt_tokens_details.cached_tokens > (first.usage.prompt_tokens_details.cached_tokens or 0)
+    after = metrics(server.url("/metrics"))
+    assert 0 < after["ernieserve:hit_req_rate"] <= 1
+    assert 0 < after["ernieserve:gpu_hit_token_rate"] == after["ernieserve:hit_token_rate"]
+    assert after["ernieserve:cpu_hit_token_rate"] == 0  # this server has no --swap-space
+    assert after["ernieserve:prefix_gpu_cache_token_num"] >= 16
+    assert after["ernieserve:prefix_cpu_cache_token_num"] == 0
