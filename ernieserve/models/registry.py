@@ -12,6 +12,10 @@ _MODELS: dict[str, tuple[str, str]] = {
     "Qwen3ForCausalLM": ("ernieserve.models.families", "Qwen3ForCausalLM"),
     "Ernie4_5_MoeForCausalLM": ("ernieserve.models.ernie4_5_moe", "Ernie4_5_MoeForCausalLM"),
     "Qwen3MoeForCausalLM": ("ernieserve.models.qwen3_moe", "Qwen3MoeForCausalLM"),
+    "Ernie4_5_VLMoeForConditionalGeneration": ("ernieserve.models.ernie4_5_vl",
+                                               "Ernie4_5_VLMoeForConditionalGeneration"),
+    "Ernie4_5_VL_MoeForConditionalGeneration": ("ernieserve.models.ernie4_5_vl",
+                                                "Ernie4_5_VL_MoeForConditionalGeneration"),
 }
 
 
