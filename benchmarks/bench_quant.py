@@ -7,11 +7,18 @@ the bytes floor (weight + activation bytes at the measured copy bandwidth) and, 
 shapes, TFLOP/s. Decode shapes should sit near the floor (wint8 ~0.5x and wint4 ~0.27x of bf16's
 bytes); prefill shapes should keep at least 70% of bf16's throughput.
 
+Bounded run time (an earlier version never finished inside a 10-minute device command: 512 MiB of
+weight copies per graph, 150 replays per row, 8192-token GEMMs through torch's decode-only
+int4pack / int8pack kernels): copies fill 256 MiB only for decode token counts (<= 32; larger
+ones are compute bound and run 2 copies), each row's iteration count is fitted to a time budget
+(`time_graph_within`), and rows past `--budget-s` (default 7 minutes) are printed as skipped, so a
+run ends within the budget plus one row (not yet timed on the GPU after this change).
+
 Methods: bf16; wint8 / wint4 / wint4-g128 through Triton; wint8 and wint4-g128 through torch's
 int8pack / int4pack GEMMs; block_wise_fp8, fp8 through Triton and fp8 through torch._scaled_mm
 (Hopper only; activation quantization included in the time).
 
-    python benchmarks/bench_quant.py --preset ernie-21b-a3b [--tokens 1 8 32 512 2048 8192]
+    python benchmarks/bench_quant.py --preset ernie-21b-a3b [--tokens 1 8 32 512 4096] [--budget-s 420]
 
 The table decides `GemmBackend` defaults (TODO in ernieserve/kernels/quant_matmul.py): put the
 results in docs/performance.md.
@@ -21,9 +28,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -32,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ernieserve.kernels import fp8_matmul as f8  # noqa: E402
 from ernieserve.kernels import quant_matmul as qm  # noqa: E402
 
-from gpu_timing import measure_bandwidth, time_graph  # benchmarks/gpu_timing.py
+from gpu_timing import measure_bandwidth, time_graph_within  # benchmarks/gpu_timing.py
 
 # preset -> [(projection, N, K)]
 PRESETS = {
@@ -95,50 +103,62 @@ def weight_bytes(prepared: tuple) -> int:
     return sum(t.numel() * t.element_size() for t in prepared if isinstance(t, torch.Tensor))
 
 
-def bench_shape(n: int, k: int, tokens: list[int], copies: int, bandwidth: float) -> list[str]:
-    rows = []
+DECODE_MAX_TOKENS = 32  # token counts up to this are memory bound: they need the copies that defeat L2
+PREFILL_COPIES = 2
+
+
+def bench_shape(n: int, k: int, tokens: list[int], copies: int, bandwidth: float, deadline: float) -> Iterator[str]:
+    """Markdown rows, yielded as measured (a run cut short still prints what it has)."""
     weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
     bf16_ms: dict[int, float] = {}
     for method in methods():
         try:
             prepared = [method.make(w) for w in weights]
         except (RuntimeError, ValueError) as e:
-            rows.append(f"| {n}x{k} | - | {method.name} | n/a: {str(e).splitlines()[0][:60]} | | | | |")
+            yield f"| {n}x{k} | - | {method.name} | n/a: {str(e).splitlines()[0][:60]} | | | | |"
             continue
         wbytes = weight_bytes(prepared[0])
         for m in tokens:
+            if time.monotonic() > deadline:
+                yield f"| {n}x{k} | {m} | {method.name} | skipped: --budget-s reached | | | | |"
+                continue
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            used = prepared if m <= DECODE_MAX_TOKENS else prepared[:PREFILL_COPIES]
             try:
-                ms = time_graph(lambda: [method.run(x, p) for p in prepared]) / copies
+                ms = time_graph_within(lambda: [method.run(x, p) for p in used]) / len(used)
             except RuntimeError as e:
-                rows.append(f"| {n}x{k} | {m} | {method.name} | error: {str(e).splitlines()[0][:60]} | | | | |")
+                yield f"| {n}x{k} | {m} | {method.name} | error: {str(e).splitlines()[0][:60]} | | | | |"
                 continue
             if method.name == "bf16":
                 bf16_ms[m] = ms
             floor_ms = (wbytes + 2 * m * (k + n)) / bandwidth * 1e3
             tflops = 2 * m * n * k / (ms / 1e3) / 1e12
-            rows.append(f"| {n}x{k} | {m} | {method.name} | {ms * 1e3:.1f} | {ms / bf16_ms[m]:.2f}x | "
-                        f"{floor_ms * 1e3:.1f} | {ms / floor_ms:.2f}x | {tflops:.1f} |")
+            vs_bf16 = f"{ms / bf16_ms[m]:.2f}x" if m in bf16_ms else "-"
+            yield (f"| {n}x{k} | {m} | {method.name} | {ms * 1e3:.1f} | {vs_bf16} | "
+                   f"{floor_ms * 1e3:.1f} | {ms / floor_ms:.2f}x | {tflops:.1f} |")
         prepared = []  # free this method's weights before the next one quantizes its own
         torch.cuda.empty_cache()
-    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="ernie-21b-a3b")
-    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 32, 512, 2048, 8192])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 32, 512, 4096])
     parser.add_argument("--copies", type=int, default=0,
-                        help="weight sets per graph (default: enough for 512 MiB of bf16, to defeat L2)")
+                        help="weight sets per graph at decode token counts (default: enough for 256 MiB of "
+                             "bf16, to defeat L2; larger token counts use 2)")
+    parser.add_argument("--budget-s", type=float, default=420.0,
+                        help="stop measuring after this many seconds (later rows say skipped)")
     args = parser.parse_args()
+    deadline = time.monotonic() + args.budget_s
     bandwidth = measure_bandwidth()
     print(f"# {torch.cuda.get_device_name()} ({args.preset}), copy bandwidth {bandwidth / 1e12:.2f} TB/s\n")
     print("| N x K | tokens | method | us/layer | vs bf16 | floor us | vs floor | TFLOP/s |")
     print("|---|---|---|---|---|---|---|---|")
     for name, n, k in PRESETS[args.preset]:
-        copies = args.copies or max(2, min(32, (512 << 20) // (2 * n * k)))
+        copies = args.copies or max(2, min(16, (256 << 20) // (2 * n * k)))
         print(f"| **{name}** | | | | | | | |")
-        for row in bench_shape(n, k, args.tokens, copies, bandwidth):
+        for row in bench_shape(n, k, args.tokens, copies, bandwidth, deadline):
             print(row, flush=True)
 
 

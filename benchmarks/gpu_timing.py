@@ -39,3 +39,12 @@ def measure_bandwidth(iters: int = 20) -> float:
     src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     return 2 * src.numel() / (time_graph(lambda: dst.copy_(src), iters=iters) / 1e3)
+
+
+def time_graph_within(fn: Callable[[], object], budget_ms: float = 300.0) -> float:
+    """time_graph with the iteration count fitted to a time budget: a rough first estimate, then
+    as many samples as fit (3 to 30), so slow shapes cannot stall a whole benchmark run."""
+    estimate = time_graph(fn, iters=2, replays=1)
+    replays = 5 if estimate < 2.0 else 1
+    iters = int(max(3, min(30, budget_ms / max(estimate * replays, 1e-3))))
+    return time_graph(fn, iters=iters, replays=replays)

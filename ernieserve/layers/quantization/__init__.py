@@ -12,6 +12,10 @@ Options (in the JSON form or in --quantization-config, which overrides it):
 * ``gemm_backend``: ``auto`` (default), ``triton``, ``torch`` or ``reference`` (plain torch; the
   only way to run fp8 schemes off Hopper, for tests).
 
+Every method covers the dense linear layers and the MoE models' routed experts (moe.py: the
+experts' `MoEMethod`, quantized one checkpoint projection at a time); embeddings, the LM head,
+norms and routers stay in the model dtype.
+
 FastDeploy methods that need checkpoints quantized offline in Paddle's format (wint2, w4a8,
 w4afp8, ...) and the ones not built yet are refused with a message saying which.
 """

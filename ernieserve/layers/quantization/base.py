@@ -20,12 +20,15 @@ import contextvars
 import functools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 from torch import nn
 
 from ernieserve.layers.linear import LinearBase, LinearMethod, MergedColumnParallelLinear, QKVParallelLinear
+
+if TYPE_CHECKING:
+    from ernieserve.layers.quantization.moe import MoEMethod
 
 
 class UnsupportedQuantization(ValueError):
@@ -50,6 +53,10 @@ class QuantConfig(ABC):
     def describe(self) -> str:
         """One line for the load log, e.g. "wint4 (groups of 128, auto GEMM)"."""
 
+    def moe_method(self) -> MoEMethod:
+        """The method for FusedMoE's routed experts (layers/quantization/moe.py)."""
+        raise UnsupportedQuantization(f"{self.name} does not quantize MoE experts")
+
 
 # The scheme of the model being built. A context variable, like `with torch.device(...)`, so every
 # model family's constructor hands its linear layers the method without each one forwarding it,
@@ -70,6 +77,11 @@ def scoped_linear_method() -> LinearMethod | None:
     """The linear method for a dense projection built inside `quantization_scope` (None: bf16)."""
     config = _BUILDING.get()
     return None if config is None else config.linear_method()
+
+
+def scoped_quant_config() -> QuantConfig | None:
+    """The scheme of the model being built (FusedMoE asks it for its `moe_method()`)."""
+    return _BUILDING.get()
 
 
 # ---- quantization while streaming ------------------------------------------------------------------
@@ -93,7 +105,20 @@ def expected_shards(layer: LinearBase) -> frozenset[object]:
     return frozenset({None})
 
 
-class StreamingQuantLinearMethod(LinearMethod):
+class StreamingQuantMethod(ABC):
+    """What the loader asks of any method that quantizes while the checkpoint streams (the linear
+    methods here, the MoE experts' in moe.py)."""
+
+    @abstractmethod
+    def init_random(self, layer: nn.Module, generator: torch.Generator, std: float = 0.02) -> None:
+        """Random weights for --load-format dummy, quantized like loaded ones."""
+
+    @abstractmethod
+    def full_precision_numel(self, layer: nn.Module) -> int:
+        """Weight elements the layer quantizes (for the load log's quantized share)."""
+
+
+class StreamingQuantLinearMethod(LinearMethod, StreamingQuantMethod):
     """Base of the quantized linear methods: subclasses say how to quantize and how to multiply."""
 
     @abstractmethod
@@ -140,6 +165,10 @@ class StreamingQuantLinearMethod(LinearMethod):
             0.0, std, generator=generator)
         self._finish(layer)
 
+    def full_precision_numel(self, layer: LinearBase) -> int:
+        out_features, in_features = layer.quant_stream.shape
+        return out_features * in_features
+
     def process_weights_after_loading(self, layer: LinearBase) -> None:
         state: StreamState = layer.quant_stream
         if state.done:
@@ -151,17 +180,16 @@ class StreamingQuantLinearMethod(LinearMethod):
 
 
 def is_streaming_quantized(module: nn.Module) -> bool:
-    return isinstance(getattr(module, "method", None), StreamingQuantLinearMethod)
+    return isinstance(getattr(module, "method", None), StreamingQuantMethod)
 
 
 def quantized_share(model: nn.Module) -> float:
-    """The fraction of the model's weight elements that live in quantized layers (for the load log:
-    what stays in bf16, e.g. embeddings, LM head and MoE experts, is the rest)."""
+    """The fraction of the model's weight elements that live in quantized layers (linears and MoE
+    experts; for the load log: what stays in bf16, e.g. embeddings, LM head and router, is the rest)."""
     quantized = 0
     for module in model.modules():
         if is_streaming_quantized(module):
-            out_features, in_features = module.quant_stream.shape
-            quantized += out_features * in_features
+            quantized += module.method.full_precision_numel(module)  # type: ignore[union-attr]
     # named_parameters counts a tied weight once
     other = sum(p.numel() for name, p in model.named_parameters()
                 if not name.endswith(("qweight", "weight_scale")))

@@ -20,6 +20,7 @@ GEMM backends: auto / triton (the Triton kernels of `ernieserve.kernels.fp8_matm
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -27,6 +28,9 @@ from ernieserve.kernels import fp8_matmul as f8
 from ernieserve.kernels.quant_matmul import GemmBackend
 from ernieserve.layers.linear import LinearBase
 from ernieserve.layers.quantization.base import QuantConfig, StreamingQuantLinearMethod, UnsupportedQuantization
+
+if TYPE_CHECKING:
+    from ernieserve.layers.quantization.moe import QuantizedMoEMethod
 
 HOPPER = (9, 0)
 
@@ -47,6 +51,13 @@ class Fp8Config(QuantConfig):
 
     def linear_method(self) -> "Fp8LinearMethod":
         return Fp8LinearMethod(self)
+
+    def moe_method(self) -> "QuantizedMoEMethod":
+        from ernieserve.layers.quantization.moe import QuantizedMoEMethod  # it imports the MoE layers' kernels
+        from ernieserve.layers.moe.fused_moe_quant import ExpertScheme
+
+        scheme = ExpertScheme.BLOCK_FP8 if self.block_wise else ExpertScheme.FP8
+        return QuantizedMoEMethod(scheme, 0, self.backend)
 
     def check_device(self, device: torch.device, dtype: torch.dtype) -> None:
         if self.backend is GemmBackend.REFERENCE:

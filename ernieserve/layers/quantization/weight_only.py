@@ -23,7 +23,8 @@ int4 CUDA bf16 with K % 1024 == 0), reference.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -32,12 +33,25 @@ from ernieserve.kernels.quant_matmul import GemmBackend
 from ernieserve.layers.linear import LinearBase
 from ernieserve.layers.quantization.base import QuantConfig, StreamingQuantLinearMethod, UnsupportedQuantization
 
+if TYPE_CHECKING:
+    from ernieserve.layers.moe.fused_moe_quant import DequantScratch
+    from ernieserve.layers.quantization.moe import QuantizedMoEMethod
+
+
+def _new_moe_scratch() -> DequantScratch:
+    from ernieserve.layers.moe.fused_moe_quant import DequantScratch  # it imports the MoE kernels
+
+    return DequantScratch()
+
 
 @dataclass(frozen=True, slots=True)
 class WeightOnlyConfig(QuantConfig):
     bits: int  # 8 or 4
     group_size: int = 0  # 0: one scale per output channel
     backend: GemmBackend = GemmBackend.AUTO
+    # the routed experts' prefill buffer of dequantized weights: one per model, shared by every MoE
+    # layer built with this config (layers/moe/fused_moe_quant.py); not part of the config's value
+    moe_scratch: DequantScratch = field(default_factory=_new_moe_scratch, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
@@ -56,6 +70,13 @@ class WeightOnlyConfig(QuantConfig):
 
     def linear_method(self) -> "WeightOnlyLinearMethod":
         return WeightOnlyLinearMethod(self)
+
+    def moe_method(self) -> "QuantizedMoEMethod":
+        from ernieserve.layers.quantization.moe import QuantizedMoEMethod  # it imports the MoE layers' kernels
+        from ernieserve.layers.moe.fused_moe_quant import ExpertScheme
+
+        scheme = ExpertScheme.WINT8 if self.bits == 8 else ExpertScheme.WINT4
+        return QuantizedMoEMethod(scheme, self.group_size, self.backend, self.moe_scratch)
 
     def check_device(self, device: torch.device, dtype: torch.dtype) -> None:
         if self.backend is GemmBackend.TRITON and (device.type != "cuda" or not qm.HAS_TRITON):

@@ -1,0 +1,728 @@
+"""Routed experts with quantized weights: the stored layout, quantization per expert projection,
+the plain-torch reference and the fused Triton path.
+
+Layout (`QuantizedExperts`). Each expert matrix has R rows (output channels) and K columns
+(w13: R = 2I, K = H, gate rows then up rows, as the bf16 ``w13``; w2: R = H, K = I):
+
+=============== ============================================ ===================================================
+scheme          weight                                       scale (fp32; ``W ~= q * scale``)
+=============== ============================================ ===================================================
+wint8           int8 ``[E, R, K]``                           ``[E, R, G]``: G = 1 per output channel, or
+                                                             ceil(K / group_size) (the last group may be partial)
+wint4           uint8 ``[E, R, ceil(K / 2)]``, two per byte  as wint8
+                (quant_matmul's packing: even k low nibble)
+fp8             e4m3 ``[E, R, K]``                           ``[E, R, 1]``; activations: one scale per token
+block_wise_fp8  e4m3 ``[E, R, K]``                           ``[E, RB, ceil(K / 128)]`` per 128 x 128 block;
+                                                             activations: per token and 128 columns
+=============== ============================================ ===================================================
+
+Block-wise w13 blocks the gate and the up half separately (RB = 2 * ceil(I / 128), up blocks from
+row ceil(I / 128)), so a block never straddles the two even when I is not a multiple of 128, and
+each projection quantizes on its own the moment it streams in (`quantize_rows`, `store`).
+
+Fused path (`fused_moe_quant_triton`): the bf16 path's align kernel, then two grouped GEMMs that
+walk the same expert-aligned blocks (fused_moe.py's docstring) with the weight tile loaded in its
+stored type and dequantized in the K loop: int8 / int4 converted to the activation dtype for the
+tensor-core dot (exact: |q| <= 127); fp8 dotted as fp8 after the activations are quantized per
+token (group) by fp8_matmul's kernel. Per-channel scales multiply the accumulator once in the
+epilogue; group-wise (and fp8 block) scales multiply each K step's partial product (BLOCK_K
+divides the group, so a step never straddles two). int4 loads the activation tile contiguously
+and splits it in registers into its even and odd columns, the partners of the low and high nibbles,
+so the packed bytes feed two dots as they lie; nibbles become values by bit tricks (`_int4_values`),
+not int -> float converts. The down GEMM can split K: its partial sums land in ``[splits, N, H]``
+fp32 and are added together with the top-k combine, in a fixed order. No host sync, no
+routing-dependent allocation: capturable in CUDA graphs.
+
+Prefill path (`QuantMoEPath.DEQUANT`, wint8 / wint4): the fused GEMMs dequantize each weight tile
+once per BLOCK_M rows of its expert, which at thousands of tokens costs more than the matmul. From
+`DEQUANT_MIN_TOKENS` tokens on, one Triton pass writes the touched experts' w13 in the activation
+dtype into a scratch shared by every layer of the model (`DequantScratch`), fused_moe.py's bf16
+gate/up GEMM reads it, the same scratch takes w2 for the down GEMM. No host sync either.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ernieserve.kernels import fp8_matmul as f8
+from ernieserve.kernels import quant_matmul as qm
+from ernieserve.layers.moe import fused_moe as fm
+from ernieserve.layers.moe.fused_moe import HAS_TRITON, GemmTile
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from ernieserve.layers.moe.fused_moe import _block_coords
+
+FP8_BLOCK = f8.SCALE_BLOCK  # 128
+
+
+class ExpertScheme(enum.Enum):
+    WINT8 = "wint8"
+    WINT4 = "wint4"
+    FP8 = "fp8"
+    BLOCK_FP8 = "block_wise_fp8"
+
+    @property
+    def is_fp8(self) -> bool:
+        return self in (ExpertScheme.FP8, ExpertScheme.BLOCK_FP8)
+
+
+def _scale_rows(rows: int, scheme: ExpertScheme) -> int:
+    return math.ceil(rows / FP8_BLOCK) if scheme is ExpertScheme.BLOCK_FP8 else rows
+
+
+def _scale_cols(k: int, scheme: ExpertScheme, group_size: int) -> int:
+    if scheme is ExpertScheme.BLOCK_FP8:
+        return math.ceil(k / FP8_BLOCK)
+    if scheme is ExpertScheme.FP8:
+        return 1
+    return qm.num_groups(k, group_size)
+
+
+@dataclass(slots=True)
+class QuantizedExperts:
+    """One layer's quantized experts (this rank's); tensors as in the module docstring."""
+
+    scheme: ExpertScheme
+    group_size: int  # wint: K group of the scales, 0 = per output channel; fp8 schemes: 0
+    hidden: int  # H
+    inter: int  # I (this rank's)
+    w13: torch.Tensor  # [E, 2I, H] or [E, 2I, ceil(H/2)]
+    w13_scale: torch.Tensor
+    w2: torch.Tensor  # [E, H, I] or [E, H, ceil(I/2)]
+    w2_scale: torch.Tensor
+
+    @classmethod
+    def empty(cls, scheme: ExpertScheme, group_size: int, num_experts: int, hidden: int, inter: int,
+              device: torch.device | None = None) -> QuantizedExperts:
+        if scheme is ExpertScheme.WINT4:
+            dtype, packed = torch.uint8, lambda k: (k + 1) // 2
+        else:
+            dtype, packed = (torch.int8 if scheme is ExpertScheme.WINT8 else f8.FP8_DTYPE), lambda k: k
+
+        def weight(rows: int, k: int) -> torch.Tensor:
+            return torch.empty(num_experts, rows, packed(k), dtype=dtype, device=device)
+
+        def scale(rows: int, k: int) -> torch.Tensor:
+            return torch.empty(num_experts, rows, _scale_cols(k, scheme, group_size), dtype=torch.float32,
+                               device=device)
+
+        up_rows = _scale_rows(inter, scheme)
+        return cls(scheme, group_size, hidden, inter, weight(2 * inter, hidden), scale(2 * up_rows, hidden),
+                   weight(hidden, inter), scale(_scale_rows(hidden, scheme), inter))
+
+    @property
+    def num_experts(self) -> int:
+        return self.w13.shape[0]
+
+    @property
+    def scale_group(self) -> int:
+        """K columns per weight scale inside the kernels' K loop; 0: one scale per row (epilogue)."""
+        return FP8_BLOCK if self.scheme is ExpertScheme.BLOCK_FP8 else self.group_size
+
+    @property
+    def up_scale_row(self) -> int:
+        """First scale row of w13's up half."""
+        return _scale_rows(self.inter, self.scheme)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.w13, self.w13_scale, self.w2, self.w2_scale))
+
+    def store(self, expert: int, proj: str, q: torch.Tensor, scales: torch.Tensor) -> None:
+        """Put one quantized projection (`quantize_rows` of gate/up [I, H] or down [H, I]) in its slot."""
+        if proj == "down":
+            self.w2[expert].copy_(q)
+            self.w2_scale[expert].copy_(scales)
+            return
+        first = 0 if proj == "gate" else 1
+        self.w13[expert].narrow(0, first * self.inter, self.inter).copy_(q)
+        rows = self.up_scale_row
+        self.w13_scale[expert].narrow(0, first * rows, rows).copy_(scales)
+
+    def dequantize(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w13 fp32 [2I, H], w2 fp32 [H, I]) of one expert."""
+        i, h, rows = self.inter, self.hidden, self.up_scale_row
+        q13, s13 = self.w13[expert], self.w13_scale[expert]
+        gate = _dequantize_rows(q13[:i], s13[:rows], self.scheme, self.group_size, h)
+        up = _dequantize_rows(q13[i:], s13[rows:], self.scheme, self.group_size, h)
+        down = _dequantize_rows(self.w2[expert], self.w2_scale[expert], self.scheme, self.group_size, i)
+        return torch.cat([gate, up]), down
+
+
+# ---- quantization and the reference (plain torch) ------------------------------------------------
+
+def quantize_rows(w: torch.Tensor, scheme: ExpertScheme, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One projection [R, K] -> (q, scales) in the layout above (the linear methods' quantizers)."""
+    if scheme is ExpertScheme.WINT8:
+        return qm.quantize_int8(w, group_size)
+    if scheme is ExpertScheme.WINT4:
+        return qm.quantize_int4(w, group_size)
+    if scheme is ExpertScheme.FP8:
+        return f8.quantize_fp8_per_channel(w)
+    return f8.quantize_fp8_blockwise(w)
+
+
+def _dequantize_rows(q: torch.Tensor, scales: torch.Tensor, scheme: ExpertScheme, group_size: int,
+                     k: int) -> torch.Tensor:
+    if scheme is ExpertScheme.WINT8 or scheme is ExpertScheme.WINT4:
+        return qm.dequantize_weight_only(q, scales, 8 if scheme is ExpertScheme.WINT8 else 4, k, group_size)
+    block = FP8_BLOCK if scheme is ExpertScheme.BLOCK_FP8 else 1
+    return f8.dequantize_fp8(q, scales, block, FP8_BLOCK if scheme is ExpertScheme.BLOCK_FP8 else k)
+
+
+def _activation_group(scheme: ExpertScheme) -> int:
+    return FP8_BLOCK if scheme is ExpertScheme.BLOCK_FP8 else 0
+
+
+def _as_gemm_input(a: torch.Tensor, scheme: ExpertScheme) -> torch.Tensor:
+    """Activations as the GEMM sees them, fp32: fp8 schemes quantize them per token (group)."""
+    if not scheme.is_fp8:
+        return a.float()
+    group = _activation_group(scheme)
+    q, s = f8.quant_fp8_per_token_group_ref(a, group)
+    return f8.dequantize_fp8(q, s, 1, group or a.shape[1])
+
+
+def fused_moe_quant_ref(
+    x: torch.Tensor,  # [T, H]
+    experts: QuantizedExperts,
+    topk_weights: torch.Tensor,  # [T, K]
+    topk_ids: torch.Tensor,  # [T, K]; ids >= E (other ranks' experts) are skipped
+) -> torch.Tensor:  # [T, H]
+    """Dequantize each expert that received tokens and run it in fp32, rounding where the fused path
+    does (the activation and each assignment's output in x's dtype). The CPU serving path."""
+    num_experts, inter, top_k = experts.num_experts, experts.inter, topk_ids.shape[1]
+    out = torch.zeros_like(x)
+    flat_ids = topk_ids.reshape(-1).long()  # [T * K]
+    flat_w = topk_weights.reshape(-1).float()
+    order = torch.argsort(flat_ids, stable=True)  # assignments grouped by expert
+    counts = torch.bincount(flat_ids, minlength=num_experts).tolist()[:num_experts]
+    start = 0
+    for e, count in enumerate(counts):
+        if count == 0:
+            continue
+        idx = order[start:start + count]  # [count] assignment indices
+        start += count
+        tokens = idx // top_k
+        w13, w2 = experts.dequantize(e)
+        h = _as_gemm_input(x[tokens], experts.scheme) @ w13.t()  # [count, 2I] fp32
+        act = (torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]).to(x.dtype)
+        y = _as_gemm_input(act, experts.scheme) @ w2.t() * flat_w[idx, None]  # [count, H]
+        out.index_add_(0, tokens, y.to(out.dtype))
+    return out
+
+
+# ---- tiles ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class QuantMoETiles:
+    block_m: int  # rows per expert block, shared by both GEMMs
+    gate_up: GemmTile
+    down: GemmTile
+    down_split: int = 1  # K splits of the down GEMM (partials summed with the top-k combine)
+    group_m: int = 8
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def choose_quant_tiles(num_assignments: int, num_experts: int, experts: QuantizedExperts,
+                       device: torch.device) -> QuantMoETiles:
+    """Decode (few rows per expert) is a weight stream: BLOCK_K 256 so each 1-byte (int8, fp8) tile
+    moves as many bytes as bf16's 128-deep one, and stages chosen so 2-3 programs fit an SM's shared
+    memory (int8 gate/up: (16x256 bf16 + 2 x 256x32 int8) x 3 stages = 72 KiB; down 128x128 tiles
+    x 4 stages = 80 KiB; int4 tiles are half the bytes). At one token (6 experts) the gate/up grid
+    is 6 x 48 = 288 programs, about one wave; the down GEMM has 6 x 20 = 120 N tiles, so it splits
+    K until about two programs per SM are busy. Prefill takes bf16's tiles (fp8: BLOCK_K 128, the
+    same bytes as bf16's 64). BLOCK_K is capped by the scale group.
+
+    TODO(lead, GPU): reasoned, not measured; `benchmarks/bench_moe_quant.py --sweep` tunes them.
+    """
+    base = fm.choose_tile_config(num_assignments, num_experts)
+    rows = num_assignments / max(1, min(num_experts, num_assignments))
+    group = experts.scale_group
+    if rows <= 16 and experts.scheme is ExpertScheme.WINT4:
+        # 128 packed bytes (one cache line) per weight row per K step. The dequantized B tile goes
+        # through shared memory on its way to the dot (bf16 [256, BLOCK_N]: 16 KiB per 32 columns),
+        # so BLOCK_N stays small enough for 2-3 programs per SM: gate/up 2 x 16 KiB + 3 stages of
+        # (2 x 4 KiB bytes + 8 KiB A), down 32 KiB + 3 x 8 KiB; 128 values per thread either way.
+        gate_up, down = GemmTile(32, 256, 4, 3), GemmTile(64, 256, 4, 3)
+    elif rows <= 16:
+        gate_up, down = GemmTile(32, 256, 4, 3), GemmTile(128, 128, 4, 4)
+    else:
+        bk = 128 if experts.scheme.is_fp8 else None  # fp8's bytes per element are half of bf16's
+        gate_up = base.gate_up if bk is None else GemmTile(base.gate_up.block_n, bk, base.gate_up.num_warps,
+                                                           base.gate_up.num_stages)
+        down = base.down if bk is None else GemmTile(base.down.block_n, bk, base.down.num_warps,
+                                                     base.down.num_stages)
+    if group:
+        gate_up, down = (GemmTile(t.block_n, min(t.block_k, group), t.num_warps, t.num_stages)
+                         for t in (gate_up, down))
+    split = 1
+    if rows <= 16 and device.type == "cuda":
+        programs = min(num_assignments, num_experts) * -(-experts.hidden // down.block_n)
+        split = max(1, min(4, 2 * _num_sms(device.index or 0) // programs, -(-experts.inter // down.block_k)))
+    return QuantMoETiles(base.block_m, gate_up, down, split, base.group_m)
+
+
+# ---- which path: fused (decode) or dequantize-then-bf16 (prefill) ------------------------------------
+
+class QuantMoEPath(enum.Enum):
+    AUTO = "auto"  # by token count: `choose_path`
+    FUSED = "fused"  # weight tiles dequantized in the K loop of each program (decode: a weight stream)
+    DEQUANT = "dequant"  # touched experts dequantized once into a scratch, then the bf16 kernels
+
+
+# Token counts from which AUTO takes the dequant path (None: never). The fused kernels dequantize a
+# weight tile once per BLOCK_M rows of its expert, so their dequantization work grows with the
+# tokens; the dequant path pays one fixed pass instead: read the int4 experts and write them in
+# bf16, (0.38 + 1.5) GB / 3 TB/s ~ 0.63 ms at the 21B-A3B shape (all 64 experts touched: from a few
+# hundred tokens on), then runs at bf16's matmul rate (1.49 ms at 4096 tokens, so ~1.4x bf16's
+# time there and ~1.2x at 8192). Below the threshold the fixed pass costs more than the fused
+# path's repeated dequantization. wint8 prefill runs its fused kernel at ~1.3x bf16 (measured),
+# cheaper than the pass (0.5 GB read + 1.5 GB written): off. fp8's kernels run fp8 tensor-core
+# dots, the dequant path does not handle them.
+# TODO(lead, GPU): 1024 is reasoned, not measured; `benchmarks/bench_moe_quant.py --path fused`
+# and `--path dequant` at 256..4096 tokens give the crossover.
+DEQUANT_MIN_TOKENS: dict[ExpertScheme, int | None] = {
+    ExpertScheme.WINT4: 1024, ExpertScheme.WINT8: None, ExpertScheme.FP8: None, ExpertScheme.BLOCK_FP8: None}
+
+
+def choose_path(num_tokens: int, scheme: ExpertScheme, scratch: DequantScratch | None) -> QuantMoEPath:
+    """DEQUANT for prefill-sized batches of the schemes that have a threshold, when a scratch exists."""
+    threshold = DEQUANT_MIN_TOKENS[scheme]
+    if scratch is None or threshold is None or num_tokens < threshold:
+        return QuantMoEPath.FUSED
+    return QuantMoEPath.DEQUANT
+
+
+@dataclass(slots=True)
+class DequantScratch:
+    """One buffer of dequantized expert weights shared by every quantized MoE layer of a model.
+
+    Sized by the largest projection stack it has held (w13 of one layer: [E, 2I, H]); w2 reuses it
+    after the gate/up GEMM has read w13 (same stream). Allocated at the first prefill that takes the
+    dequant path, which in serving is the engine's memory-profiling step (a max_num_batched_tokens
+    prefill, `ModelRunner._profile_peak`), so the KV cache sizing counts it; it is never freed.
+    Graphs are captured after that step at decode sizes, which take the fused path (and if a capture
+    size did reach the threshold, the buffer is already full-sized: nothing is allocated in capture).
+    """
+
+    buffer: torch.Tensor | None = None
+
+    def get(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A flat [numel] tensor of `dtype` on `device` (grown, never shrunk)."""
+        buf = self.buffer
+        if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
+            self.buffer = None  # let the allocator reuse the old memory for the new buffer
+            buf = self.buffer = torch.empty(numel, dtype=dtype, device=device)
+        return buf[:numel]
+
+    def nbytes(self) -> int:
+        return 0 if self.buffer is None else self.buffer.numel() * self.buffer.element_size()
+
+
+# ---- Triton --------------------------------------------------------------------------------------
+
+_KIND = {ExpertScheme.WINT8: 8, ExpertScheme.WINT4: 4, ExpertScheme.FP8: 1, ExpertScheme.BLOCK_FP8: 1}
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _int4_values(byte, DTYPE: tl.constexpr):
+        """Packed bytes (uint8, q + 8 per nibble) -> (low, high) nibbles as q in DTYPE, exactly.
+
+        Bit tricks instead of int -> float converts (a quarter-rate instruction, and two of them per
+        weight through int32 was what made wint4 slower than bf16): a nibble ORed into the low
+        mantissa bits of 2^7 (bf16 has 7 mantissa bits, so its step in [128, 256) is 1), 2^10 (fp16)
+        or 2^23 (fp32) reads as that power plus the nibble; subtracting the power plus 8 leaves q.
+        One AND or shift, one OR and one subtraction per weight.
+        """
+        if DTYPE == tl.float32:
+            b = byte.to(tl.int32)
+            low = ((b & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+            high = ((b >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+        elif DTYPE == tl.float16:
+            b = byte.to(tl.int16)
+            low = ((b & 0xF) | 0x6400).to(tl.float16, bitcast=True) - 1032.0
+            high = ((b >> 4) | 0x6400).to(tl.float16, bitcast=True) - 1032.0
+        else:  # bfloat16
+            b = byte.to(tl.int16)
+            low = ((b & 0xF) | 0x4300).to(tl.bfloat16, bitcast=True) - 136.0
+            high = ((b >> 4) | 0x4300).to(tl.bfloat16, bitcast=True) - 136.0
+        return low, high
+
+    @triton.jit
+    def _load_a(a_rows, k0, K, row_ok, INT4: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        """One K step of the gathered activation rows, loaded contiguously: [BLOCK_M, BLOCK_K], or (int4
+        weights) split in registers into its even and odd columns [BLOCK_M, BLOCK_K / 2] each, the
+        partners of the low and high nibbles."""
+        kk = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(a_rows + kk[None, :], mask=row_ok[:, None] & (kk < K)[None, :], other=0.0)
+        if INT4:
+            a0, a1 = tl.split(tl.reshape(a, [BLOCK_M, BLOCK_K // 2, 2]))
+        else:
+            a0 = a
+            a1 = a
+        return a0, a1
+
+    @triton.jit
+    def _dot_q(a0, a1, w_cols, k0, K, n_ok, acc, KIND: tl.constexpr, BLOCK_K: tl.constexpr,
+               DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+        """acc + A @ Q for one K step, Q the stored weight tile [BLOCK_K, BLOCK_N] (scales: caller).
+
+        w_cols: [1, BLOCK_N] pointers to the first stored column of each weight row.
+        """
+        if KIND == 4:
+            j = tl.arange(0, BLOCK_K // 2)
+            ke = k0 + 2 * j
+            byte = tl.load(w_cols + (k0 // 2 + j)[:, None], mask=(ke < K)[:, None] & n_ok[None, :],
+                           other=0x88)  # [BLOCK_K / 2, BLOCK_N]; nibbles hold q + 8, 0x88 is q = 0
+            if DOT_FP32:
+                a0, a1 = a0.to(tl.float32), a1.to(tl.float32)
+            low, high = _int4_values(byte, a0.dtype)  # even k, odd k: [BLOCK_K / 2, BLOCK_N] each
+            acc = tl.dot(a0, low, acc, input_precision=PRECISION)
+            acc = tl.dot(a1, high, acc, input_precision=PRECISION)
+        elif KIND == 8:
+            kk = k0 + tl.arange(0, BLOCK_K)
+            w = tl.load(w_cols + kk[:, None], mask=(kk < K)[:, None] & n_ok[None, :], other=0)
+            if DOT_FP32:
+                a0 = a0.to(tl.float32)
+            acc = tl.dot(a0, w.to(a0.dtype), acc, input_precision=PRECISION)
+        else:  # fp8 x fp8 (the interpreter has no fp8 dot: upcast there)
+            kk = k0 + tl.arange(0, BLOCK_K)
+            w = tl.load(w_cols + kk[:, None], mask=(kk < K)[:, None] & n_ok[None, :], other=0.0)
+            if DOT_FP32:
+                acc = tl.dot(a0.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a0, w, acc)
+        return acc
+
+    @triton.jit
+    def _gate_up_quant_kernel(
+        a_ptr, as_ptr, w_ptr, ws_ptr, out_ptr, sorted_ptr, block_expert_ptr, total_ptr,
+        N, H, I, num_pid_m, up_scale_row,
+        stride_at, stride_ast, stride_we, stride_wn, stride_wse, stride_wsn,
+        TOP_K: tl.constexpr, KIND: tl.constexpr, SCALE_GROUP: tl.constexpr, SCALE_ROWS: tl.constexpr,
+        A_SCALED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        pid_m, pid_n = _block_coords(num_pid_m, tl.cdiv(I, BLOCK_N), GROUP_M)
+        if pid_m * BLOCK_M >= tl.load(total_ptr):
+            return
+        expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+        ids = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))  # [BLOCK_M] assignments
+        row_ok = ids < N
+        tokens = (ids // TOP_K).to(tl.int64)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < I
+        a_rows = a_ptr + tokens[:, None] * stride_at  # [BLOCK_M, 1]
+        g_cols = w_ptr + expert * stride_we + offs_n[None, :].to(tl.int64) * stride_wn  # [1, BLOCK_N]
+        u_cols = g_cols + I * stride_wn  # up rows follow the gate rows
+        s_base = ws_ptr + expert * stride_wse
+        sg_ptrs = s_base + (offs_n // SCALE_ROWS) * stride_wsn  # [BLOCK_N]
+        su_ptrs = s_base + (up_scale_row + offs_n // SCALE_ROWS) * stride_wsn
+        as_ptrs = as_ptr + tokens * stride_ast  # [BLOCK_M] (fp8: activation scales)
+        acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            a0, a1 = _load_a(a_rows, k0, H, row_ok, KIND == 4, BLOCK_M, BLOCK_K)
+            if SCALE_GROUP > 0:  # this step's group: scale the partial product
+                zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                part_g = _dot_q(a0, a1, g_cols, k0, H, n_ok, zero, KIND, BLOCK_K, DOT_FP32, PRECISION)
+                part_u = _dot_q(a0, a1, u_cols, k0, H, n_ok, zero, KIND, BLOCK_K, DOT_FP32, PRECISION)
+                kg = k0 // SCALE_GROUP
+                sg = tl.load(sg_ptrs + kg, mask=n_ok, other=0.0)[None, :]
+                su = tl.load(su_ptrs + kg, mask=n_ok, other=0.0)[None, :]
+                if A_SCALED:
+                    sa = tl.load(as_ptrs + kg, mask=row_ok, other=0.0)[:, None]
+                    sg = sg * sa
+                    su = su * sa
+                acc_g += part_g * sg
+                acc_u += part_u * su
+            else:
+                acc_g = _dot_q(a0, a1, g_cols, k0, H, n_ok, acc_g, KIND, BLOCK_K, DOT_FP32, PRECISION)
+                acc_u = _dot_q(a0, a1, u_cols, k0, H, n_ok, acc_u, KIND, BLOCK_K, DOT_FP32, PRECISION)
+        if SCALE_GROUP == 0:  # one scale per output channel (and per token for fp8)
+            sg = tl.load(sg_ptrs, mask=n_ok, other=0.0)[None, :]
+            su = tl.load(su_ptrs, mask=n_ok, other=0.0)[None, :]
+            if A_SCALED:
+                sa = tl.load(as_ptrs, mask=row_ok, other=0.0)[:, None]
+                sg = sg * sa
+                su = su * sa
+            acc_g = acc_g * sg
+            acc_u = acc_u * su
+        act = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u  # silu(gate) * up, float32
+        out_ptrs = out_ptr + ids[:, None].to(tl.int64) * I + offs_n[None, :]
+        tl.store(out_ptrs, act.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+
+    @triton.jit
+    def _down_quant_kernel(
+        a_ptr, as_ptr, w_ptr, ws_ptr, out_ptr, weights_ptr, sorted_ptr, block_expert_ptr, total_ptr,
+        N, H, I, num_pid_m, k_per_split,
+        stride_am, stride_asm, stride_we, stride_wn, stride_wse, stride_wsn, stride_os,
+        KIND: tl.constexpr, SCALE_GROUP: tl.constexpr, SCALE_ROWS: tl.constexpr, A_SCALED: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        pid_m, pid_n = _block_coords(num_pid_m, tl.cdiv(H, BLOCK_N), GROUP_M)
+        pid_k = tl.program_id(1)
+        if pid_m * BLOCK_M >= tl.load(total_ptr):
+            return
+        expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+        ids = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+        row_ok = ids < N
+        rows = ids.to(tl.int64)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < H
+        a_rows = a_ptr + rows[:, None] * stride_am  # rows of inter [N, I], assignment order
+        w_cols = w_ptr + expert * stride_we + offs_n[None, :].to(tl.int64) * stride_wn
+        s_ptrs = ws_ptr + expert * stride_wse + (offs_n // SCALE_ROWS) * stride_wsn
+        as_ptrs = as_ptr + rows * stride_asm
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        k_begin = pid_k * k_per_split
+        k_end = tl.minimum(k_begin + k_per_split, I)
+        for k0 in range(k_begin, k_end, BLOCK_K):
+            a0, a1 = _load_a(a_rows, k0, I, row_ok, KIND == 4, BLOCK_M, BLOCK_K)
+            if SCALE_GROUP > 0:
+                zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                part = _dot_q(a0, a1, w_cols, k0, I, n_ok, zero, KIND, BLOCK_K, DOT_FP32, PRECISION)
+                kg = k0 // SCALE_GROUP
+                s = tl.load(s_ptrs + kg, mask=n_ok, other=0.0)[None, :]
+                if A_SCALED:
+                    s = s * tl.load(as_ptrs + kg, mask=row_ok, other=0.0)[:, None]
+                acc += part * s
+            else:
+                acc = _dot_q(a0, a1, w_cols, k0, I, n_ok, acc, KIND, BLOCK_K, DOT_FP32, PRECISION)
+        if SCALE_GROUP == 0:
+            s = tl.load(s_ptrs, mask=n_ok, other=0.0)[None, :]
+            if A_SCALED:
+                s = s * tl.load(as_ptrs, mask=row_ok, other=0.0)[:, None]
+            acc = acc * s
+        acc *= tl.load(weights_ptr + rows, mask=row_ok, other=0.0)[:, None]  # routing weight
+        out_ptrs = out_ptr + pid_k * stride_os + rows[:, None] * H + offs_n[None, :]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+
+
+    @triton.jit
+    def _dequant_experts_kernel(
+        q_ptr, s_ptr, out_ptr, touched_ptr, R, K, num_r_blocks,
+        stride_qe, stride_qr, stride_se, stride_sr, stride_oe, stride_or,
+        KIND: tl.constexpr, SCALE_GROUP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """out[e, r, k] = q[e, r, k] * scale in out's dtype for the experts with touched[e] != 0.
+        Grid: (row blocks x column blocks, experts); each program one [BLOCK_R, BLOCK_K] tile."""
+        e = tl.program_id(1)
+        if tl.load(touched_ptr + e) == 0:
+            return
+        pid = tl.program_id(0)
+        rows = (pid % num_r_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
+        r_ok = rows < R
+        k0 = (pid // num_r_blocks) * BLOCK_K
+        e64 = e.to(tl.int64)
+        q_rows = q_ptr + e64 * stride_qe + rows[:, None].to(tl.int64) * stride_qr  # [BLOCK_R, 1]
+        s_rows = s_ptr + e64 * stride_se + rows[:, None].to(tl.int64) * stride_sr
+        kk = k0 + tl.arange(0, BLOCK_K)
+        if KIND == 4:
+            j = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # byte columns: k = 2j (low nibble), 2j + 1 (high)
+            byte = tl.load(q_rows + j[None, :], mask=r_ok[:, None] & (2 * j < K)[None, :], other=0x88)
+            low, high = _int4_values(byte, tl.float32)  # [BLOCK_R, BLOCK_K / 2] each
+            if SCALE_GROUP > 0:  # a group is even, so 2j and 2j + 1 share it
+                s = tl.load(s_rows + (2 * j // SCALE_GROUP)[None, :], mask=r_ok[:, None] & (2 * j < K)[None, :],
+                            other=0.0)
+            else:
+                s = tl.load(s_rows, mask=r_ok[:, None], other=0.0)
+            w = tl.reshape(tl.join(low * s, high * s), [BLOCK_R, BLOCK_K])  # interleaved back: k order
+        else:
+            q = tl.load(q_rows + kk[None, :], mask=r_ok[:, None] & (kk < K)[None, :], other=0)
+            if SCALE_GROUP > 0:
+                s = tl.load(s_rows + (kk // SCALE_GROUP)[None, :], mask=r_ok[:, None] & (kk < K)[None, :],
+                            other=0.0)
+            else:
+                s = tl.load(s_rows, mask=r_ok[:, None], other=0.0)
+            w = q.to(tl.float32) * s
+        o_ptrs = out_ptr + e64 * stride_oe + rows[:, None].to(tl.int64) * stride_or + kk[None, :]
+        tl.store(o_ptrs, w.to(out_ptr.dtype.element_ty), mask=r_ok[:, None] & (kk < K)[None, :])
+
+
+def _quantize_activations(a: torch.Tensor, scheme: ExpertScheme) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp8 schemes: (e4m3 [M, K], fp32 scales [M, groups]). The interpreter (CPU tensors) casts
+    fp32 -> e4m3 wrongly when rounding carries into the exponent (tests/layers/test_quantization.py),
+    so off the GPU the same quantization runs in plain torch."""
+    group = _activation_group(scheme)
+    if a.is_cuda:
+        return f8.quant_fp8_per_token_group(a, group)
+    return f8.quant_fp8_per_token_group_ref(a, group)
+
+
+def fused_moe_quant_triton(
+    x: torch.Tensor,  # [T, H]
+    experts: QuantizedExperts,
+    topk_weights: torch.Tensor,  # [T, K]
+    topk_ids: torch.Tensor,  # [T, K]
+    tiles: QuantMoETiles | None = None,
+    foreign_experts: bool = False,
+    scratch: DequantScratch | None = None,
+    path: QuantMoEPath = QuantMoEPath.AUTO,
+) -> torch.Tensor:  # [T, H]
+    """The routed experts on quantized weights, by the path `choose_path` picks (or `path`).
+
+    foreign_experts: some ids equal E (another rank's experts, expert parallelism); the align
+    kernel leaves them out and their rows of the per-assignment output stay zero.
+    scratch: the model's shared buffer for the dequant path (AUTO never takes that path without
+    one; a forced DEQUANT without one allocates a temporary buffer).
+    """
+    assert HAS_TRITON, "triton is not installed"
+    if path is QuantMoEPath.AUTO:
+        path = choose_path(x.shape[0], experts.scheme, scratch)
+    if path is QuantMoEPath.DEQUANT:
+        scratch = scratch if scratch is not None else DequantScratch()
+        return _dequant_path(x, experts, topk_weights, topk_ids, scratch, tiles, foreign_experts)
+    return _fused_path(x, experts, topk_weights, topk_ids, tiles, foreign_experts)
+
+
+def _fused_path(
+    x: torch.Tensor,  # [T, H]
+    experts: QuantizedExperts,
+    topk_weights: torch.Tensor,  # [T, K]
+    topk_ids: torch.Tensor,  # [T, K]
+    tiles: QuantMoETiles | None,
+    foreign_experts: bool,
+) -> torch.Tensor:  # [T, H]
+    """Weight tiles dequantized inside the grouped GEMMs: no scratch, graph-capturable."""
+    num_tokens, hidden = x.shape
+    num_experts, inter, top_k = experts.num_experts, experts.inter, topk_ids.shape[1]
+    n = num_tokens * top_k
+    if n == 0:
+        return torch.zeros_like(x)
+    assert hidden == experts.hidden, f"x has {hidden} features, the experts {experts.hidden}"
+    x = x.contiguous()
+    t = tiles or choose_quant_tiles(n, num_experts, experts, x.device)
+    group = experts.scale_group
+    if group:
+        assert group % t.gate_up.block_k == 0 and group % t.down.block_k == 0, "BLOCK_K must divide the scale group"
+    sorted_ids, block_expert, total = fm.moe_align(topk_ids.contiguous(), num_experts, t.block_m)
+    num_pid_m = block_expert.shape[0]
+    scheme = experts.scheme
+    fp8 = scheme.is_fp8
+    # The interpreter multiplies bf16 dot operands as raw bits and has no fp8 dot: fp32 there.
+    dot_fp32 = x.device.type == "cpu" and (x.dtype != torch.float32 or fp8)
+    precision = "ieee" if x.dtype == torch.float32 or dot_fp32 else "tf32"
+    kind = _KIND[scheme]
+    scale_rows = FP8_BLOCK if scheme is ExpertScheme.BLOCK_FP8 else 1
+
+    a, a_scale = _quantize_activations(x, scheme) if fp8 else (x, x)  # x: an unread placeholder
+    act = torch.empty(n, inter, dtype=x.dtype, device=x.device)  # [N, I], assignment order
+    w13, s13 = experts.w13, experts.w13_scale
+    g = t.gate_up
+    _gate_up_quant_kernel[(num_pid_m * triton.cdiv(inter, g.block_n),)](
+        a, a_scale, w13, s13, act, sorted_ids, block_expert, total,
+        n, hidden, inter, num_pid_m, experts.up_scale_row,
+        a.stride(0), a_scale.stride(0), w13.stride(0), w13.stride(1), s13.stride(0), s13.stride(1),
+        TOP_K=top_k, KIND=kind, SCALE_GROUP=group, SCALE_ROWS=scale_rows, A_SCALED=fp8,
+        BLOCK_M=t.block_m, BLOCK_N=g.block_n, BLOCK_K=g.block_k, GROUP_M=t.group_m,
+        DOT_FP32=dot_fp32, PRECISION=precision, num_warps=g.num_warps, num_stages=g.num_stages)
+
+    a2, a2_scale = _quantize_activations(act, scheme) if fp8 else (act, act)
+    d = t.down
+    k_per_split = triton.cdiv(triton.cdiv(inter, t.down_split), d.block_k) * d.block_k
+    split = triton.cdiv(inter, k_per_split)
+    alloc = torch.zeros if foreign_experts else torch.empty  # foreign rows are never written
+    if split == 1:
+        per_slot = alloc(n, hidden, dtype=x.dtype, device=x.device)  # [N, H], weighted
+    else:
+        per_slot = alloc(split, n, hidden, dtype=torch.float32, device=x.device)  # partial sums over K
+    w2, s2 = experts.w2, experts.w2_scale
+    _down_quant_kernel[(num_pid_m * triton.cdiv(hidden, d.block_n), split)](
+        a2, a2_scale, w2, s2, per_slot, topk_weights.float().contiguous(), sorted_ids, block_expert, total,
+        n, hidden, inter, num_pid_m, k_per_split,
+        a2.stride(0), a2_scale.stride(0), w2.stride(0), w2.stride(1), s2.stride(0), s2.stride(1), n * hidden,
+        KIND=kind, SCALE_GROUP=group, SCALE_ROWS=scale_rows, A_SCALED=fp8,
+        BLOCK_M=t.block_m, BLOCK_N=d.block_n, BLOCK_K=d.block_k, GROUP_M=t.group_m,
+        DOT_FP32=dot_fp32, PRECISION=precision, num_warps=d.num_warps, num_stages=d.num_stages)
+    if split == 1:
+        return per_slot.view(num_tokens, top_k, hidden).sum(dim=1)
+    # K splits and top-k slots in one fixed-order reduction
+    return per_slot.view(split, num_tokens, top_k, hidden).sum(dim=(0, 2)).to(x.dtype)
+
+
+# ---- the prefill path: dequantize once, then the bf16 grouped GEMMs --------------------------------
+
+def dequantize_experts_into(out: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                            experts: QuantizedExperts, touched: torch.Tensor) -> None:
+    """One Triton pass: out [E, R, K] (x's dtype) = the weight-only projections [E, R, K(/2)] times
+    their scales [E, R, G], for the experts with touched[e] != 0 (touched: int32 [E + 1]; the
+    others' rows of out are left as they were)."""
+    assert experts.scheme in (ExpertScheme.WINT4, ExpertScheme.WINT8), experts.scheme
+    num_experts, rows, k = out.shape
+    block_r, block_k = 32, 512  # 16 KiB of bf16 written per program, 8 (int4) or 16 KiB read
+    num_r_blocks = triton.cdiv(rows, block_r)
+    _dequant_experts_kernel[(num_r_blocks * triton.cdiv(k, block_k), num_experts)](
+        qweight, scale, out, touched, rows, k, num_r_blocks,
+        qweight.stride(0), qweight.stride(1), scale.stride(0), scale.stride(1), out.stride(0), out.stride(1),
+        KIND=_KIND[experts.scheme], SCALE_GROUP=experts.group_size, BLOCK_R=block_r, BLOCK_K=block_k,
+        num_warps=4, num_stages=2)
+
+
+def _dequant_path(
+    x: torch.Tensor,  # [T, H]
+    experts: QuantizedExperts,
+    topk_weights: torch.Tensor,  # [T, K]
+    topk_ids: torch.Tensor,  # [T, K]
+    scratch: DequantScratch,
+    tiles: QuantMoETiles | None,
+    foreign_experts: bool,
+) -> torch.Tensor:  # [T, H]
+    """Dequantize w13 of the touched experts into the scratch, run fused_moe.py's gate/up GEMM,
+    dequantize w2 into the same scratch, run its down GEMM, combine. No host sync."""
+    if experts.scheme.is_fp8:
+        raise ValueError(f"the dequant path takes weight-only schemes (wint8, wint4), not {experts.scheme.value}")
+    num_tokens, hidden = x.shape
+    num_experts, inter, top_k = experts.num_experts, experts.inter, topk_ids.shape[1]
+    n = num_tokens * top_k
+    if n == 0:
+        return torch.zeros_like(x)
+    assert hidden == experts.hidden, f"x has {hidden} features, the experts {experts.hidden}"
+    x = x.contiguous()
+    topk_ids = topk_ids.contiguous()
+    t = fm.choose_tile_config(n, num_experts) if tiles is None else \
+        fm.MoETileConfig(tiles.block_m, tiles.gate_up, tiles.down, tiles.group_m)
+    sorted_ids, block_expert, total = fm.moe_align(topk_ids, num_experts, t.block_m)
+    num_pid_m = block_expert.shape[0]
+    # experts with at least one assignment; slot E collects other ranks' experts (ignored)
+    touched = torch.zeros(num_experts + 1, dtype=torch.int32, device=x.device)
+    touched.index_fill_(0, topk_ids.reshape(-1).long(), 1)
+    buf = scratch.get(num_experts * max(2 * inter * hidden, hidden * inter), x.dtype, x.device)
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    dot_fp32 = x.device.type == "cpu" and x.dtype == torch.bfloat16  # the interpreter's bf16 dot
+
+    w13 = buf[:num_experts * 2 * inter * hidden].view(num_experts, 2 * inter, hidden)
+    dequantize_experts_into(w13, experts.w13, experts.w13_scale, experts, touched)
+    act = torch.empty(n, inter, dtype=x.dtype, device=x.device)  # [N, I], assignment order
+    g = t.gate_up
+    fm._gate_up_kernel[(num_pid_m * triton.cdiv(inter, g.block_n),)](
+        x, w13, act, sorted_ids, block_expert, total, n, hidden, inter, num_pid_m,
+        x.stride(0), w13.stride(0), w13.stride(1),
+        TOP_K=top_k, BLOCK_M=t.block_m, BLOCK_N=g.block_n, BLOCK_K=g.block_k, GROUP_M=t.group_m,
+        DOT_PRECISION=precision, DOT_FP32=dot_fp32, num_warps=g.num_warps, num_stages=g.num_stages)
+
+    w2 = buf[:num_experts * hidden * inter].view(num_experts, hidden, inter)  # after w13 is read
+    dequantize_experts_into(w2, experts.w2, experts.w2_scale, experts, touched)
+    alloc = torch.zeros if foreign_experts else torch.empty  # foreign rows are never written
+    per_slot = alloc(n, hidden, dtype=x.dtype, device=x.device)  # [N, H], weighted
+    d = t.down
+    fm._down_kernel[(num_pid_m * triton.cdiv(hidden, d.block_n),)](
+        act, w2, per_slot, topk_weights.float().contiguous(), sorted_ids, block_expert, total,
+        n, hidden, inter, num_pid_m, w2.stride(0), w2.stride(1),
+        BLOCK_M=t.block_m, BLOCK_N=d.block_n, BLOCK_K=d.block_k, GROUP_M=t.group_m,
+        DOT_PRECISION=precision, DOT_FP32=dot_fp32, num_warps=d.num_warps, num_stages=d.num_stages)
+    return per_slot.view(num_tokens, top_k, hidden).sum(dim=1)
