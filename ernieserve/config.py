@@ -17,6 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ernieserve.multimodal.options import (DEFAULT_LIMIT_MM_PER_PROMPT, MMProcessorOptions, parse_limit_mm_per_prompt,
+                                           parse_mm_processor_kwargs)
+
 if TYPE_CHECKING:
     from ernieserve.layers.quantization import QuantConfig
 
@@ -32,6 +35,16 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 
 
 @dataclass(frozen=True, slots=True)
+class MultiModalConfig:
+    """Image/video inputs (front end only): --limit-mm-per-prompt, --mm-processor-kwargs,
+    --allowed-local-media-path. Text-only models carry the defaults and never read them."""
+
+    limit_per_prompt: dict[str, int] = dataclasses.field(default_factory=lambda: dict(DEFAULT_LIMIT_MM_PER_PROMPT))
+    processor_options: MMProcessorOptions = MMProcessorOptions()
+    allowed_local_media_path: str | None = None  # resolved folder; None: no file:// URLs
+
+
+@dataclass(frozen=True, slots=True)
 class ModelConfig:
     model: str  # local checkpoint folder
     tokenizer: str
@@ -43,6 +56,12 @@ class ModelConfig:
     seed: int
     generation_config: dict
     quant_config: "QuantConfig | None" = None  # --quantization: dense linear layers quantized while loading
+    multimodal: MultiModalConfig = dataclasses.field(default_factory=MultiModalConfig)
+
+    @property
+    def is_multimodal(self) -> bool:
+        """The model takes images/videos (its config has a vision tower)."""
+        return getattr(self.hf_config, "vision_config", None) is not None
 
     @property
     def architecture(self) -> str:
@@ -91,7 +110,34 @@ class SchedulerConfig:
 
 @dataclass(frozen=True, slots=True)
 class ParallelConfig:
+    """How one model replica spreads over devices and hosts (distributed/placement.py builds it).
+
+    Ranks 0..tp-1 form one tensor-parallel group; node k runs ranks [k * per_node, (k+1) * per_node).
+    Rank 0 lives in the engine core process, beside the scheduler. Data-parallel replicas are
+    separate engine cores on one node, replica r on devices [r * tp, (r+1) * tp).
+    """
+
     tensor_parallel_size: int
+    enable_expert_parallel: bool = False  # MoE experts split whole across the TP ranks
+    data_parallel_size: int = 1
+    data_parallel_rank: int = 0  # which replica this engine core is; the front end sets it per process
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"  # node 0's address: the rendezvous store and rank 0's step channel
+    master_port: int | None = None  # None: rank 0 picks a free port (one node only)
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.tensor_parallel_size // self.nnodes
+
+    def node_ranks(self, node_rank: int | None = None) -> range:
+        """The tensor-parallel ranks that run on a node (default: this one)."""
+        node = self.node_rank if node_rank is None else node_rank
+        return range(node * self.ranks_per_node, (node + 1) * self.ranks_per_node)
+
+    def device_index(self, rank: int) -> int:
+        """Local device of a rank on its node: replicas take consecutive blocks of devices."""
+        return self.data_parallel_rank * self.ranks_per_node + rank % self.ranks_per_node
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,11 +177,23 @@ class EngineArgs:
     swap_space: float = 0.0
     enable_prefix_caching: bool = True
     tensor_parallel_size: int = 1
+    enable_expert_parallel: bool = False
+    data_parallel_size: int = 1
+    ips: str | None = None  # FastDeploy: comma-separated node addresses, node 0 first
+    nnodes: int | None = None
+    node_rank: int | None = None
+    master_addr: str | None = None
+    master_port: int | None = None
+    distributed_init_method: str | None = None  # tcp://HOST:PORT, another spelling of master addr/port
     quantization: str | None = None
     quantization_config: str | None = None  # JSON options of --quantization (group_size, gemm_backend)
     enforce_eager: bool = False
     use_cudagraph: bool | None = None  # FastDeploy's switch; None = on where CUDA graphs work
     graph_optimization_config: str | None = None  # FastDeploy's JSON: use_cudagraph, cudagraph_capture_sizes
+    # multimodal front end (JSON strings on the command line, dicts from the offline API)
+    limit_mm_per_prompt: str | dict | None = None  # {"image": N, "video": M}
+    mm_processor_kwargs: str | dict | None = None  # FastDeploy's keys: image_max_pixels, video_fps, ...
+    allowed_local_media_path: str | None = None  # file:// image/video URLs are served from under this folder
 
     # ---- command line -------------------------------------------------------------------------
     @staticmethod
@@ -177,8 +235,7 @@ class EngineArgs:
                             "there and copied back on a hit instead of recomputed (needs prefix caching).")
         g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                        help="Reuse the KV blocks of shared prompt prefixes (on by default, as in FastDeploy 2.2).")
-        g.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.tensor_parallel_size,
-                       help="GPUs per model replica (only 1 today; larger values are refused).")
+        add_parallel_cli_args(parser, d)
         g.add_argument("--quantization", type=str, default=None,
                        help="Quantize the bf16 checkpoint while loading: wint8, wint4 (weight-only int8/int4), "
                             "block_wise_fp8 or fp8 (Hopper); FastDeploy's JSON form "
@@ -191,6 +248,17 @@ class EngineArgs:
                        help="CUDA graphs for decode steps (FastDeploy's name; on by default on GPU).")
         g.add_argument("--graph-optimization-config", type=str, default=None,
                        help='JSON, e.g. \'{"use_cudagraph": true, "cudagraph_capture_sizes": [1, 2, 4, 8]}\'.')
+        g.add_argument("--limit-mm-per-prompt", type=str, default=None,
+                       help='Most images/videos in one prompt, JSON: \'{"image": 10, "video": 3}\' (default: '
+                            'FastDeploy\'s 1 image and 1 video; more in one request is a 400).')
+        g.add_argument("--mm-processor-kwargs", type=str, default=None,
+                       help="JSON options of the image/video processor (FastDeploy's keys): image_min_pixels, "
+                            "image_max_pixels, video_min_pixels, video_max_pixels, video_fps, video_min_frames, "
+                            "video_max_frames, video_target_frames, video_frames_sample (leading|middle); "
+                            "min_pixels, max_pixels, fps, min_frames, max_frames, target_frames as aliases.")
+        g.add_argument("--allowed-local-media-path", type=str, default=None,
+                       help="Folder whose files requests may name as file:// image/video URLs (default: none; "
+                            "paths are resolved, so links cannot reach outside it).")
         return parser
 
     @classmethod
@@ -224,14 +292,14 @@ class EngineArgs:
             served_model_name=self.served_model_name or (self.model or "ernie-4.5-0.3b-dummy"),
             hf_config=hf_config, dtype=dtype, max_model_len=max_model_len,
             load_format=self.load_format, seed=self.seed, generation_config=load_generation_config(model_dir),
-            quant_config=quant_config)
+            quant_config=quant_config, multimodal=self._multimodal_config())
         return EngineConfig(
             model=model,
             cache=CacheConfig(self.block_size, self.gpu_memory_utilization, self.num_gpu_blocks_override,
                               self.kv_cache_ratio, self.cpu_kv_cache_space, self.swap_space,
                               self.enable_prefix_caching),
             scheduler=SchedulerConfig(self.max_num_seqs, batched, max_model_len, self.enable_chunked_prefill),
-            parallel=ParallelConfig(self.tensor_parallel_size),
+            parallel=build_parallel_config(self, device, hf_config),
             device=self._device_config(device),
         )
 
@@ -256,10 +324,21 @@ class EngineArgs:
         eager = self.enforce_eager or use is False or device.type != "cuda"
         return DeviceConfig(device, eager, sizes)
 
+    def _multimodal_config(self) -> MultiModalConfig:
+        try:
+            limits = parse_limit_mm_per_prompt(self.limit_mm_per_prompt)
+            options = parse_mm_processor_kwargs(self.mm_processor_kwargs)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        folder = None
+        if self.allowed_local_media_path:
+            path = Path(self.allowed_local_media_path).expanduser()
+            if not path.is_dir():
+                raise ConfigError(f"--allowed-local-media-path {self.allowed_local_media_path}: no such folder.")
+            folder = str(path.resolve())
+        return MultiModalConfig(limits, options, folder)
+
     def _check_unsupported(self) -> None:
-        if self.tensor_parallel_size != 1:
-            raise ConfigError(f"--tensor-parallel-size {self.tensor_parallel_size} is not supported yet "
-                              "(tensor parallelism is planned); use 1.")
         if not 0.0 <= self.swap_space < float("inf"):
             raise ConfigError(f"--swap-space must be a number of GiB >= 0, got {self.swap_space}.")
 
@@ -298,6 +377,39 @@ class EngineArgs:
             raise ConfigError(f"--max-model-len {self.max_model_len} exceeds the model's "
                               f"max_position_embeddings ({limit}).")
         return self.max_model_len
+
+
+def add_parallel_cli_args(parser: argparse.ArgumentParser, d: "EngineArgs") -> None:
+    g = parser.add_argument_group("parallelism")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.tensor_parallel_size,
+                   help="Devices per model replica: attention heads, MLPs and the vocabulary split over them "
+                        "(one process each; NCCL on GPUs, gloo on CPU).")
+    g.add_argument("--enable-expert-parallel", action="store_true",
+                   help="MoE models: each tensor-parallel rank holds num_experts / tp whole experts instead of a "
+                        "slice of every expert.")
+    g.add_argument("--data-parallel-size", "-dp", type=int, default=d.data_parallel_size,
+                   help="Model replicas (engine cores) behind one API server, each with --tensor-parallel-size "
+                        "devices; requests go to the replica with the fewest unfinished ones.")
+    g.add_argument("--ips", type=str, default=None,
+                   help="Multi-node: comma-separated addresses of every node, node 0 (the API server) first "
+                        "(FastDeploy); sets --nnodes and --master-addr.")
+    g.add_argument("--nnodes", type=int, default=None, help="Multi-node: number of nodes sharing the tensor-parallel "
+                   "ranks evenly (default 1).")
+    g.add_argument("--node-rank", type=int, default=None,
+                   help="Multi-node: this node's index; node 0 serves, nodes 1.. only run their workers "
+                        "(default 0, or this host's position in --ips).")
+    g.add_argument("--master-addr", type=str, default=None,
+                   help="Multi-node: node 0's address, reachable from every node (rendezvous).")
+    g.add_argument("--master-port", type=int, default=None,
+                   help="Multi-node: node 0's rendezvous port (default 29500; one node: a free port).")
+    g.add_argument("--distributed-init-method", type=str, default=None,
+                   help="tcp://HOST:PORT, the same as --master-addr HOST --master-port PORT.")
+
+
+def build_parallel_config(args: "EngineArgs", device: torch.device, hf_config: Any) -> ParallelConfig:
+    from ernieserve.distributed.placement import parallel_config_from_args
+
+    return parallel_config_from_args(args, device, hf_config)
 
 
 def _check_positive(**values: int) -> None:

@@ -37,6 +37,7 @@ _ENGINE_FLAGS: list[tuple[str, type | None]] = [
     ("--block-size", int),
     ("--num-gpu-blocks-override", int),
     ("--tensor-parallel-size", int),
+    ("--enable-expert-parallel", None),
     ("--quantization", str),
     ("--quantization-config", str),
     ("--kv-cache-ratio", float),

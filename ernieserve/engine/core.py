@@ -15,22 +15,29 @@ from ernieserve.config import EngineConfig
 from ernieserve.core.request import Request
 from ernieserve.core.scheduler import Scheduler
 from ernieserve.engine.protocol import EngineOutput, EngineOutputs, EngineRequest, FinishReason
+from ernieserve.worker.executor import FatalHandler, make_executor
 from ernieserve.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, on_fatal: FatalHandler | None = None) -> None:
+        """on_fatal: called (from a monitor thread) when a tensor-parallel rank dies or fails."""
         start = time.perf_counter()
         self.config = config
-        self.runner = ModelRunner(config)
-        num_blocks = self.runner.initialize_kv_cache()
+        # rank 0 here; with --tensor-parallel-size > 1, ranks 1.. in worker processes
+        self.executor = make_executor(config, on_fatal)
+        try:
+            num_blocks = self.executor.initialize_kv_cache()
+        except BaseException:
+            self.executor.shutdown()
+            raise
         max_ctx = num_blocks * config.cache.block_size
         if max_ctx < config.scheduler.max_model_len:
             logger.warning("the KV cache holds %d tokens, less than max_model_len %d: one request "
                            "can use at most that many", max_ctx, config.scheduler.max_model_len)
-        self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, self.runner.num_host_blocks)
+        self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, self.executor.num_host_blocks)
         # Everything built so far lives as long as the engine: keep the collector from walking it
         # on every collection (long-tail step latencies otherwise).
         gc.collect()
@@ -66,12 +73,12 @@ class EngineCore:
         return [EngineOutput(r.request_id, [], finish_reason=FinishReason.ABORT) for r in aborted]
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests() or self.runner.has_pending
+        return self.scheduler.has_unfinished_requests() or self.executor.has_pending
 
     def step(self) -> EngineOutputs:
         """Schedule and launch step t, then apply step t-1's results while the device works."""
         sched = self.scheduler.schedule()
-        out = self.runner.execute_model(sched)
+        out = self.executor.execute_model(sched)
         outputs = self.scheduler.update_from_output(out)
         return EngineOutputs(outputs=outputs, scheduler_stats=self.scheduler.stats(), timestamp=time.time())
 
@@ -79,8 +86,18 @@ class EngineCore:
         return self.scheduler.stats()
 
     @property
+    def runner(self) -> ModelRunner:
+        """Tensor-parallel rank 0's model runner (the only one with TP size 1)."""
+        return self.executor.runner
+
+    @property
     def num_blocks(self) -> int:
-        return self.runner.num_blocks
+        return self.executor.num_blocks
 
     def model_param_bytes(self) -> int:
-        return self.runner.model_param_bytes()
+        """Weight bytes on one device."""
+        return self.executor.model_param_bytes()
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers (no-op with one device)."""
+        self.executor.shutdown()

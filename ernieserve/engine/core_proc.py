@@ -72,6 +72,16 @@ class EngineAddresses:
     def ipc_paths(self) -> list[str]:
         return [a.removeprefix("ipc://") for a in (self.input, self.output) if a.startswith("ipc://")]
 
+    def for_replica(self, index: int) -> "EngineAddresses":
+        """Data-parallel replica `index`'s pair: replica 0 uses these; replica i > 0 the ipc paths
+        with an `-{i}` suffix, or the tcp ports output + 2i - 1 and output + 2i."""
+        if index == 0:
+            return self
+        if self.output.startswith("tcp://"):
+            host, port = self.output.rsplit(":", 1)
+            return EngineAddresses(f"{host}:{int(port) + 2 * index - 1}", f"{host}:{int(port) + 2 * index}")
+        return EngineAddresses(f"{self.input}-{index}", f"{self.output}-{index}")
+
 
 def run_engine_core(config: EngineConfig, addresses: EngineAddresses, parent_pid: int,
                     log_level: int = logging.INFO) -> None:
@@ -88,7 +98,7 @@ def run_engine_core(config: EngineConfig, addresses: EngineAddresses, parent_pid
     try:
         from ernieserve.engine.core import EngineCore
 
-        core = EngineCore(config)
+        core = EngineCore(config, on_fatal=lambda message: _die_now(addresses, message))
     except BaseException as e:  # anything at all: the parent must hear why, not just an exit code
         logger.error("engine core failed to start:\n%s", traceback.format_exc())
         out.send_multipart([OutputTag.DEAD.value, encoder.encode(EngineDead(_describe(e), True))])
@@ -102,13 +112,30 @@ def run_engine_core(config: EngineConfig, addresses: EngineAddresses, parent_pid
     signal.signal(signal.SIGTERM, loop.on_sigterm)
     sched = config.scheduler
     out.send_multipart([OutputTag.READY.value, encoder.encode(EngineReady(
-        os.getpid(), core.runner.num_blocks, config.cache.block_size, sched.max_model_len,
+        os.getpid(), core.num_blocks, config.cache.block_size, sched.max_model_len,
         sched.max_num_seqs, sched.max_num_batched_tokens))])
     code = loop.run()
+    core.shutdown()
     inp.close()
     out.close()
     ctx.term()
     sys.exit(code)
+
+
+def _die_now(addresses: EngineAddresses, message: str) -> None:
+    """A tensor-parallel rank died (called from the executor's monitor thread). The main thread may
+    be blocked in a collective that will never complete, so tell the front end from this thread,
+    through a context of its own (its term() waits until the message is out, up to the linger),
+    and exit without unwinding."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, 2000)
+    sock.connect(addresses.output)
+    sock.send_multipart([OutputTag.DEAD.value, msgspec.msgpack.encode(EngineDead(message, False))])
+    sock.close()
+    ctx.term()
+    logging.shutdown()
+    os._exit(1)
 
 
 def _describe(e: BaseException) -> str:

@@ -6,7 +6,7 @@ import itertools
 import logging
 from typing import Any
 
-from ernieserve.config import EngineArgs, EngineConfig
+from ernieserve.config import ConfigError, EngineArgs, EngineConfig
 from ernieserve.engine.core import EngineCore
 from ernieserve.frontend.output_processor import OutputKind, OutputProcessor, child_request_id
 from ernieserve.frontend.processor import InputProcessor, PromptType
@@ -18,6 +18,9 @@ logger = logging.getLogger(__name__)
 
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
+        if config.parallel.data_parallel_size > 1 or config.parallel.node_rank > 0:
+            raise ConfigError("--data-parallel-size > 1 and --node-rank > 0 are not supported by the offline engine "
+                              "(one engine core in this process); use `ernieserve serve`.")
         self.config = config
         self.processor = InputProcessor(config.model)
         self.tokenizer = self.processor.tokenizer

@@ -115,8 +115,15 @@ class QKVParallelLinear(ColumnParallelLinear):
                  dtype: torch.dtype = torch.float32, tp: TPGroup = SINGLE, method: LinearMethod | None = None) -> None:
         self.head_dim = head_dim
         self.num_heads = _divide(num_heads, tp.size, "attention heads")
-        self.num_kv_heads = max(1, num_kv_heads // tp.size)
-        self.kv_replicas = max(1, tp.size // num_kv_heads)
+        if num_kv_heads >= tp.size:
+            self.num_kv_heads = _divide(num_kv_heads, tp.size, "key/value heads")
+            self.kv_replicas = 1
+        else:  # fewer KV heads than ranks: each KV head is replicated on tp / num_kv_heads ranks
+            self.num_kv_heads = 1
+            self.kv_replicas = tp.size // num_kv_heads
+            if tp.size % num_kv_heads:
+                raise ValueError(f"the tensor-parallel size ({tp.size}) is not a multiple of the key/value "
+                                 f"heads ({num_kv_heads}), so they cannot be replicated evenly.")
         out = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp.size
         super().__init__(hidden_size, out, bias, dtype, tp, method)
 
@@ -134,6 +141,9 @@ class RowParallelLinear(LinearBase):
     def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype = torch.float32,
                  tp: TPGroup = SINGLE, method: LinearMethod | None = None) -> None:
         super().__init__(_divide(in_features, tp.size, "input features"), out_features, bias, dtype, tp, method)
+        # False when the caller sums this output with another partial one first and reduces once
+        # (a MoE block's shared experts and routed experts: one all-reduce instead of two)
+        self.reduce_results = True
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         if param.dim() == 1:  # the bias is added once, after the reduction
@@ -143,8 +153,9 @@ class RowParallelLinear(LinearBase):
         _copy(param.data, loaded.narrow(1, self.tp.rank * n, n))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = self.bias if self.tp.rank == 0 else None
-        return self.tp.all_reduce(self.method.apply(self, x, bias))
+        bias = self.bias if self.tp.rank == 0 else None  # added once: only rank 0's partial sum carries it
+        out = self.method.apply(self, x, bias)
+        return self.tp.all_reduce(out) if self.reduce_results else out
 
 
 def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:

@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 from ernieserve.attention.base import AttentionBackend
 from ernieserve.config import ModelConfig
-from ernieserve.distributed.parallel_state import SINGLE, TPGroup
+from ernieserve.distributed.parallel_state import SINGLE, TPGroup, expert_parallel_scope
+from ernieserve.distributed.sharded_loading import init_dummy_weights_sharded, iterate_checkpoint_mapped
 from ernieserve.layers.quantization import is_streaming_quantized, quantization_scope, quantized_share
 from ernieserve.models.registry import resolve_model_class
 
@@ -68,20 +69,30 @@ def iterate_checkpoint(files: list[Path], progress: bool = True) -> Iterator[tup
 
 
 def build_model(model_config: ModelConfig, backend: AttentionBackend, device: torch.device,
-                tp: TPGroup = SINGLE) -> nn.Module:
+                tp: TPGroup = SINGLE, expert_parallel: bool = False) -> nn.Module:
     cls = resolve_model_class(getattr(model_config.hf_config, "architectures", None))
     start = time.perf_counter()
     # Quantized linear layers start as meta tensors and quantize each layer as its last checkpoint
     # shard streams in (layers/quantization/base.py), so the full-precision model is never resident.
-    with torch.device(device), quantization_scope(model_config.quant_config):
-        model = cls(model_config.text_config(), backend, model_config.dtype, tp)
+    with torch.device(device), quantization_scope(model_config.quant_config), expert_parallel_scope(expert_parallel):
+        # multimodal models (takes_full_config) need the vision settings too, not just text_config()
+        cfg = model_config.hf_config if getattr(cls, "takes_full_config", False) else model_config.text_config()
+        model = cls(cfg, backend, model_config.dtype, tp)
     model.eval()
     model_dir = Path(model_config.model)
-    if model_config.load_format == "dummy":
+    if model_config.load_format == "dummy" and tp.size > 1:
+        # the one-rank model's draw, sliced: every tensor-parallel size runs the same random model
+        with torch.device("meta"), quantization_scope(model_config.quant_config):
+            full = cls(cfg, backend, model_config.dtype, SINGLE)
+        init_dummy_weights_sharded(model, full, model_config.seed, device, is_streaming_quantized)
+    elif model_config.load_format == "dummy":
         init_dummy_weights(model, model_config.seed)
     else:
         expected = {n for n, _ in model.named_parameters()}
-        loaded = model.load_weights(iterate_checkpoint(checkpoint_files(model_dir)))
+        files = checkpoint_files(model_dir)
+        # a rank keeps slices: mapped views let it copy only those (distributed/sharded_loading.py)
+        tensors = iterate_checkpoint_mapped(files) if tp.size > 1 else iterate_checkpoint(files)
+        loaded = model.load_weights(tensors)
         missing = sorted(expected - loaded)
         if missing:
             raise CheckpointError(f"{model_dir}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}.")
@@ -91,9 +102,12 @@ def build_model(model_config: ModelConfig, backend: AttentionBackend, device: to
             method.process_weights_after_loading(module)
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     quant = model_config.quant_config
-    logger.info("Loaded %s (%s) in %.1f s: %.2f GiB of weights in %s%s on %s", cls.__name__,
+    rank = (f" (tensor-parallel rank {tp.rank} of {tp.size}{', expert parallel' if expert_parallel else ''})"
+            if tp.size > 1 else "")
+    logger.info("Loaded %s (%s) in %.1f s: %.2f GiB of weights in %s%s on %s%s", cls.__name__,
                 model_config.load_format, time.perf_counter() - start, nbytes / 2**30, model_config.dtype,
-                f", {quantized_share(model):.0%} of weights {quant.describe()}" if quant is not None else "", device)
+                f", {quantized_share(model):.0%} of weights {quant.describe()}" if quant is not None else "", device,
+                rank)
     return model
 
 

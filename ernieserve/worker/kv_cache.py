@@ -23,11 +23,17 @@ logger = logging.getLogger(__name__)
 SWAP_STAGING_BYTES = 64 * 2**20
 
 
+def kv_heads_per_rank(config: EngineConfig) -> int:
+    """KV heads one tensor-parallel rank caches: its share, or 1 (replicated) when there are fewer
+    KV heads than ranks (layers/linear.py QKVParallelLinear)."""
+    return max(1, config.model.num_kv_heads // config.parallel.tensor_parallel_size)
+
+
 def bytes_per_block(config: EngineConfig) -> int:
     m = config.model
     elem = torch.tensor([], dtype=m.dtype).element_size()
-    # K and V, every layer
-    return 2 * m.num_layers * config.cache.block_size * m.num_kv_heads * m.head_dim * elem
+    # K and V, every layer, this rank's heads
+    return 2 * m.num_layers * config.cache.block_size * kv_heads_per_rank(config) * m.head_dim * elem
 
 
 def num_blocks_for_budget(config: EngineConfig, budget_bytes: int) -> int:
@@ -54,7 +60,7 @@ def gpu_kv_budget(config: EngineConfig, device: torch.device, peak_bytes: int) -
 def allocate_kv_cache(config: EngineConfig, num_blocks: int, device: torch.device) -> torch.Tensor:
     """[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim], zeroed."""
     m = config.model
-    shape = (m.num_layers, 2, num_blocks, config.cache.block_size, m.num_kv_heads, m.head_dim)
+    shape = (m.num_layers, 2, num_blocks, config.cache.block_size, kv_heads_per_rank(config), m.head_dim)
     return torch.zeros(shape, dtype=m.dtype, device=device)
 
 
@@ -100,6 +106,6 @@ def allocate_host_cache(config: EngineConfig, num_blocks: int, pin: bool) -> tor
     """[num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim] on the host, uninitialized
     (a host block is read only after a swap-out filled it). Pinned where CUDA copies from it."""
     m = config.model
-    shape = (num_blocks, m.num_layers, 2, config.cache.block_size, m.num_kv_heads, m.head_dim)
+    shape = (num_blocks, m.num_layers, 2, config.cache.block_size, kv_heads_per_rank(config), m.head_dim)
     check_host_memory(num_blocks * bytes_per_block(config))
     return torch.empty(shape, dtype=m.dtype, pin_memory=pin)

@@ -75,7 +75,7 @@ async def _checks(llm: AsyncLLM, metrics: ServerMetrics) -> None:
     # what the processor derives (bad_words -> token ids) reaches the engine, for every sample
     sent = []
     original_send = llm._send
-    llm._send = lambda tag, msg: (sent.append(msg), original_send(tag, msg))
+    llm._send = lambda tag, msg, *replica: (sent.append(msg), original_send(tag, msg, *replica))
     try:
         await _collect(llm, "bad", "the quick", SamplingParams(n=2, max_tokens=2, bad_words=["quick"]))
     finally:

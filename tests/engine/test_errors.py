@@ -110,7 +110,7 @@ def test_missing_model_folder_and_bad_flags():
 
 @pytest.mark.parametrize("kwargs,flag", [
     (dict(max_model_len=10**9), "--max-model-len"), (dict(max_num_seqs=0), "--max-num-seqs"),
-    (dict(gpu_memory_utilization=1.5), "--gpu-memory-utilization"), (dict(tensor_parallel_size=2), "--tensor-parallel-size"),
+    (dict(gpu_memory_utilization=1.5), "--gpu-memory-utilization"), (dict(tensor_parallel_size=3), "--tensor-parallel-size"),
     (dict(quantization="wint2"), "--quantization"), (dict(block_size=0), "--block-size"),
 ])
 def test_bad_engine_flags_name_the_flag(tiny_ernie, kwargs, flag):

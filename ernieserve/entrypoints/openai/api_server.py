@@ -43,6 +43,8 @@ from ernieserve.entrypoints.openai.serving_base import ServingContext
 from ernieserve.entrypoints.openai.serving_chat import OpenAIServingChat
 from ernieserve.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from ernieserve.metrics.prometheus import CONTENT_TYPE, ServerMetrics
+from ernieserve.reasoning import get_reasoning_parser
+from ernieserve.reasoning.parser import ReasoningParser
 
 logger = logging.getLogger("ernieserve.api_server")
 
@@ -130,7 +132,7 @@ def build_app(state: ServerState) -> FastAPI:
 def _add_generation_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, raw: Request) -> Response:
-        job = state.chat.start(body)
+        job = await state.chat.start(body)
         if body.stream:
             return _stream_response(state, state.chat.stream(job), [job.request_id])
         return await _full_response(state, raw, state.chat.full_response(job), [job.request_id])
@@ -293,10 +295,12 @@ async def run_server(args: argparse.Namespace) -> int:
     metrics = ServerMetrics()
     engine = AsyncLLM(engine_config, metrics=metrics, log_requests=not args.disable_log_requests,
                       addresses=EngineAddresses.create(args.engine_worker_queue_port, args.cache_queue_port))
+    reasoning_parser = _reasoning_parser(args.reasoning_parser, engine.tokenizer)
     try:
         await engine.start()
         model = engine_config.model
-        ctx = ServingContext(engine, [model.served_model_name], model.model, model.max_model_len, chat_template)
+        ctx = ServingContext(engine, [model.served_model_name], model.model, model.max_model_len, chat_template,
+                             reasoning_parser)
         state = ServerState(engine, ctx, OpenAIServingChat(ctx), OpenAIServingCompletion(ctx), metrics,
                             args.api_key, args.max_concurrency, not separate_metrics)
         await _serve(state, args, sockets)
@@ -305,6 +309,15 @@ async def run_server(args: argparse.Namespace) -> int:
         for sock in sockets:
             sock.close()
     return 0
+
+
+def _reasoning_parser(name: str | None, tokenizer: Any) -> ReasoningParser | None:
+    if name is None:
+        return None
+    try:
+        return get_reasoning_parser(name, tokenizer)
+    except ValueError as e:  # unknown name, or a tokenizer without the parser's markers
+        raise ConfigError(str(e)) from None
 
 
 async def _serve(state: ServerState, args: argparse.Namespace, sockets: list[socket.socket]) -> None:
@@ -328,8 +341,16 @@ async def _serve(state: ServerState, args: argparse.Namespace, sockets: list[soc
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    """Check flags, then serve until SIGTERM. ConfigError propagates (the caller prints it)."""
+    """Check flags, then serve until SIGTERM. ConfigError propagates (the caller prints it).
+    On a node other than node 0 (--node-rank K > 0), run that node's tensor-parallel workers
+    instead: node 0 serves."""
     check_args(args)
+    if args.node_rank or args.nnodes or args.ips:
+        config = EngineArgs.from_cli_args(args).create_engine_config()
+        if config.parallel.node_rank > 0:
+            from ernieserve.worker.worker_proc import run_node_workers
+
+            return run_node_workers(config)
     try:
         return asyncio.run(run_server(args))
     except EngineStartupError as e:

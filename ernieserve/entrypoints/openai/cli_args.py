@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ernieserve.config import ConfigError, EngineArgs
+from ernieserve.reasoning import check_reasoning_parser_name
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +38,6 @@ def _unset(value: Any) -> bool:
 PLANNED_FLAGS: tuple[PlannedFlag, ...] = (
     PlannedFlag("--limit-mm-per-prompt", "multimodal (image/video) inputs", {"type": str}, _unset),
     PlannedFlag("--mm-processor-kwargs", "multimodal (image/video) inputs", {"type": str}, _unset),
-    PlannedFlag("--reasoning-parser", "reasoning parsers", {"type": str}, _unset),
     PlannedFlag("--tool-call-parser", "tool calling", {"type": str}, _unset),
     PlannedFlag("--enable-auto-tool-choice", "tool calling", {"action": "store_true"}, _unset),
     PlannedFlag("--speculative-config", "speculative decoding (MTP)", {"type": str}, _unset),
@@ -45,8 +45,6 @@ PLANNED_FLAGS: tuple[PlannedFlag, ...] = (
                 lambda v: _unset(v) or v == "mixed"),
     PlannedFlag("--innode-prefill-ports", "disaggregated prefill/decode", {"type": str, "nargs": "+"}, _unset),
     PlannedFlag("--cpu-offload-gb", "CPU weight offloading", {"type": float}, lambda v: not v),
-    PlannedFlag("--data-parallel-size", "data parallelism", {"type": int}, lambda v: v in (None, 1)),
-    PlannedFlag("--enable-expert-parallel", "expert parallelism", {"action": "store_true"}, _unset),
     PlannedFlag("--guided-decoding-backend", "structured output", {"type": str}, lambda v: v in (None, "off")),
     PlannedFlag("--workers", "several API server workers", {"type": int}, lambda v: v in (None, 1)),
 )
@@ -67,6 +65,9 @@ def make_arg_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="Seconds that in-flight requests get to finish after SIGTERM.")
     server.add_argument("--chat-template", type=str, default=None,
                         help="A chat template file, or the template itself (default: the tokenizer's).")
+    server.add_argument("--reasoning-parser", type=str, default=None,
+                        help="Split chat output into reasoning_content and content: ernie-45-vl (ERNIE-4.5-VL; "
+                             "requests then think unless enable_thinking is false) or qwen3.")
     server.add_argument("--engine-worker-queue-port", type=int, default=None,
                         help="TCP port (127.0.0.1) of the requests queue to the engine core process "
                              "(default: a private ipc socket).")
@@ -111,6 +112,11 @@ def check_args(args: argparse.Namespace) -> None:
         if args.model is not None and args.model != tag:
             raise ConfigError(f"the model is given twice and differently: {tag!r} and --model {args.model!r}.")
         args.model = tag
+    if args.reasoning_parser is not None:
+        try:
+            check_reasoning_parser_name(args.reasoning_parser)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if args.max_concurrency < 1:
         raise ConfigError(f"--max-concurrency must be at least 1, got {args.max_concurrency}.")
     if args.timeout_graceful_shutdown < 0:

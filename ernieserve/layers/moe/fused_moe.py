@@ -21,6 +21,9 @@ whose size depends on the routing, so it can be captured in a CUDA graph:
    so results do not depend on the batch's other tokens' scheduling).
 
 Blocks past the padded total exit at once, so the grid is sized from the bound, not the routing.
+
+Quantized experts (wint8, wint4, fp8, block_wise_fp8) run the same align kernel and block walk in
+`fused_moe_quant.py`, whose GEMMs load the stored weight tiles and dequantize them in the K loop.
 """
 
 from __future__ import annotations
@@ -59,7 +62,8 @@ def fused_moe_ref(
     # HF multiplies by the weights cast to the activations' dtype
     flat_w = topk_weights.reshape(-1).to(x.dtype)
     order = torch.argsort(flat_ids, stable=True)  # assignments grouped by expert
-    counts = torch.bincount(flat_ids, minlength=num_experts).tolist()
+    # ids == num_experts: another rank's experts (expert parallelism), sorted last and skipped
+    counts = torch.bincount(flat_ids, minlength=num_experts).tolist()[:num_experts]
     start = 0
     for e, count in enumerate(counts):
         if count == 0:
@@ -317,7 +321,10 @@ def fused_moe_triton(
     topk_weights: torch.Tensor,  # [T, K]
     topk_ids: torch.Tensor,  # [T, K]
     tiles: MoETileConfig | None = None,
+    foreign_experts: bool = False,
 ) -> torch.Tensor:  # [T, H]
+    """foreign_experts: some ids equal E, experts held by another rank (expert parallelism); the
+    align kernel leaves them out (the spare bin) and their output rows stay zero."""
     num_tokens, hidden = x.shape
     num_experts, inter = w13.shape[0], w2.shape[2]
     top_k = topk_ids.shape[1]
@@ -343,7 +350,8 @@ def fused_moe_triton(
         TOP_K=top_k, BLOCK_M=bm, BLOCK_N=t1.block_n, BLOCK_K=t1.block_k, GROUP_M=tiles.group_m,
         DOT_PRECISION=precision, DOT_FP32=dot_fp32, num_warps=t1.num_warps, num_stages=t1.num_stages)
 
-    per_slot = torch.empty(n, hidden, dtype=x.dtype, device=x.device)  # [N, H], weighted
+    alloc = torch.zeros if foreign_experts else torch.empty  # foreign rows are never written
+    per_slot = alloc(n, hidden, dtype=x.dtype, device=x.device)  # [N, H], weighted
     t2 = tiles.down
     _down_kernel[(num_pid_m * triton.cdiv(hidden, t2.block_n),)](
         act, w2, per_slot, topk_weights.float().contiguous(), sorted_ids, block_expert, total,

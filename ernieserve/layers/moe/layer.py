@@ -3,12 +3,16 @@ the router and optional shared experts.
 
 Weights: ``w13 [E, 2 * I_local, H]`` (gate rows, then up rows) and ``w2 [E, H, I_local]``, where
 ``I_local = moe_intermediate_size / tp_size``: tensor parallelism splits every expert's
-intermediate dimension, and the layer all-reduces its output. Checkpoints store one tensor per
+intermediate dimension, and the layer all-reduces its output. With expert parallelism
+(``--enable-expert-parallel``) a rank instead holds ``E / tp_size`` whole experts (``I_local = I``)
+and computes only the assignments routed to them. Checkpoints store one tensor per
 expert and projection (HF ``...mlp.experts.{e}.gate_proj.weight``); `weight_loader` copies each into
 its slot as it streams past, so the model never holds an expert twice. Checkpoints already in
 HF's stacked in-memory layout (``...mlp.experts.gate_up_proj`` / ``down_proj``) load too.
 
-Dispatch: the Triton path on CUDA, the torch reference (a loop over experts) elsewhere.
+Storage, loading and compute of the experts belong to the layer's `method`
+(layers/quantization/moe.py): bf16 `w13` / `w2`, or experts quantized as they stream in under
+--quantization. Either runs the Triton path on CUDA, the torch reference (a loop over experts) elsewhere.
 """
 
 from __future__ import annotations
@@ -19,8 +23,8 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
-from ernieserve.distributed.parallel_state import SINGLE, TPGroup
-from ernieserve.layers.moe.fused_moe import fused_moe_ref
+from ernieserve.distributed.parallel_state import SINGLE, TPGroup, scoped_expert_parallel
+from ernieserve.layers.linear import RowParallelLinear
 from ernieserve.layers.moe.router import TopKRouter
 
 # HF per-expert names: "<prefix>.experts.<e>.<gate_proj|up_proj|down_proj>.weight"
@@ -30,21 +34,39 @@ _STACKED = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<proj>gate_up_proj|down_pro
 
 
 class FusedMoE(nn.Module):
+    """expert_parallel: each rank holds num_experts / tp_size whole experts (a contiguous range)
+    instead of a slice of every expert; tokens routed elsewhere contribute zero here, and the
+    all-reduce that follows sums the ranks' parts either way."""
+
     def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int,
-                 dtype: torch.dtype, tp: TPGroup = SINGLE) -> None:
+                 dtype: torch.dtype, tp: TPGroup = SINGLE, expert_parallel: bool | None = None) -> None:
         super().__init__()
-        if intermediate_size % tp.size:
+        if expert_parallel is None:  # the loader's expert_parallel_scope decides
+            expert_parallel = scoped_expert_parallel()
+        self.expert_parallel = expert_parallel and tp.size > 1
+        if self.expert_parallel and num_experts % tp.size:
+            raise ValueError(f"the number of experts ({num_experts}) is not divisible by the tensor-parallel "
+                             f"size ({tp.size}) for expert parallelism.")
+        if not self.expert_parallel and intermediate_size % tp.size:
             raise ValueError(f"moe_intermediate_size ({intermediate_size}) is not divisible by the "
                              f"tensor-parallel size ({tp.size}).")
-        self.num_experts = num_experts
+        self.num_experts = num_experts  # all ranks' experts; router ids are in [0, num_experts)
         self.top_k = top_k
         self.tp = tp
-        self.inter = intermediate_size // tp.size  # this rank's share
-        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * self.inter, hidden_size, dtype=dtype),
-                                requires_grad=False)
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, self.inter, dtype=dtype), requires_grad=False)
-        self.w13.weight_loader = self.weight_loader  # type: ignore[attr-defined]
-        self.w2.weight_loader = self.weight_loader  # type: ignore[attr-defined]
+        # expert parallel: experts [expert_start, expert_start + num_local_experts), whole;
+        # tensor parallel: every expert, intermediate rows [shard_rank * inter, (shard_rank + 1) * inter)
+        self.num_local_experts = num_experts // tp.size if self.expert_parallel else num_experts
+        self.expert_start = tp.rank * self.num_local_experts if self.expert_parallel else 0
+        self.shard_rank = 0 if self.expert_parallel else tp.rank
+        self.inter = intermediate_size if self.expert_parallel else intermediate_size // tp.size  # this rank's
+        self.reduce_results = True  # MoEBlock turns this off to reduce once with its shared experts
+        # How the experts are stored, loaded and run: bf16 `w13` / `w2`, or quantized ones when built
+        # inside the loader's quantization scope (layers/quantization/moe.py; imported here because
+        # it imports this package's kernels).
+        from ernieserve.layers.quantization.moe import scoped_moe_method
+
+        self.method = scoped_moe_method()
+        self.method.create_weights(self, self.num_local_experts, hidden_size, self.inter, dtype)
         # slots filled per parameter, so a checkpoint missing an expert is reported, not run
         self._filled: dict[str, set[tuple[int, str]]] = {"w13": set(), "w2": set()}
 
@@ -57,40 +79,50 @@ class FusedMoE(nn.Module):
         expert, proj = shard_id  # type: ignore[misc]
         if not 0 <= expert < self.num_experts:
             raise ValueError(f"expert {expert} is out of range (num_experts={self.num_experts})")
-        n, r = self.inter, self.tp.rank
+        local = expert - self.expert_start
+        if not 0 <= local < self.num_local_experts:
+            return  # another rank's expert (expert parallelism)
+        n, r = self.inter, self.shard_rank
         if proj == "down":  # [H, I]: split the input features
-            _copy(param.data[expert], loaded.narrow(1, r * n, n))
-            self._filled["w2"].add((expert, proj))
-        else:  # [I, H]: split the output features; gate rows first
-            offset = 0 if proj == "gate" else n
-            _copy(param.data[expert].narrow(0, offset, n), loaded.narrow(0, r * n, n))
-            self._filled["w13"].add((expert, proj))
+            self.method.load_expert(self, local, proj, loaded.narrow(1, r * n, n))
+            self._filled["w2"].add((local, proj))
+        else:  # [I, H]: split the output features; the method puts gate rows first
+            self.method.load_expert(self, local, proj, loaded.narrow(0, r * n, n))
+            self._filled["w13"].add((local, proj))
 
     def _load_stacked(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
-        n, r = self.inter, self.tp.rank
-        if param is self.w2:
-            _copy(param.data, loaded.narrow(2, r * n, n))
-            self._filled["w2"] = {(e, "down") for e in range(self.num_experts)}
-            return
-        full = loaded.shape[1] // 2
-        _copy(param.data[:, :n], loaded.narrow(1, r * n, n))
-        _copy(param.data[:, n:], loaded.narrow(1, full + r * n, n))
-        self._filled["w13"] = {(e, p) for e in range(self.num_experts) for p in ("gate", "up")}
+        """[E, 2I, H] gate_up_proj or [E, H, I] down_proj, expert by expert through the per-expert
+        path (which keeps this rank's experts and rows, and lets a quantized method take each)."""
+        if loaded.dim() != 3:
+            raise ValueError(f"a stacked expert tensor has 3 dimensions, got shape {tuple(loaded.shape)}")
+        is_down = param is self.w2
+        for e in range(loaded.shape[0]):  # global expert ids
+            if is_down:
+                self.weight_loader(param, loaded[e], (e, "down"))
+            else:
+                full = loaded.shape[1] // 2
+                self.weight_loader(param, loaded[e, :full], (e, "gate"))
+                self.weight_loader(param, loaded[e, full:], (e, "up"))
 
     def fully_loaded(self, param_name: str) -> bool:
         per_expert = 2 if param_name == "w13" else 1
-        return len(self._filled[param_name]) == per_expert * self.num_experts
+        return len(self._filled[param_name]) == per_expert * self.num_local_experts
 
     # ---- compute --------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """x [T, H], topk_weights/ids [T, top_k] -> [T, H], the weighted sum of the routed experts."""
-        if x.is_cuda:
-            from ernieserve.layers.moe.fused_moe import fused_moe_triton
+        if self.expert_parallel:
+            topk_weights, topk_ids = self._local_routing(topk_weights, topk_ids)
+        out = self.method.apply(self, x, topk_weights, topk_ids)  # Triton on CUDA, torch reference elsewhere
+        return self.tp.all_reduce(out) if self.reduce_results else out
 
-            out = fused_moe_triton(x, self.w13, self.w2, topk_weights, topk_ids)
-        else:
-            out = fused_moe_ref(x, self.w13, self.w2, topk_weights, topk_ids)
-        return self.tp.all_reduce(out)
+    def _local_routing(self, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Router ids -> this rank's expert slots. Assignments to other ranks' experts get the
+        spare id `num_local_experts`, which both expert paths skip, and weight 0. Device ops
+        only (no sync), so decode steps stay capturable."""
+        local = topk_ids - self.expert_start  # [T, top_k]
+        mine = (local >= 0) & (local < self.num_local_experts)
+        return torch.where(mine, topk_weights, 0.0), torch.where(mine, local, self.num_local_experts)
 
 
 class MoEBlock(nn.Module):
@@ -105,6 +137,12 @@ class MoEBlock(nn.Module):
         self.gate = gate
         self.experts = experts
         self.shared_experts = shared_experts
+        # Both parts end in a tensor-parallel sum: add the partial sums first, reduce once.
+        down = getattr(shared_experts, "down_proj", None)
+        self.reduce_once = experts.tp.size > 1 and isinstance(down, RowParallelLinear)
+        if self.reduce_once:
+            experts.reduce_results = False
+            down.reduce_results = False  # type: ignore[union-attr]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[num_tokens, hidden] -> [num_tokens, hidden]."""
@@ -112,6 +150,8 @@ class MoEBlock(nn.Module):
         out = self.experts(x, topk_weights, topk_ids)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
+        if self.reduce_once:
+            out = self.experts.tp.all_reduce(out)
         return out
 
 
@@ -163,9 +203,3 @@ def _expert_target(name: str) -> tuple[str, object] | None:
     if m is not None:
         return f"{m['prefix']}.{'w13' if m['proj'] == 'gate_up_proj' else 'w2'}", None
     return None
-
-
-def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
-    if dst.shape != src.shape:
-        raise ValueError(f"checkpoint tensor has shape {tuple(src.shape)}, the model expects {tuple(dst.shape)}")
-    dst.copy_(src)
