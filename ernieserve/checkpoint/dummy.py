@@ -51,6 +51,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from ernieserve.checkpoint.presets import Preset, get_preset
+from ernieserve.checkpoint.processor_files import write_processor_files
 from ernieserve.checkpoint.tokenizer_builder import build_tokenizer
 
 DEFAULT_PRESET = "ernie-4.5-0.3b"
@@ -127,6 +128,8 @@ def write_dummy_checkpoint(
     _write_json(out / "config.json", config)
     _write_json(out / "generation_config.json", spec.generation_config)
     build_tokenizer(spec.tokenizer, spec.vocab_size, out, model_max_length=spec.max_position_embeddings)
+    if "vision_config" in spec.config:
+        write_processor_files(spec, out)  # image/video processor configs of VL models
     if spec.weights:
         _write_weights(checkpoint_tensors(spec, dtype), out, seed=seed, max_shard_bytes=max_shard_bytes)
     return out

@@ -10,6 +10,7 @@ from ernieserve.config import EngineArgs
 from ernieserve.engine.llm_engine import LLMEngine
 from ernieserve.frontend.output_processor import OutputKind
 from ernieserve.frontend.processor import PromptType
+from ernieserve.multimodal.chat import parse_chat_messages
 from ernieserve.outputs import RequestOutput
 from ernieserve.sampling_params import SamplingParams
 
@@ -72,9 +73,17 @@ class LLM:
         proc = self.llm_engine.processor
         prompts: list[PromptType] = []
         for conv in conversations:
+            # content parts: text, image_url, video_url, image_pil (see multimodal/chat.py)
+            conv, media = parse_chat_messages(conv, takes_media=proc.mm_processor is not None,
+                                              model=proc.model_config.served_model_name)
             text = proc.apply_chat_template(conv, chat_template, add_generation_prompt, **(chat_template_kwargs or {}))
             # the template already holds the special tokens: do not add BOS again
-            prompts.append({"prompt": text, "prompt_token_ids": proc.tokenizer.encode(text, add_special_tokens=False)})
+            prompt: dict[str, Any] = {"prompt": text,
+                                      "prompt_token_ids": proc.tokenizer.encode(text, add_special_tokens=False)}
+            if media:
+                images, videos = proc.load_chat_media(media)
+                prompt["multi_modal_data"] = {"image": images, "video": videos}
+            prompts.append(prompt)
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:

@@ -15,10 +15,16 @@ import msgspec
 
 from ernieserve.config import ModelConfig
 from ernieserve.engine.protocol import EngineRequest
+from ernieserve.multimodal.chat import ChatMedia, load_chat_media
+from ernieserve.multimodal.inputs import MultiModalItem
+from ernieserve.multimodal.media import MediaLoader, VideoFrames
 from ernieserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
+# str, or a dict with "prompt" and/or "prompt_token_ids", and optionally "multi_modal_data"
+# ({"image": [...], "video": [...]}: PIL images / frame arrays / URLs) or, already processed,
+# "mm_items" (then prompt_token_ids hold the expanded placeholder runs).
 PromptType = str | dict[str, Any]
 
 # generation_config.json keys that become default sampling values (vLLM's "generation config")
@@ -45,6 +51,14 @@ class InputProcessor:
         self.eos_token_ids = self._eos_ids()
         self.generation_defaults = {k: v for k, v in model_config.generation_config.items()
                                     if k in _GENERATION_DEFAULTS}
+        mm = model_config.multimodal
+        self.media_loader = MediaLoader(mm.allowed_local_media_path)
+        self.mm_processor = None  # images/videos -> placeholder runs + MultiModalItems (VL models only)
+        if model_config.is_multimodal:
+            from ernieserve.multimodal.processor import MultiModalProcessor
+
+            self.mm_processor = MultiModalProcessor.from_pretrained(
+                model_config.model, model_config.hf_config, mm.processor_options, mm.limit_per_prompt)
 
     def _eos_ids(self) -> list[int]:
         ids: list[int] = []
@@ -84,12 +98,57 @@ class InputProcessor:
     def process(self, request_id: str, prompt: PromptType, params: SamplingParams,
                 arrival_time: float | None = None) -> tuple[str | None, EngineRequest]:
         text, ids = self.tokenize(prompt)
+        ids, mm_items = self.process_multimodal(prompt, ids)
         self.check_prompt(ids, params)
         if params.bad_words:
             params = msgspec.structs.replace(params, bad_words_token_ids=self._bad_words_ids(params.bad_words))
         req = EngineRequest(request_id=request_id, prompt_token_ids=ids, sampling_params=params,
-                            eos_token_ids=self.eos_token_ids, arrival_time=arrival_time or time.time())
+                            eos_token_ids=self.eos_token_ids, arrival_time=arrival_time or time.time(),
+                            mm_items=mm_items)
         return text, req
+
+    # ---- images and videos --------------------------------------------------------------------
+    def process_multimodal(self, prompt: PromptType, ids: list[int]) -> tuple[list[int], list[MultiModalItem]]:
+        """The prompt's ids with image/video placeholders expanded, and its items."""
+        data = prompt.get("multi_modal_data") if isinstance(prompt, dict) else None
+        items = prompt.get("mm_items") if isinstance(prompt, dict) else None
+        if items is not None:  # processed already (the API server does it off the event loop)
+            return ids, _checked_items(items, ids)
+        if self.mm_processor is None:
+            if data:
+                raise ValueError(f"The model {self.model_config.served_model_name} takes no images or videos "
+                                 "(it has no vision encoder); send text only.")
+            return ids, []
+        images, videos = self._media_of(data or {})
+        return self.mm_processor.process(ids, images, videos)
+
+    def check_media_counts(self, num_images: int, num_videos: int) -> None:
+        """--limit-mm-per-prompt, checked before anything is fetched."""
+        if self.mm_processor is None:
+            if num_images or num_videos:
+                raise ValueError(f"The model {self.model_config.served_model_name} takes no images or videos.")
+            return
+        self.mm_processor.check_limits(num_images, num_videos)
+
+    def load_chat_media(self, media: ChatMedia) -> tuple[list[Any], list[VideoFrames]]:
+        """Fetch and decode a conversation's media (blocking: the server runs it in a thread)."""
+        self.check_media_counts(len(media.images), len(media.videos))
+        assert self.mm_processor is not None  # check_media_counts refused media otherwise
+        return load_chat_media(media, self.media_loader, self.mm_processor.video.sampling)
+
+    def _media_of(self, data: dict[str, Any]) -> tuple[list[Any], list[Any]]:
+        unknown = sorted(set(data) - {"image", "video"})
+        if unknown:
+            raise ValueError(f"multi_modal_data: unknown modality {unknown[0]!r}; use 'image' and 'video'.")
+        images = _as_list(data.get("image"), single=lambda v: not isinstance(v, list))
+        # a video: a [T, H, W, 3] array, VideoFrames, a URL, or a list of frames
+        videos = _as_list(data.get("video"), single=lambda v: not isinstance(v, list) or (bool(v) and _is_frame(v[0])))
+        self.check_media_counts(len(images), len(videos))
+        assert self.mm_processor is not None
+        sampling = self.mm_processor.video.sampling
+        images = [self.media_loader.load_image(x) if isinstance(x, str) else x for x in images]
+        videos = [self.media_loader.load_video(x, sampling) if isinstance(x, str) else x for x in videos]
+        return images, videos
 
     def check_prompt(self, ids: list[int], params: SamplingParams) -> None:
         max_len = self.model_config.max_model_len
@@ -115,3 +174,30 @@ class InputProcessor:
                 if ids and ids not in out:
                     out.append(ids)
         return out
+
+
+def _as_list(value: Any, single: Any) -> list[Any]:
+    """One item or a list of them (multi_modal_data takes both, as vLLM's)."""
+    if value is None:
+        return []
+    return [value] if single(value) else list(value)
+
+
+def _is_frame(value: Any) -> bool:
+    """A video given as a list of frames: its first element is one frame, not a whole video."""
+    import numpy as np
+    from PIL import Image
+
+    return isinstance(value, Image.Image) or (isinstance(value, np.ndarray) and value.ndim == 3)
+
+
+def _checked_items(items: Any, ids: list[int]) -> list[MultiModalItem]:
+    """Processed items must lie inside the prompt, in order, without overlapping."""
+    if not isinstance(items, list) or not all(isinstance(i, MultiModalItem) for i in items):
+        raise ValueError("mm_items must be a list of MultiModalItem.")
+    end = 0
+    for item in items:
+        if item.offset < end or item.length < 1 or item.end > len(ids):
+            raise ValueError("mm_items do not match prompt_token_ids (overlapping or out of range).")
+        end = item.end
+    return list(items)

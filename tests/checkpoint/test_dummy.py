@@ -247,9 +247,10 @@ def test_config_only_presets_write_config_and_tokenizer(tmp_path: Path, name: st
     from transformers import AutoConfig, AutoTokenizer
 
     out = write_dummy_checkpoint(name, tmp_path)
+    processor_files = {"preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json"}
     assert {p.name for p in out.iterdir()} == {
         "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-        "special_tokens_map.json",
+        "special_tokens_map.json", *(processor_files if "vision_config" in get_preset(name).config else ()),
     }  # fmt: skip
     config = AutoConfig.from_pretrained(out)
     assert config.architectures == get_preset(name).config["architectures"]

@@ -154,9 +154,10 @@ class ChatLogprobs(ResponseModel):
 
 
 class ChatMessage(ResponseModel):
-    _omit_if_none = frozenset({"prompt_token_ids", "completion_token_ids"})
+    _omit_if_none = frozenset({"prompt_token_ids", "completion_token_ids", "reasoning_content"})
     role: str = "assistant"
     content: str | None = None
+    reasoning_content: str | None = None  # with --reasoning-parser (FastDeploy's and vLLM's field)
     prompt_token_ids: list[int] | None = None
     completion_token_ids: list[int] | None = None
 
@@ -180,9 +181,10 @@ class ChatCompletionResponse(ResponseModel):
 
 
 class DeltaMessage(ResponseModel):
-    _omit_if_none = frozenset({"role", "content", "prompt_token_ids", "completion_token_ids"})
+    _omit_if_none = frozenset({"role", "content", "reasoning_content", "prompt_token_ids", "completion_token_ids"})
     role: str | None = None
     content: str | None = None
+    reasoning_content: str | None = None
     prompt_token_ids: list[int] | None = None
     completion_token_ids: list[int] | None = None
 

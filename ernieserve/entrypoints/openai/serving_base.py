@@ -14,6 +14,7 @@ from ernieserve.engine.async_client import AsyncLLM, EngineDeadError, RequestRej
 from ernieserve.entrypoints.openai.protocol import (OpenAIError, PromptTokensDetails, SamplingRequest, UsageInfo,
                                                     bad_request)
 from ernieserve.outputs import Logprob
+from ernieserve.reasoning.parser import ReasoningParser
 from ernieserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ class ServingContext:
     model_path: str
     max_model_len: int
     chat_template: str | None = None
+    reasoning_parser: ReasoningParser | None = None  # --reasoning-parser: reasoning_content in chat responses
 
     @property
     def tokenizer(self) -> Any:

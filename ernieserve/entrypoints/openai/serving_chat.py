@@ -1,7 +1,14 @@
-"""POST /v1/chat/completions: messages -> chat template -> engine -> OpenAI chat responses."""
+"""POST /v1/chat/completions: messages -> chat template -> engine -> OpenAI chat responses.
+
+Image and video content parts (VL models) are fetched and processed in worker threads, so a slow
+URL or a large image never stalls other requests' streams; their placeholder tokens count in
+``usage.prompt_tokens``. With ``--reasoning-parser`` each choice's output is split into
+``reasoning_content`` and ``content`` (streamed as ``delta.reasoning_content`` then ``delta.content``).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -15,7 +22,10 @@ from ernieserve.entrypoints.openai.protocol import (ChatChoice, ChatCompletionCh
 from ernieserve.entrypoints.openai.serving_base import (SSE_DONE, ServingContext, clamp, engine_error, sse,
                                                         token_text, top_entries, usage)
 from ernieserve.frontend.output_processor import OutputKind
+from ernieserve.multimodal.chat import ChatContentError, parse_chat_messages
+from ernieserve.multimodal.inputs import MultiModalItem
 from ernieserve.outputs import CompletionOutput, RequestOutput
+from ernieserve.reasoning.parser import ReasoningStream
 
 
 @dataclass(slots=True)
@@ -27,17 +37,18 @@ class ChatJob:
     request: ChatCompletionRequest
     prompt_token_ids: list[int]
     created: int = field(default_factory=lambda: int(time.time()))
+    params: Any = None  # the SamplingParams sent (the reasoning parser decodes as the detokenizer does)
 
 
 class OpenAIServingChat:
     def __init__(self, ctx: ServingContext) -> None:
         self.ctx = ctx
 
-    def start(self, req: ChatCompletionRequest) -> ChatJob:
+    async def start(self, req: ChatCompletionRequest) -> ChatJob:
         """Validate and queue the request; raises OpenAIError (nothing is queued then)."""
         model = self.ctx.resolve_model(req.model)
         _refuse_unsupported(req)
-        text, ids = self._prompt(req)
+        text, ids, mm_items = await self._prompt(req, model)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         self.ctx.check_length(len(ids), max_tokens, "messages")
         if req.top_logprobs is not None and not req.logprobs:
@@ -46,33 +57,57 @@ class OpenAIServingChat:
         if not 0 <= top <= 20:
             raise bad_request(f"top_logprobs must be in [0, 20], got {top}.", "top_logprobs")
         params = self.ctx.sampling_params(req, max_tokens=max_tokens, logprobs=top if req.logprobs else None)
-        job = ChatJob(f"chatcmpl-{uuid.uuid4().hex}", model, req, ids)
+        job = ChatJob(f"chatcmpl-{uuid.uuid4().hex}", model, req, ids, params=params)
+        prompt: dict[str, Any] = {"prompt": text, "prompt_token_ids": ids}
+        if mm_items is not None:
+            prompt["mm_items"] = mm_items
         try:
-            self.ctx.engine.add_request(job.request_id, {"prompt": text, "prompt_token_ids": ids}, params,
-                                        OutputKind.DELTA)
+            self.ctx.engine.add_request(job.request_id, prompt, params, OutputKind.DELTA)
         except Exception as e:
             raise engine_error(e) from None
         return job
 
-    def _prompt(self, req: ChatCompletionRequest) -> tuple[str | None, list[int]]:
+    async def _prompt(self, req: ChatCompletionRequest,
+                      model: str) -> tuple[str | None, list[int], list[MultiModalItem] | None]:
+        """Text, token ids (image/video runs expanded) and, for media, the processed items."""
         if req.prompt_token_ids is not None:
-            return None, list(req.prompt_token_ids)
+            return None, list(req.prompt_token_ids), None
         tokenizer = self.ctx.tokenizer
-        messages = [_normalize_message(m, i) for i, m in enumerate(req.messages)]
+        processor = self.ctx.engine.processor
+        try:
+            messages, media = parse_chat_messages(req.messages, takes_media=processor.mm_processor is not None,
+                                                  model=model)
+        except ChatContentError as e:
+            raise bad_request(str(e), e.param) from None
         if req.disable_chat_template:
+            if media:
+                raise bad_request("disable_chat_template cannot carry images or videos: their placeholders come "
+                                  "from the chat template.", "disable_chat_template")
             # FastDeploy: the raw text, no template; special tokens as for a plain completion
             text = "".join(m["content"] or "" for m in messages)
-            return text, tokenizer.encode(text, add_special_tokens=True)
+            return text, tokenizer.encode(text, add_special_tokens=True), None
         kwargs = dict(req.chat_template_kwargs or {})
         if req.enable_thinking is not None:
             kwargs.setdefault("enable_thinking", req.enable_thinking)
+        parser = self.ctx.reasoning_parser
+        if parser is not None and parser.default_enable_thinking is not None:
+            kwargs.setdefault("enable_thinking", parser.default_enable_thinking)
         try:
-            text = self.ctx.engine.processor.apply_chat_template(
+            text = processor.apply_chat_template(
                 messages, req.chat_template or self.ctx.chat_template, req.add_generation_prompt, **kwargs)
         except ValueError as e:
             raise bad_request(str(e), "messages") from None
         # the template already holds the special tokens: do not add BOS again
-        return text, tokenizer.encode(text, add_special_tokens=False)
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        if not media:
+            return text, ids, None
+        try:
+            processor.check_media_counts(len(media.images), len(media.videos))  # before fetching anything
+            images, videos = await asyncio.to_thread(processor.load_chat_media, media)
+            ids, items = await asyncio.to_thread(processor.mm_processor.process, ids, images, videos)
+        except ValueError as e:  # MediaError, limits, placeholders that do not match the media
+            raise bad_request(str(e), "messages") from None
+        return text, ids, items
 
     # ---- non-streaming ----------------------------------------------------------------------
     async def full_response(self, job: ChatJob) -> ChatCompletionResponse:
@@ -93,9 +128,13 @@ class OpenAIServingChat:
         except Exception as e:
             raise engine_error(e) from None
         choices = []
+        parser = self.ctx.reasoning_parser
         for i in range(n):
             final = finals[i]
             message = ChatMessage(content=texts[i])
+            if parser is not None:
+                message.reasoning_content, message.content = parser.split(job.prompt_token_ids, ids[i], texts[i],
+                                                                          job.params)
             if job.request.return_token_ids:
                 message.prompt_token_ids, message.completion_token_ids = job.prompt_token_ids, ids[i]
             choices.append(ChatChoice(index=i, message=message,
@@ -115,6 +154,9 @@ class OpenAIServingChat:
         completion_tokens = 0
         cached = 0
         finished = [False] * req.n
+        parser = self.ctx.reasoning_parser
+        reasoning = ([parser.stream(job.prompt_token_ids, job.params) for _ in range(req.n)]
+                     if parser is not None else None)
         for i in range(req.n):
             delta = DeltaMessage(role="assistant", content="")
             if req.return_token_ids:
@@ -123,7 +165,7 @@ class OpenAIServingChat:
         try:
             async for ro in self.ctx.engine.stream_outputs(job.request_id):
                 cached = ro.num_cached_tokens
-                choices = self._stream_choices(job, ro, finished)
+                choices = self._stream_choices(job, ro, finished, reasoning)
                 completion_tokens += sum(len(c.token_ids) for c in ro.outputs)
                 if choices:
                     chunk_usage = usage(num_prompt, completion_tokens, cached) if continuous else None
@@ -136,12 +178,18 @@ class OpenAIServingChat:
             yield sse(self._chunk(job, [], usage(num_prompt, completion_tokens, cached)))
         yield SSE_DONE
 
-    def _stream_choices(self, job: ChatJob, ro: RequestOutput, finished: list[bool]) -> list[ChatStreamChoice]:
+    def _stream_choices(self, job: ChatJob, ro: RequestOutput, finished: list[bool],
+                        reasoning: list[ReasoningStream] | None) -> list[ChatStreamChoice]:
         choices = []
         for c in ro.outputs:
             if finished[c.index] or not (c.text or c.token_ids or c.finish_reason):
                 continue  # DELTA outputs list every sample, also those with nothing new
             delta = DeltaMessage(content=c.text)
+            if reasoning is not None:
+                split = reasoning[c.index].feed(c.text, list(c.token_ids))
+                # reasoning deltas until the end marker, content deltas after it; the marker in neither
+                delta.reasoning_content = split.reasoning or None
+                delta.content = split.content if split.content or not split.reasoning else None
             if job.request.return_token_ids:
                 delta.completion_token_ids = list(c.token_ids)
             lps = ChatLogprobs(content=self._logprobs(job, c)) if job.request.logprobs else None
@@ -180,26 +228,3 @@ def _refuse_unsupported(req: ChatCompletionRequest) -> None:
     if fmt != "text":
         raise bad_request(f"response_format {fmt!r} is not supported yet (structured output is planned).",
                           "response_format")
-
-
-def _normalize_message(message: dict[str, Any], index: int) -> dict[str, Any]:
-    """Text-only content as one string, which every chat template understands."""
-    if not isinstance(message.get("role"), str):
-        raise bad_request(f"messages[{index}] needs a string 'role'.", f"messages.{index}.role")
-    content = message.get("content")
-    if content is None or isinstance(content, str):
-        return message
-    if not isinstance(content, list):
-        raise bad_request(f"messages[{index}].content must be a string or a list of content parts.",
-                          f"messages.{index}.content")
-    texts = []
-    for part in content:
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text" and isinstance(part.get("text"), str):
-            texts.append(part["text"])
-        elif kind in ("image_url", "input_audio", "video_url", "image", "video", "file"):
-            raise bad_request(f"messages[{index}]: {kind} content is not supported yet (multimodal inputs are "
-                              "planned).", f"messages.{index}.content")
-        else:
-            raise bad_request(f"messages[{index}]: unknown content part {part!r}.", f"messages.{index}.content")
-    return {**message, "content": "".join(texts)}

@@ -81,7 +81,7 @@ MSG = [{"role": "user", "content": "hello"}]
      400, error("tools (function calling) are not supported yet.", "tools")),
     (CHAT, {"model": NAME, "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]},
-     400, error("messages[0]: image_url content is not supported yet (multimodal inputs are planned).",
+     400, error(f"messages[0]: the model `{NAME}` takes no images (it has no vision encoder); send text only.",
                 "messages.0.content")),
     (COMPLETIONS, {"model": NAME, "prompt": "hi", "logit_bias": {"5": 10}},
      400, error("logit_bias is not supported yet.", "logit_bias")),
