@@ -18,11 +18,16 @@ run() {  # name, then server flags
     done
     echo "### $name: $*"
     grep -E "KV cache|host tier|swap" "$out_dir/server-$name.log" | sed 's/^/[server] /' | head -4
+    # warm-up on other prefixes (seed 1): Triton compiles its prefill kernels on first use
+    python3 -m ernieserve bench serve --backend openai --base-url "http://127.0.0.1:$port" --tokenizer "$ckpt" \
+        --dataset-name prefix-repetition --prefix-repetition-prefix-len 2000 --prefix-repetition-suffix-len 100 \
+        --prefix-repetition-num-prefixes 4 --prefix-repetition-output-len 16 --num-prompts 16 \
+        --max-concurrency "$conc" --ignore-eos --seed 1 --disable-tqdm > /dev/null 2>&1
     python3 -m ernieserve bench serve --backend openai --base-url "http://127.0.0.1:$port" --tokenizer "$ckpt" \
         --dataset-name prefix-repetition --prefix-repetition-prefix-len 2000 --prefix-repetition-suffix-len 100 \
         --prefix-repetition-num-prefixes "$groups" --prefix-repetition-output-len 16 --num-prompts "$n" \
         --max-concurrency "$conc" --ignore-eos --percentile-metrics ttft,tpot,e2el --metric-percentiles 50,99 \
-        --seed 0 --disable-tqdm 2>&1 | grep -E "Successful|duration|TTFT|throughput|TPOT" | grep -v -i "itl"
+        --seed 0 --disable-tqdm 2>&1 | grep -E "Successful|duration|TTFT|Total Token"
     curl -s "http://127.0.0.1:$port/metrics" | grep -E "^ernieserve:(hit_req_rate|hit_token_rate|gpu_hit_token_rate|cpu_hit_token_rate|prefix_gpu_cache_token_num|prefix_cpu_cache_token_num) "
     kill -TERM $server; wait $server 2>/dev/null || true
 }

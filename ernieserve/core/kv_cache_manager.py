@@ -80,8 +80,19 @@ class KVCacheManager:
         hashes = self.req_hashes.setdefault(req.request_id, [])
         while len(hashes) < num_full_blocks:
             i = len(hashes)
-            hashes.append(hash_block(hashes[-1] if hashes else None, self._block_tokens(req, i), req.cache_salt))
+            hashes.append(hash_block(hashes[-1] if hashes else None, self._block_tokens(req, i),
+                                     self._extra_keys(req, i)))
         return hashes
+
+    def _extra_keys(self, req: Request, i: int) -> object:
+        """What besides the token ids decides block i's KV: the cache salt and, for multimodal
+        prompts, the content hashes of the images/videos whose placeholders fall in the block (their
+        placeholder ids are the same for every image)."""
+        if not req.mm_items:
+            return req.cache_salt
+        lo, hi = i * self.block_size, (i + 1) * self.block_size
+        mm = tuple(item.hash for item in req.mm_items if item.offset < hi and item.end > lo)
+        return (req.cache_salt, mm) if mm else req.cache_salt
 
     def find_cached_prefix(self, req: Request) -> CachedPrefix:
         """Leading blocks of a new request already in the cache, each on the device or else on the

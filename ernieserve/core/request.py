@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass, field
 
 from ernieserve.engine.protocol import EngineRequest, FinishReason, LogprobsLists
+from ernieserve.multimodal.inputs import MultiModalItem
 from ernieserve.sampling_params import SamplingParams
 
 
@@ -43,6 +44,7 @@ class Request:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     stop_reason: int | str | None = None
     prompt_logprobs: LogprobsLists | None = None
+    mm_items: list[MultiModalItem] = field(default_factory=list)  # images/videos, in prompt order
 
     def __post_init__(self) -> None:
         if not self.all_token_ids:
@@ -55,7 +57,8 @@ class Request:
         max_tokens = limit if req.sampling_params.max_tokens is None else min(req.sampling_params.max_tokens, limit)
         return cls(request_id=req.request_id, prompt_token_ids=list(req.prompt_token_ids),
                    sampling_params=req.sampling_params, eos_token_ids=list(req.eos_token_ids),
-                   arrival_time=req.arrival_time, max_tokens=max_tokens, cache_salt=req.cache_salt)
+                   arrival_time=req.arrival_time, max_tokens=max_tokens, cache_salt=req.cache_salt,
+                   mm_items=list(req.mm_items))
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -33,6 +33,7 @@ from ernieserve.config import CacheConfig, SchedulerConfig
 from ernieserve.core.kv_cache_manager import BlockCopies, KVCacheManager
 from ernieserve.core.request import Request, RequestStatus
 from ernieserve.engine.protocol import EngineOutput, LogprobsLists, SchedulerStats
+from ernieserve.multimodal.inputs import MultiModalItem
 from ernieserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class NewRequestData:
     block_ids: list[int]
     num_computed_tokens: int
     eos_token_ids: list[int]
+    mm_items: list[MultiModalItem] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -104,6 +106,11 @@ class Scheduler:
 
     # ---- requests in and out -------------------------------------------------------------------
     def add_request(self, req: Request) -> None:
+        # A request can never hold more tokens than the whole cache: one that would grow past it
+        # alone would preempt itself forever. It finishes with "length" there instead (the engine
+        # warns at startup when the cache holds less than max_model_len).
+        capacity = self.kv.pool.num_blocks * self.kv.block_size
+        req.max_tokens = max(1, min(req.max_tokens, capacity - req.num_prompt_tokens))
         self.requests[req.request_id] = req
         self.waiting.append(req)
 
@@ -192,7 +199,7 @@ class Scheduler:
             budget -= n
             new.append(NewRequestData(req.request_id, list(req.prompt_token_ids), req.output_token_ids,
                                       req.sampling_params, block_ids, req.num_computed_tokens,
-                                      req.eos_token_ids))
+                                      req.eos_token_ids, req.mm_items))
             self._advance(req, n)
 
         finished = self._finished_ids

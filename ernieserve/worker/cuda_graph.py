@@ -41,9 +41,10 @@ class CudaGraphRunner:
         self.max_model_len = max_model_len
         self.max_blocks = -(-max_model_len // block_size)
         self.device = device
+        self.mrope = bool(getattr(model, "uses_mrope", False))  # 3-D rotary: positions [3, bs]
         i32, i64 = dict(dtype=torch.int32, device=device), dict(dtype=torch.int64, device=device)
         self.input_ids = torch.zeros(self.max_bs, **i64)
-        self.positions = torch.zeros(self.max_bs, **i64)
+        self.positions = torch.zeros((3, self.max_bs) if self.mrope else (self.max_bs,), **i64)
         self.slot_mapping = torch.full((self.max_bs,), -1, **i64)
         self.query_start_loc = torch.arange(self.max_bs + 1, **i32)  # one token per request, always
         self.seq_lens = torch.zeros(self.max_bs, **i32)
@@ -63,7 +64,7 @@ class CudaGraphRunner:
             is_decode_only=True)
 
     def _forward(self, bs: int) -> None:
-        hidden = self.model(self.input_ids[:bs], self.positions[:bs], self._meta(bs))
+        hidden = self.model(self.input_ids[:bs], self.positions[..., :bs], self._meta(bs))
         logits = self.model.compute_logits(hidden)  # [bs, vocab]
         if self.logits is None:
             self.logits = torch.empty(self.max_bs, logits.shape[-1], dtype=logits.dtype, device=self.device)
@@ -101,7 +102,8 @@ class CudaGraphRunner:
         seq_lens = np.zeros(bs, dtype=np.int32)
         seq_lens[:n] = step.seq_lens
         self.input_ids[:n].copy_(torch.from_numpy(step.input_ids), non_blocking=True)
-        self.positions[:n].copy_(torch.from_numpy(step.positions), non_blocking=True)
+        pos = step.mrope_positions if self.mrope else step.positions
+        self.positions[..., :n].copy_(torch.from_numpy(pos), non_blocking=True)
         self.slot_mapping[:bs].copy_(torch.from_numpy(slots), non_blocking=True)
         self.seq_lens[:bs].copy_(torch.from_numpy(seq_lens), non_blocking=True)
         self.block_tables[:n, :width].copy_(torch.from_numpy(step.block_table), non_blocking=True)

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from ernieserve.layers.sampling_metadata import SamplingMetadata
+from ernieserve.multimodal.inputs import MultiModalItem
 from ernieserve.sampling_params import SamplingParams
 
 _SEED_MIX = 0x9E3779B97F4A7C15  # spreads (seed, position) pairs over the generator's seed space
@@ -25,6 +26,10 @@ class CachedRequestState:
     # sampled tokens of launched steps whose ids are still on the device only (0, 1 or, between
     # launching step t and reading step t-1, 2)
     num_inflight: int = 0
+    mm_items: list[MultiModalItem] = field(default_factory=list)  # images/videos of the prompt
+    # 3-D rotary models: [3, num_prompt_tokens] prompt positions; generated index p -> p + delta
+    mrope_positions: np.ndarray | None = None
+    mrope_delta: int = 0
 
     @property
     def num_output_tokens(self) -> int:
@@ -60,6 +65,7 @@ class StepInputs:
     # device, and that token's row in the previous step's sampled tensor
     inflight_pos: list[int] = field(default_factory=list)
     inflight_src: list[int] = field(default_factory=list)
+    mrope_positions: np.ndarray | None = None  # [3, num_tokens] for 3-D rotary models
 
 
 def build_step_inputs(states: dict[str, CachedRequestState], num_scheduled: dict[str, int],

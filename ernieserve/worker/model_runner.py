@@ -15,11 +15,13 @@ import torch
 from ernieserve.attention.base import AttentionBackend, AttentionMetadata
 from ernieserve.config import EngineConfig
 from ernieserve.core.scheduler import ModelRunnerOutput, SchedulerOutput
+from ernieserve.distributed.parallel_state import SINGLE, TPGroup, rank_device
 from ernieserve.engine.protocol import LogprobsLists
 from ernieserve.layers.sampler import LogprobsTensors, Sampler, compute_logprobs
 from ernieserve.models.loader import build_model
 from ernieserve.worker import kv_cache
 from ernieserve.worker.cuda_graph import CudaGraphRunner, default_capture_sizes
+from ernieserve.worker.mm_inputs import EncoderCache, mrope_positions, splices_of_step
 from ernieserve.worker.input_batch import (CachedRequestState, StepInputs, build_sampling_metadata,
                                            build_step_inputs)
 from ernieserve.worker.swap import KVSwapper, build_swapper
@@ -49,16 +51,27 @@ def select_attention_backend(device: torch.device) -> AttentionBackend:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, backend: AttentionBackend | None = None) -> None:
+    def __init__(self, config: EngineConfig, backend: AttentionBackend | None = None, tp: TPGroup = SINGLE,
+                 local_rank: int = 0) -> None:
+        """tp: this process's tensor-parallel rank. Every rank runs this same runner on the same
+        scheduler outputs with its slice of the model; rank 0's sampled tokens are the ones used
+        (worker/executor.py). local_rank: this rank's device index on its host."""
         self.config = config
-        self.device = config.device.device
+        self.tp = tp
+        self.device = rank_device(config.device.device, local_rank)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # Triton launches and NCCL go to the current device
         self.block_size = config.cache.block_size
         self.vocab_size = config.model.vocab_size
         torch.manual_seed(config.model.seed)
         self.backend = backend or select_attention_backend(self.device)
-        self.model = build_model(config.model, self.backend, self.device)
+        self.model = build_model(config.model, self.backend, self.device, tp, config.parallel.enable_expert_parallel)
         self.sampler = Sampler()
         self.states: dict[str, CachedRequestState] = {}
+        # multimodal models: vision encoder outputs of live requests; 3-D rotary positions
+        self.uses_mrope = bool(getattr(self.model, "uses_mrope", False))
+        self.supports_multimodal = bool(getattr(self.model, "supports_multimodal", False))
+        self.encoder_cache = EncoderCache()
         self.num_blocks = 0
         self.swapper: KVSwapper | None = None  # the prefix cache's host tier (--swap-space)
         self.graphs: CudaGraphRunner | None = None
@@ -81,6 +94,7 @@ class ModelRunner:
                                                                                    self._profile_peak()))
         else:
             num_blocks = kv_cache.num_blocks_for_budget(cfg, kv_cache.cpu_kv_budget(cfg))
+        num_blocks = self.tp.min_over_ranks(num_blocks, self.device)  # every rank holds the same blocks
         if num_blocks < 1:
             raise RuntimeError("no memory left for the KV cache after loading the model; lower "
                                "--max-num-batched-tokens or raise --gpu-memory-utilization")
@@ -123,12 +137,26 @@ class ModelRunner:
     # ---- state updates from the scheduler -----------------------------------------------------
     def _apply_diffs(self, sched: SchedulerOutput) -> None:
         for rid in sched.finished_req_ids:
-            self.states.pop(rid, None)
+            st = self.states.pop(rid, None)
+            if st is not None and st.mm_items:
+                self.encoder_cache.remove_request(rid, st.mm_items)
         for new in sched.new_reqs:
             p = new.sampling_params
-            self.states[new.request_id] = CachedRequestState(
+            old = self.states.get(new.request_id)  # resumed after preemption: the cache keeps it
+            st = CachedRequestState(
                 new.request_id, new.prompt_token_ids, new.prompt_token_ids + new.output_token_ids, p,
-                list(new.block_ids), new.num_computed_tokens, new.eos_token_ids)
+                list(new.block_ids), new.num_computed_tokens, new.eos_token_ids, mm_items=list(new.mm_items))
+            if new.mm_items and not self.supports_multimodal:
+                raise ValueError(f"request {new.request_id} has images or videos; this model takes text only")
+            if self.uses_mrope:
+                if old is not None and old.mrope_positions is not None:
+                    st.mrope_positions, st.mrope_delta = old.mrope_positions, old.mrope_delta
+                elif new.mm_items:
+                    st.mrope_positions, st.mrope_delta = self.model.get_mrope_positions(
+                        new.prompt_token_ids, st.mm_items)
+            if new.mm_items and old is None:
+                self.encoder_cache.add_request(new.request_id, st.mm_items)
+            self.states[new.request_id] = st
         for c in sched.cached_reqs:
             st = self.states[c.request_id]
             st.block_ids.extend(c.new_block_ids)
@@ -148,7 +176,8 @@ class ModelRunner:
             slot_mapping=torch.from_numpy(step.slot_mapping).to(dev, non_blocking=True),
             query_start_loc_cpu=qsl_cpu, seq_lens_cpu=seq_cpu, is_decode_only=bool((counts == 1).all()))
         input_ids = torch.from_numpy(step.input_ids).to(dev, non_blocking=True)
-        positions = torch.from_numpy(step.positions).to(dev, non_blocking=True)
+        pos = step.mrope_positions if step.mrope_positions is not None else step.positions
+        positions = torch.from_numpy(pos).to(dev, non_blocking=True)  # [T], or [3, T] for 3-D rotary
         return input_ids, positions, meta
 
     @property
@@ -188,6 +217,8 @@ class ModelRunner:
     def _launch(self, sched: SchedulerOutput, prev: _PendingStep | None) -> _PendingStep:
         inflight = {rid: j for j, rid in enumerate(prev.req_ids)} if prev is not None else None
         step = build_step_inputs(self.states, sched.num_scheduled_tokens, self.block_size, inflight)
+        if self.uses_mrope:
+            step.mrope_positions = mrope_positions(self.states, step)
         feed = None
         if step.inflight_pos:  # [n] positions in input_ids <- rows of the previous sampled tensor
             assert prev is not None and prev.sampled is not None
@@ -205,6 +236,8 @@ class ModelRunner:
         if logits is not None:
             sample_states = [self.states[step.req_ids[i]] for i in step.sample_rows]
             result = self.sampler(logits, build_sampling_metadata(sample_states, self.vocab_size, self.device))
+            # rank 0's tokens for every rank: the next step's inputs must agree (random draws may not)
+            self.tp.broadcast_from_first(result.sampled_token_ids)
             pending.req_ids = [st.request_id for st in sample_states]
             pending.sampled = result.sampled_token_ids  # stays on the device until read
             pending.logprobs = result.logprobs
@@ -238,7 +271,14 @@ class ModelRunner:
         input_ids, positions, meta = self._device_inputs(step)
         if feed is not None:
             input_ids.index_copy_(0, *feed)  # tokens the previous step sampled, never seen by the host
-        hidden = self.model(input_ids, positions, meta)  # [num_tokens, hidden]
+        splices = splices_of_step(self.states, step) if self.supports_multimodal else []
+        if splices:  # this step computes (part of) image/video runs: their rows replace the placeholders
+            self.encoder_cache.ensure(self.model, splices)
+            embeds = self.model.embed_input_ids(input_ids)  # [num_tokens, hidden]
+            self.encoder_cache.splice(embeds, splices)
+            hidden = self.model(input_ids, positions, meta, inputs_embeds=embeds)
+        else:
+            hidden = self.model(input_ids, positions, meta)  # [num_tokens, hidden]
         self._prompt_logprobs(step, hidden, prompt_logprobs)
         if not step.sample_rows:
             return None

@@ -189,3 +189,18 @@ def test_pipelined_preemption_with_tokens_in_flight_loses_nothing():
     assert s.num_preempted_total > 0
     assert {k: len(v) for k, v in produced.items()} == {"old": 8, "new": 8}
     assert s.kv.num_free_blocks == 5
+
+
+def test_request_longer_than_the_whole_cache_finishes_with_length():
+    """Alone, it would preempt itself forever once the cache is full of its own blocks."""
+    sched = make_scheduler(num_blocks=4)  # 16 tokens in all
+    sched.add_request(make_request("a", 10, max_tokens=50))
+    outputs = []
+    for _ in range(40):
+        if not sched.has_unfinished_requests():
+            break
+        outputs += fake_run(sched)[1]
+    assert not sched.has_unfinished_requests()
+    finished = [o for o in outputs if o.finish_reason is not None]
+    assert finished[0].finish_reason == FinishReason.LENGTH
+    assert sum(len(o.new_token_ids) for o in outputs) == 6  # 10 + 6 = 16 tokens = the cache
