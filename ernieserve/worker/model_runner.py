@@ -7,7 +7,7 @@ the scheduler's diffs) and appends the tokens it samples.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -35,6 +35,9 @@ class _PendingStep:
     sampled: torch.Tensor | None  # [len(req_ids)] int64 on the device
     logprobs: LogprobsTensors | None
     prompt_logprobs: dict[str, LogprobsLists]
+    # each row's requested top logprobs, kept here: a request preempted or finished while its
+    # token is in flight has no state any more when the token is read, but its logprob still counts
+    num_logprobs: list[int | None] = field(default_factory=list)
 
 
 def select_attention_backend(device: torch.device) -> AttentionBackend:
@@ -241,6 +244,7 @@ class ModelRunner:
             pending.req_ids = [st.request_id for st in sample_states]
             pending.sampled = result.sampled_token_ids  # stays on the device until read
             pending.logprobs = result.logprobs
+            pending.num_logprobs = [st.sampling_params.logprobs for st in sample_states]
             for st in sample_states:
                 st.num_inflight += 1  # the previous step's token may still be in flight too
         if self.swapper is not None:
@@ -256,14 +260,13 @@ class ModelRunner:
         out = ModelRunnerOutput(pending.req_ids, {}, prompt_logprobs=pending.prompt_logprobs)
         for j, rid in enumerate(pending.req_ids):
             out.sampled_token_ids[rid] = [sampled[j]]
-            st = self.states.get(rid)
-            if st is None:
-                continue
-            st.token_ids.append(sampled[j])
-            st.num_inflight -= 1
-            k = st.sampling_params.logprobs
+            k = pending.num_logprobs[j]
             if lp is not None and k is not None:
                 out.logprobs[rid] = LogprobsLists([lp[0][j][: k + 1]], [lp[1][j][: k + 1]], [lp[2][j]])
+            st = self.states.get(rid)
+            if st is not None:
+                st.token_ids.append(sampled[j])
+                st.num_inflight -= 1
         return out
 
     def _run_eager(self, step: StepInputs, prompt_logprobs: dict[str, LogprobsLists],

@@ -175,3 +175,20 @@ def test_offline_text_equals_decode_of_tokens(llm):
     for o in outs:
         c = o.outputs[0]
         assert c.text == tok.decode(c.token_ids, skip_special_tokens=True) and len(c.token_ids) == 24
+
+
+def test_logprobs_survive_preemption(tiny_ernie):
+    """A request preempted while its sampled token is in flight still gets that token's logprob:
+    every returned token has one, equal to the run without preemption."""
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=2)
+    prompts = [{"prompt_token_ids": [10 + (7 * i + j) % 500 for j in range(20 + 9 * i)]} for i in range(6)]
+    roomy = LLM(model=str(tiny_ernie), device="cpu", block_size=16, num_gpu_blocks_override=256)
+    tight = LLM(model=str(tiny_ernie), device="cpu", block_size=16, num_gpu_blocks_override=12)
+    ref = roomy.generate(prompts, params, use_tqdm=False)
+    got = tight.generate(prompts, params, use_tqdm=False)
+    assert tight.llm_engine.core.scheduler.num_preempted_total > 0
+    for a, b in zip(ref, got):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert len(b.outputs[0].logprobs) == len(b.outputs[0].token_ids)
+        for la, lb, t in zip(a.outputs[0].logprobs, b.outputs[0].logprobs, b.outputs[0].token_ids):
+            assert abs(la[t].logprob - lb[t].logprob) < 1e-4
