@@ -43,7 +43,8 @@ throughput() {  # throughput TP NUM_PROMPTS [extra flags...]
 
 greedy() {  # greedy TP NAME [extra flags...]: token ids of 8 fixed prompts -> $out/greedy_NAME.json
   local tp=$1 name=$2; shift 2
-  timeout 250 python3 - "$ck21" "$tp" "$out/greedy_$name.json" "$@" <<'EOF' 2>&1 | filter | grep -E "$engine_lines|wrote|Error|error"
+  # a file, not stdin: the spawned tensor-parallel workers re-import the main module by path
+  cat > "$out/greedy.py" <<'EOF'
 import json, sys
 from ernieserve import LLM, SamplingParams
 model, tp, path, extra = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
@@ -56,6 +57,8 @@ if __name__ == "__main__":
     print(f"wrote {path}")
     llm.llm_engine.core.shutdown()
 EOF
+  timeout 250 python3 "$out/greedy.py" "$ck21" "$tp" "$out/greedy_$name.json" "$@" 2>&1 | filter \
+    | grep -E "$engine_lines|wrote|Error|error"
 }
 
 compare() {  # compare NAME_A NAME_B
