@@ -34,28 +34,49 @@ def checkpoint(request, tmp_path_factory):
     return write_dummy_checkpoint(request.param, tmp_path_factory.mktemp(request.param), dtype="float32")
 
 
-def _run(path, **kw) -> tuple[list[list[int]], list[list[float]], list[list[float]], bool]:
-    """(tokens, sampled logprobs, prompt logprobs) per prompt, and whether CUDA graphs ran."""
-    from ernieserve import LLM, SamplingParams
+_RUN_ENGINE = """
+import json, sys
+import torch
+from ernieserve import LLM, SamplingParams
 
-    llm = LLM(model=str(path), dtype="float32", max_model_len=512, max_num_seqs=16, block_size=16,
+if __name__ == "__main__":
+    path, out, kw, prompts, max_tokens = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4]), int(sys.argv[5])
+    llm = LLM(model=path, dtype="float32", max_model_len=512, max_num_seqs=16, block_size=16,
               num_gpu_blocks_override=512, **kw)
-    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=1, prompt_logprobs=1)
-    prompts = [{"prompt_token_ids": p} for p in _prompts(12, 4000)]
-    outs = llm.generate(prompts, params, use_tqdm=False)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=1, prompt_logprobs=1)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     used_graphs = llm.llm_engine.core.runner.graphs is not None
-    llm.llm_engine.core.shutdown()
-    del llm
-    torch.cuda.empty_cache()
     tokens = [o.outputs[0].token_ids for o in outs]
-    sampled = [[lp[t] for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)] for o in outs]
-    prompt = [[lp[t] for t, lp in zip(p["prompt_token_ids"][1:], o.prompt_logprobs[1:])]
-              for p, o in zip(prompts, outs)]
-    return tokens, _values(sampled), _values(prompt), used_graphs
+    sampled = [[lp[t].logprob for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)] for o in outs]
+    prompt = [[lp[t].logprob for t, lp in zip(p[1:], o.prompt_logprobs[1:])] for p, o in zip(prompts, outs)]
+    json.dump({"tokens": tokens, "sampled": sampled, "prompt": prompt, "graphs": used_graphs}, open(out, "w"))
+    llm.llm_engine.core.shutdown()
+"""
 
 
-def _values(rows: list[list]) -> list[list[float]]:
-    return [[getattr(x, "logprob", x) for x in row] for row in rows]
+def _run(path, **kw) -> tuple[list[list[int]], list[list[float]], list[list[float]], bool]:
+    """(tokens, sampled logprobs, prompt logprobs) per prompt, and whether CUDA graphs ran.
+
+    Each engine runs in a fresh process (as `ernieserve` does): NCCL groups and CUDA graph pools
+    are not torn down and rebuilt inside one process, and a hang fails the test after a timeout
+    instead of stalling the suite."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        script, out = os.path.join(tmp, "run_engine.py"), os.path.join(tmp, "out.json")
+        with open(script, "w") as f:
+            f.write(_RUN_ENGINE)  # a file, not -c: spawned TP workers re-import the main module by path
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+        proc = subprocess.run([sys.executable, script, str(path), out, json.dumps(kw),
+                               json.dumps(_prompts(12, 4000)), str(MAX_TOKENS)],
+                              capture_output=True, text=True, timeout=240, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        r = json.load(open(out))
+    return r["tokens"], r["sampled"], r["prompt"], r["graphs"]
 
 
 def _close(a: list[list[float]], b: list[list[float]], atol: float) -> None:
