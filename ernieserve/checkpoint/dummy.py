@@ -66,6 +66,16 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 
 
+def dummy_vector_value(name: str, numel: int) -> float:
+    """The constant a 1-D parameter of a `--load-format dummy` model holds: 0 for biases, 1 for norm
+    weights, except the final norm, which scales the N(0, 0.02) model's near-flat logits to a std
+    of about FINAL_LOGIT_STD, as `make-dummy` checkpoints do (checkpoint/dummy.py says why):
+    greedy comparisons (graphs vs eager, TP=2 vs TP=1) then test the engine, not bf16 ties."""
+    if name == "model.norm.weight":
+        return FINAL_LOGIT_STD / (0.02 * math.sqrt(numel))
+    return 1.0 if "norm" in name else 0.0
+
+
 class Init(enum.Enum):
     NORMAL = "normal"  # normal(0, scale)
     ONES = "ones"  # scale * (1 + normal(0, NORM_JITTER))

@@ -25,6 +25,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from ernieserve.checkpoint.dummy import dummy_vector_value
 from ernieserve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear
 
 _SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -112,7 +113,7 @@ def init_dummy_weights_sharded(model: nn.Module, full_model: nn.Module, seed: in
             continue  # a quantized placeholder: drawn below, as the one-rank model does
         owner = full_modules.get(name.rpartition(".")[0])
         if full.dim() == 1:
-            value = torch.full(full.shape, 1.0 if "norm" in name else 0.0, dtype=full.dtype, device=device)
+            value = torch.full(full.shape, dummy_vector_value(name, full.numel()), dtype=full.dtype, device=device)
         else:
             value = torch.empty(full.shape, dtype=full.dtype, device=device).normal_(0.0, 0.02, generator=gen)
         _load_full(params[name], value, owner)

@@ -19,6 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ernieserve.attention.base import AttentionBackend
+from ernieserve.checkpoint.dummy import dummy_vector_value
 from ernieserve.config import ModelConfig
 from ernieserve.distributed.parallel_state import SINGLE, TPGroup, expert_parallel_scope
 from ernieserve.distributed.sharded_loading import init_dummy_weights_sharded, iterate_checkpoint_mapped
@@ -118,7 +119,7 @@ def init_dummy_weights(model: nn.Module, seed: int) -> None:
         if p.is_meta:  # a quantized layer's placeholder: filled below, one layer at a time
             continue
         if p.dim() == 1:
-            p.fill_(1.0 if "norm" in name else 0.0)
+            p.fill_(dummy_vector_value(name, p.numel()))
         else:
             p.normal_(0.0, 0.02, generator=gen)
     for module in model.modules():

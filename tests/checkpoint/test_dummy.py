@@ -324,3 +324,26 @@ def test_default_model_is_written_once_and_atomically(
     assert dummy.ensure_default_model() == final
     assert (final / "config.json").stat().st_mtime_ns == stamp
     assert os.listdir(final.parent) == [final.name]
+
+
+def test_load_format_dummy_gives_peaked_logits(tiny_ernie):
+    """--load-format dummy scales the final norm so logits have std ~FINAL_LOGIT_STD, like make-dummy
+    checkpoints: greedy comparisons at real sizes (TP=2 vs TP=1, graphs vs eager) then do not ride
+    on ties of near-flat logits."""
+    import math
+
+    import torch
+
+    from ernieserve.attention.torch_ref import TorchRefBackend
+    from ernieserve.checkpoint.dummy import FINAL_LOGIT_STD
+    from ernieserve.config import EngineArgs
+    from ernieserve.models.loader import build_model
+
+    cfg = EngineArgs(model=str(tiny_ernie), device="cpu", load_format="dummy",
+                     num_gpu_blocks_override=8).create_engine_config()
+    model = build_model(cfg.model, TorchRefBackend(), torch.device("cpu"))
+    hidden = model.config.hidden_size
+    assert torch.allclose(model.model.norm.weight, torch.tensor(FINAL_LOGIT_STD / (0.02 * math.sqrt(hidden))))
+    x = model.model.norm(torch.randn(64, hidden))  # [64, hidden], what the LM head sees
+    std = model.compute_logits(x).std().item()
+    assert 0.5 * FINAL_LOGIT_STD < std < 2 * FINAL_LOGIT_STD
