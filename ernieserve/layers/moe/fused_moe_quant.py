@@ -33,6 +33,10 @@ not int -> float converts. The down GEMM can split K: its partial sums land in `
 fp32 and are added together with the top-k combine, in a fixed order. No host sync, no
 routing-dependent allocation: capturable in CUDA graphs.
 
+Decode path (`QuantMoEPath.GEMV`, wint8 / wint4; `moe_gemv.py`): no tensor-core dot, each weight
+tile dequantized in registers and multiplied into at most 8 rows per expert in fp32. Taken up to
+`GEMV_MAX_TOKENS` (0: never, until measured).
+
 Prefill path (`QuantMoEPath.DEQUANT`, wint8 / wint4): the fused GEMMs dequantize each weight tile
 once per BLOCK_M rows of its expert, which at thousands of tokens costs more than the matmul. From
 `DEQUANT_MIN_TOKENS` tokens on, one Triton pass writes the touched experts' w13 in the activation
@@ -280,6 +284,7 @@ class QuantMoEPath(enum.Enum):
     AUTO = "auto"  # by token count: `choose_path`
     FUSED = "fused"  # weight tiles dequantized in the K loop of each program (decode: a weight stream)
     DEQUANT = "dequant"  # touched experts dequantized once into a scratch, then the bf16 kernels
+    GEMV = "gemv"  # no dot: weight tiles dequantized in registers, few rows per expert (moe_gemv.py)
 
 
 # Token counts from which AUTO takes the dequant path (None: never). The fused kernels dequantize a
@@ -297,8 +302,22 @@ DEQUANT_MIN_TOKENS: dict[ExpertScheme, int | None] = {
     ExpertScheme.WINT4: 1024, ExpertScheme.WINT8: None, ExpertScheme.FP8: None, ExpertScheme.BLOCK_FP8: None}
 
 
+# Token counts up to which AUTO takes the gemv path (moe_gemv.py); 0 = never, the value for every
+# scheme until it is measured. The gemv kernels read each weight byte once per block of at most 8
+# rows of an expert and multiply in fp32 CUDA cores, no tensor cores: at 1-8 tokens they should sit
+# near the weight-read time, and from some tens of tokens on the fused kernels' dots win. fp8
+# schemes have no gemv kernels (keep 0).
+# TODO(lead, GPU): `benchmarks/bench_moe_quant.py --path gemv` vs `--path fused` at 1..64 tokens
+# gives the crossover; set it here (e.g. WINT4: 16), and AUTO follows.
+GEMV_MAX_TOKENS: dict[ExpertScheme, int] = {
+    ExpertScheme.WINT4: 0, ExpertScheme.WINT8: 0, ExpertScheme.FP8: 0, ExpertScheme.BLOCK_FP8: 0}
+
+
 def choose_path(num_tokens: int, scheme: ExpertScheme, scratch: DequantScratch | None) -> QuantMoEPath:
-    """DEQUANT for prefill-sized batches of the schemes that have a threshold, when a scratch exists."""
+    """GEMV for decode-sized batches up to `GEMV_MAX_TOKENS` (0: never); DEQUANT for prefill-sized
+    batches of the schemes that have a threshold, when a scratch exists; else FUSED."""
+    if 0 < num_tokens <= GEMV_MAX_TOKENS[scheme]:
+        return QuantMoEPath.GEMV
     threshold = DEQUANT_MIN_TOKENS[scheme]
     if scratch is None or threshold is None or num_tokens < threshold:
         return QuantMoEPath.FUSED
@@ -574,7 +593,9 @@ def fused_moe_quant_triton(
     scratch: DequantScratch | None = None,
     path: QuantMoEPath = QuantMoEPath.AUTO,
 ) -> torch.Tensor:  # [T, H]
-    """The routed experts on quantized weights, by the path `choose_path` picks (or `path`).
+    """The routed experts on quantized weights, by the path `choose_path` picks (or `path`: FUSED,
+    DEQUANT, or GEMV, the decode kernels of moe_gemv.py, wint8 / wint4 only; `tiles` then are
+    `moe_gemv.choose_gemv_tiles`' kind, BLOCK_M 1..8).
 
     foreign_experts: some ids equal E (another rank's experts, expert parallelism); the align
     kernel leaves them out and their rows of the per-assignment output stay zero.
@@ -587,6 +608,10 @@ def fused_moe_quant_triton(
     if path is QuantMoEPath.DEQUANT:
         scratch = scratch if scratch is not None else DequantScratch()
         return _dequant_path(x, experts, topk_weights, topk_ids, scratch, tiles, foreign_experts)
+    if path is QuantMoEPath.GEMV:
+        from ernieserve.layers.moe import moe_gemv  # it imports this module's kernels and types
+
+        return moe_gemv.gemv_path(x, experts, topk_weights, topk_ids, tiles, foreign_experts)
     return _fused_path(x, experts, topk_weights, topk_ids, tiles, foreign_experts)
 
 
