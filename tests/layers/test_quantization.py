@@ -340,12 +340,12 @@ PROMPTS = [[5, 17, 300, 42, 9, 1000, 77], [12, 13, 14], list(range(100, 131))]
 
 
 @torch.inference_mode()
-def prefill_logits(llm: LLM) -> torch.Tensor:
-    """Teacher-forced logits of PROMPTS in one step through the engine's own runner: [tokens, vocab]."""
+def prefill_logits(llm: LLM, prompts: list[list[int]] = PROMPTS) -> torch.Tensor:
+    """Teacher-forced logits of the prompts in one step through the engine's own runner: [tokens, vocab]."""
     runner = llm.llm_engine.core.runner
     bs = runner.block_size
     states, sched, next_block = {}, {}, 0
-    for i, p in enumerate(PROMPTS):
+    for i, p in enumerate(prompts):
         nb = -(-len(p) // bs)
         states[str(i)] = CachedRequestState(str(i), p, list(p), SamplingParams(),
                                             list(range(next_block, next_block + nb)), 0)

@@ -29,7 +29,7 @@ from ernieserve.checkpoint import dummy  # noqa: E402
 from ernieserve.checkpoint.presets import get_preset  # noqa: E402
 from ernieserve.layers.moe import FusedMoE  # noqa: E402
 from ernieserve.layers.quantization import quantized_share  # noqa: E402
-from ernieserve.worker.input_batch import CachedRequestState, build_step_inputs  # noqa: E402
+from tests.layers.test_quantization import prefill_logits as runner_prefill_logits  # noqa: E402
 
 PROMPTS = [[5, 17, 300, 42, 9, 1000, 77, 123, 64], [12, 13, 14, 15], list(range(100, 124))]
 METHODS = [("wint8", None), ("wint4", None), ("wint4", '{"group_size": 32}'),
@@ -65,20 +65,9 @@ def _serve(path: Path, quantization: str | None = None, extra: str | None = None
                num_gpu_blocks_override=16, block_size=16, max_model_len=256, **kwargs)
 
 
-@torch.inference_mode()
 def prefill_logits(llm: LLM) -> torch.Tensor:
-    """Teacher-forced logits of PROMPTS in one step through the engine's runner: [tokens, vocab]."""
-    runner = llm.llm_engine.core.runner
-    bs = runner.block_size
-    states, sched, next_block = {}, {}, 0
-    for i, p in enumerate(PROMPTS):
-        nb = -(-len(p) // bs)
-        states[str(i)] = CachedRequestState(str(i), p, list(p), SamplingParams(),
-                                            list(range(next_block, next_block + nb)), 0)
-        next_block += nb
-        sched[str(i)] = len(p)
-    step = build_step_inputs(states, sched, bs)
-    return runner.model.compute_logits(runner.model(*runner._device_inputs(step))).float()
+    """Teacher-forced logits of this file's PROMPTS through the engine's runner: [tokens, vocab]."""
+    return runner_prefill_logits(llm, PROMPTS)
 
 
 def greedy(llm: LLM, tokens: int = 12) -> list[list[int]]:
