@@ -144,20 +144,17 @@ class ModelRunner:
             if st is not None and st.mm_items:
                 self.encoder_cache.remove_request(rid, st.mm_items)
         for new in sched.new_reqs:
+            # a request resumed after preemption comes back here as new (its state was dropped)
             p = new.sampling_params
-            old = self.states.get(new.request_id)  # resumed after preemption: the cache keeps it
             st = CachedRequestState(
                 new.request_id, new.prompt_token_ids, new.prompt_token_ids + new.output_token_ids, p,
                 list(new.block_ids), new.num_computed_tokens, new.eos_token_ids, mm_items=list(new.mm_items))
-            if new.mm_items and not self.supports_multimodal:
-                raise ValueError(f"request {new.request_id} has images or videos; this model takes text only")
-            if self.uses_mrope:
-                if old is not None and old.mrope_positions is not None:
-                    st.mrope_positions, st.mrope_delta = old.mrope_positions, old.mrope_delta
-                elif new.mm_items:
+            if new.mm_items:
+                if not self.supports_multimodal:
+                    raise ValueError(f"request {new.request_id} has images or videos; this model takes text only")
+                if self.uses_mrope:
                     st.mrope_positions, st.mrope_delta = self.model.get_mrope_positions(
                         new.prompt_token_ids, st.mm_items)
-            if new.mm_items and old is None:
                 self.encoder_cache.add_request(new.request_id, st.mm_items)
             self.states[new.request_id] = st
         for c in sched.cached_reqs:
