@@ -8,10 +8,13 @@
 #               distributed/sharded_loading.py), greedy tokens of 8 prompts at TP=1, TP=2 and TP=2 with
 #               expert parallelism; prints how many leading tokens agree (bf16: rounding differs with the
 #               all-reduce order, so a late divergence on a near-tie is possible; an early one is a bug)
+#               (DTYPE=float32 runs the equal stage in fp32, where only the all-reduce's summation
+#               order differs: the strict check on real shapes)
 #   latency     21B-A3B batch-1 decode ms/step (`ernieserve bench latency`) at TP=1 and TP=2
 #   throughput  21B-A3B offline throughput (`ernieserve bench throughput`) at TP=1 and TP=2
-#   big         ERNIE-4.5-300B-A47B at TP=4 with --quantization wint4: peak memory per GPU
-#               (nvidia-smi), weights per rank (the engine's log), batch-1 decode ms/step, throughput
+#   big         ERNIE-4.5-300B-A47B at TP=4 with --quantization wint4, one engine
+#               (benchmarks/one_engine_bench.py): peak memory per GPU (nvidia-smi), weights per rank
+#               (the engine's log), batch-1 decode ms/step against its floor, offline throughput
 set -uo pipefail
 out=${OUT:-/tmp/gpu_out}; mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -45,11 +48,12 @@ greedy() {  # greedy TP NAME [extra flags...]: token ids of 8 fixed prompts -> $
   local tp=$1 name=$2; shift 2
   # a file, not stdin: the spawned tensor-parallel workers re-import the main module by path
   cat > "$out/greedy.py" <<'EOF'
-import json, sys
+import json, os, sys
 from ernieserve import LLM, SamplingParams
 model, tp, path, extra = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
 if __name__ == "__main__":
-    llm = LLM(model=model, load_format="dummy", dtype="bfloat16", max_model_len=2048, tensor_parallel_size=tp,
+    llm = LLM(model=model, load_format="dummy", dtype=os.environ.get("DTYPE", "bfloat16"), max_model_len=2048,
+              tensor_parallel_size=tp,
               enable_expert_parallel="--enable-expert-parallel" in extra)
     prompts = [{"prompt_token_ids": [(37 * i + 11 * j) % 100000 + 10 for j in range(16 + 24 * i)]} for i in range(8)]
     outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True), use_tqdm=False)
@@ -77,10 +81,12 @@ EOF
 }
 
 for stage in "$@"; do
+  pkill -9 -f "greedy.py|ernieserve bench|one_engine_bench|ernieserve-tp" 2>/dev/null && sleep 3  # a stage cut off by a timeout
   echo "===== stage $stage $(date -u +%H:%M:%S) ($ngpu GPUs)"
   case $stage in
-    tests)  timeout 400 python3 -m pytest -m gpu tests/gpu/test_tp_gpu.py -q -s --no-header -p no:cacheprovider 2>&1 \
-              | grep -E "passed|failed|skipped|^E |FAILED|Error" | head -40 ;;
+    tests)  timeout 400 python3 -m pytest -m gpu tests/gpu/test_tp_gpu.py -v -s --no-header -p no:cacheprovider 2>&1 \
+              | tee "$out/tests.log" \
+              | grep -E "passed|failed|skipped|^E |FAILED|Error|^engine" | head -60 ;;
     # EP=0 skips the expert-parallel variants; TPS="2" measures only TP=2 (device time is scarce)
     equal)  greedy 1 tp1; greedy 2 tp2; compare tp1 tp2
             [ "${EP:-1}" = 1 ] && { greedy 2 tp2ep --enable-expert-parallel; compare tp1 tp2ep; } ;;
@@ -91,7 +97,10 @@ for stage in "$@"; do
             [ "$ngpu" -ge 4 ] || { echo "big: needs 4 GPUs, $ngpu visible"; continue; }
             nvidia-smi --query-gpu=index,memory.used --format=csv,noheader,nounits -lms 500 > "$out/mem_300b.csv" &
             smi=$!
-            MODEL=$ck300 TAG=300b_wint4; latency 4 --quantization wint4; throughput 4 128 --quantization wint4
+            echo "--- one engine: batch-1 decode, then 128 prompts of 1000 in / 200 out, TP=4 wint4"
+            timeout 480 python3 benchmarks/one_engine_bench.py --out "$out/big" --num-prompts 128 -- \
+              --model $ck300 "${common[@]}" --tensor-parallel-size 4 --quantization wint4 --max-num-seqs 128 2>&1 \
+              | filter | grep -E -i "$engine_lines|copy bandwidth|ready|holds|decode|floor|Throughput|tokens|Error|error" | head -40
             kill $smi 2>/dev/null; wait $smi 2>/dev/null
             python3 - "$out/mem_300b.csv" <<'EOF'
 import sys

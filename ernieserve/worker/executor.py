@@ -47,6 +47,7 @@ logger = logging.getLogger(__name__)
 DIST_TIMEOUT_S = 1800.0
 # How long a failed step waits for the monitor to name a dead rank before re-raising as is.
 _FAILURE_GRACE_S = 3.0
+_TEARDOWN_S = 15.0  # the longest shutdown waits for the process group to go
 
 FatalHandler = Callable[[str], None]
 
@@ -210,7 +211,18 @@ class MultiprocExecutor(Executor):
                 proc.kill()  # workers ignore SIGTERM (it may be meant for the whole process group)
                 proc.join(5)
         self._monitor.join(2)
-        destroy_tp_group()
+        if getattr(self, "runner", None) is not None:  # absent when the start failed
+            self.runner.release_graphs()  # they hold captured NCCL kernels: gone before the communicator
+        # bounded: a communicator teardown that waits on peers which already exited must not hang
+        # the caller (seen on GPUs: a TP=2 engine with decode graphs did not exit); abort, not
+        # destroy, on NCCL: it never waits on peers, and frees the slot for a new process group
+        teardown = threading.Thread(target=abort_tp_group if self.device.type == "cuda" else destroy_tp_group,
+                                    name="ernieserve-tp-teardown", daemon=True)
+        teardown.start()
+        teardown.join(_TEARDOWN_S)
+        if teardown.is_alive():
+            logger.error("the tensor-parallel process group did not tear down within %.0f s; going on without it",
+                         _TEARDOWN_S)
         self.channel.close()
         self.ctx.term()
 

@@ -84,6 +84,12 @@ class ModelRunner:
     def num_host_blocks(self) -> int:
         return self.swapper.num_host_blocks if self.swapper is not None else 0
 
+    def release_graphs(self) -> None:
+        """Drop the captured decode graphs (and their memory pool), after the device finished them."""
+        if self.graphs is not None:
+            torch.cuda.synchronize(self.device)
+            self.graphs = None
+
     def model_param_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
 

@@ -127,8 +127,8 @@ def run_worker(spec: WorkerSpec) -> None:
         channel.send_final(ControlTag.ERROR, f"{type(e).__name__}: {text}" if text else type(e).__name__)
         code = 1
     channel.close()  # no ctx.term(): the health thread still holds its sockets; os._exit ends them
-    if code == 0:
-        destroy_tp_group()
+    if code == 0 and device.type != "cuda":
+        destroy_tp_group()  # gloo; an NCCL teardown could wait on rank 0, which only joins us
     # os._exit: skip interpreter teardown, where a communicator whose peers are gone may block
     os._exit(code)
 

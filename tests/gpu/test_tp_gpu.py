@@ -35,8 +35,11 @@ def checkpoint(request, tmp_path_factory):
 
 
 _RUN_ENGINE = """
-import json, sys
+import faulthandler, json, sys
 import torch
+# every process (this one and the spawned workers, which re-run this module's top level) prints
+# its threads' stacks if the engine hangs, before the test's timeout kills it
+faulthandler.dump_traceback_later(150, exit=True)
 from ernieserve import LLM, SamplingParams
 
 if __name__ == "__main__":
@@ -54,6 +57,9 @@ if __name__ == "__main__":
 """
 
 
+_RESULTS: dict[str, tuple] = {}  # the TP=1 reference is shared by the tp and tp-ep cases
+
+
 def _run(path, **kw) -> tuple[list[list[int]], list[list[float]], list[list[float]], bool]:
     """(tokens, sampled logprobs, prompt logprobs) per prompt, and whether CUDA graphs ran.
 
@@ -65,18 +71,28 @@ def _run(path, **kw) -> tuple[list[list[int]], list[list[float]], list[list[floa
     import subprocess
     import sys
     import tempfile
+    import time
 
+    key = json.dumps([str(path), kw], sort_keys=True)
+    if key in _RESULTS:
+        return _RESULTS[key]
     with tempfile.TemporaryDirectory() as tmp:
         script, out = os.path.join(tmp, "run_engine.py"), os.path.join(tmp, "out.json")
         with open(script, "w") as f:
             f.write(_RUN_ENGINE)  # a file, not -c: spawned TP workers re-import the main module by path
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
-        proc = subprocess.run([sys.executable, script, str(path), out, json.dumps(kw),
-                               json.dumps(_prompts(12, 4000)), str(MAX_TOKENS)],
-                              capture_output=True, text=True, timeout=240, env=env)
+        start = time.perf_counter()
+        try:
+            proc = subprocess.run([sys.executable, script, str(path), out, json.dumps(kw),
+                                   json.dumps(_prompts(12, 4000)), str(MAX_TOKENS)],
+                                  capture_output=True, text=True, timeout=180, env=env)
+        except subprocess.TimeoutExpired as e:
+            pytest.fail(f"engine {kw} did not finish in {e.timeout} s; its log ends:\n{(e.stderr or b'')[-3000:]}")
+        print(f"engine {path.name} {kw}: {time.perf_counter() - start:.1f} s", flush=True)
         assert proc.returncode == 0, proc.stderr[-3000:]
         r = json.load(open(out))
-    return r["tokens"], r["sampled"], r["prompt"], r["graphs"]
+    _RESULTS[key] = r["tokens"], r["sampled"], r["prompt"], r["graphs"]
+    return _RESULTS[key]
 
 
 def _close(a: list[list[float]], b: list[list[float]], atol: float) -> None:
