@@ -167,7 +167,14 @@ def run_ours(args, ckpt: Path, result: dict) -> list[tuple[list[int], int]]:
     result["ours_graph_replay_ms"] = graph_replay_ms(llm)
     param_bytes = active_weight_bytes(llm)
     vocab = llm.llm_engine.config.model.vocab_size
+    stats = llm.llm_engine.core.step_stats  # where step time goes; None unless ERNIESERVE_STEP_STATS=1
+    if stats is not None:
+        stats.reset()
     steps = ours_decode_step(llm, 32, 129)
+    if stats is not None:
+        result["ours_decode_b1_step_stats"] = stats.as_dict()
+        print("decode b=1 " + stats.summary(), flush=True)
+        stats.reset()
     p50 = statistics.median(steps)
     # a step reads the weights once; the copy rate counts bytes read + written, i.e. HBM traffic
     floor = param_bytes / (result["copy_bandwidth_tb_s"] * 1e12)
@@ -179,6 +186,9 @@ def run_ours(args, ckpt: Path, result: dict) -> list[tuple[list[int], int]]:
     print(json.dumps(result), flush=True)
     reqs = workload(args.num_prompts, args.lo, args.hi, vocab, 0)
     result["ours_offline"] = ours_offline(llm, reqs)
+    if stats is not None:
+        result["ours_offline"]["step_stats"] = stats.as_dict()
+        print("offline " + stats.summary(), flush=True)
     print(json.dumps(result), flush=True)
     del llm
     torch.cuda.empty_cache()

@@ -11,13 +11,14 @@ for stage in "$@"; do
   case $stage in
     tests)  timeout 230 python3 -m pytest -m gpu tests/gpu -q -s --no-header -p no:cacheprovider 2>&1 \
               | grep -E "passed|failed|GREEDY|logit std|^E |FAILED|Error" | head -40 ;;
-    dense)  timeout 200 python3 benchmarks/compare_hf.py --preset ernie-4.5-0.3b --checkpoint /tmp/ckpt-03b \
-              --num-prompts 256 --hf-batch-prompts 16 --out "$out/dense.json" 2>&1 | filter | tail -12 ;;
+    # ERNIESERVE_STEP_STATS: where each step's time goes (engine/step_stats.py), printed per run
+    dense)  ERNIESERVE_STEP_STATS=1 timeout 200 python3 benchmarks/compare_hf.py --preset ernie-4.5-0.3b --checkpoint /tmp/ckpt-03b \
+              --num-prompts 256 --hf-batch-prompts 16 --out "$out/dense.json" 2>&1 | filter | tail -24 ;;
     serve)  [ -f /tmp/ckpt-03b/config.json ] || python3 -m ernieserve make-dummy --preset ernie-4.5-0.3b /tmp/ckpt-03b
             timeout 140 bash benchmarks/serve_gpu.sh /tmp/ckpt-03b 128 64 1000 1000 "$out" 2>&1 | filter | tail -40 ;;
     # HF's 21B does not fit beside our engine in one process: ours here, HF needs its own run
-    moe)    timeout 300 python3 benchmarks/compare_hf.py --preset ernie-4.5-21b-a3b --checkpoint /tmp/ckpt-21b \
-              --load-format dummy --num-prompts 256 --skip-hf --out "$out/moe.json" 2>&1 | filter | tail -12 ;;
+    moe)    ERNIESERVE_STEP_STATS=1 timeout 300 python3 benchmarks/compare_hf.py --preset ernie-4.5-21b-a3b --checkpoint /tmp/ckpt-21b \
+              --load-format dummy --num-prompts 256 --skip-hf --out "$out/moe.json" 2>&1 | filter | tail -24 ;;
     quant)  [ -f /tmp/ckpt-21b/config.json ] || python3 -m ernieserve make-dummy --preset ernie-4.5-21b-a3b /tmp/ckpt-21b
             for q in none wint8 wint4; do
               extra=(); [ "$q" != none ] && extra=(--quantization "$q")

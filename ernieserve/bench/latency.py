@@ -27,6 +27,7 @@ import numpy as np
 
 from ernieserve.bench.datasets import random_requests
 from ernieserve.bench.throughput import OfflineLLM, add_engine_args, create_llm
+from ernieserve.engine.step_stats import report_step_stats
 from ernieserve.sampling_params import SamplingParams
 
 _GB = 1e9
@@ -221,6 +222,9 @@ def main(args: argparse.Namespace, llm: Any | None = None) -> int:
     iterations = run_latency(llm, llm.llm_engine, config)
     result = LatencyResult(config, iterations, model_param_bytes(llm), args.mem_bandwidth_gbs)
     print(result.report())
+    stats = report_step_stats(llm)
+    if stats is not None:  # ERNIESERVE_STEP_STATS=1
+        print(stats)
     if args.output_json:
         with open(args.output_json, "w", encoding="utf-8") as f:
             json.dump({**result.summary(), "model": args.model}, f, indent=2)

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 from ernieserve.bench.datasets import (
     DatasetConfig, SampleRequest, Tokenizer, add_dataset_args, sample_requests,
 )
+from ernieserve.engine.step_stats import report_step_stats
 from ernieserve.sampling_params import SamplingParams
 
 # (flag, type); store_true flags have type None. Each reaches LLM(...) only when given.
@@ -168,6 +169,9 @@ def main(args: argparse.Namespace, llm: OfflineLLM | None = None) -> int:
     requests = sample_requests(dataset_config(args), llm.get_tokenizer(), token_mode=True)
     result = run_throughput(llm, requests, args.temperature, use_tqdm=not args.disable_tqdm)
     print(result.report())
+    stats = report_step_stats(llm)
+    if stats is not None:  # ERNIESERVE_STEP_STATS=1
+        print(stats)
     if args.output_json:
         record = {**result.to_dict(), "model": args.model, "engine_kwargs": engine_kwargs(args)}
         with open(args.output_json, "w", encoding="utf-8") as f:

@@ -15,6 +15,7 @@ from ernieserve.config import EngineConfig
 from ernieserve.core.request import Request
 from ernieserve.core.scheduler import Scheduler
 from ernieserve.engine.protocol import EngineOutput, EngineOutputs, EngineRequest, FinishReason
+from ernieserve.engine.step_stats import StepProfiler, StepStats, StepTimes, step_stats_enabled
 from ernieserve.worker.executor import FatalHandler, make_executor
 from ernieserve.worker.model_runner import ModelRunner
 
@@ -40,6 +41,8 @@ class EngineCore:
         self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, self.executor.num_host_blocks)
         # Everything built so far lives as long as the engine: keep the collector from walking it
         # on every collection (long-tail step latencies otherwise).
+        self.step_stats = StepStats() if step_stats_enabled() else None
+        self._profiler = StepProfiler.from_env()
         gc.collect()
         gc.freeze()
         atexit.register(gc.unfreeze)  # let interpreter shutdown finalize them (nanobind warns otherwise)
@@ -77,9 +80,31 @@ class EngineCore:
 
     def step(self) -> EngineOutputs:
         """Schedule and launch step t, then apply step t-1's results while the device works."""
+        if self.step_stats is not None or self._profiler is not None:
+            return self._measured_step()
         sched = self.scheduler.schedule()
         out = self.executor.execute_model(sched)
         outputs = self.scheduler.update_from_output(out)
+        return EngineOutputs(outputs=outputs, scheduler_stats=self.scheduler.stats(), timestamp=time.time())
+
+    def _measured_step(self) -> EngineOutputs:
+        """step(), timed segment by segment (engine/step_stats.py)."""
+        if self._profiler is not None:
+            self._profiler.before_step()
+        times = StepTimes()
+        self.runner.step_times = times
+        t0 = time.perf_counter()
+        sched = self.scheduler.schedule()
+        t1 = time.perf_counter()
+        out = self.executor.execute_model(sched)
+        t2 = time.perf_counter()
+        outputs = self.scheduler.update_from_output(out)
+        t3 = time.perf_counter()
+        self.runner.step_times = None
+        if self.step_stats is not None:
+            self.step_stats.record(times, t1 - t0, t3 - t2, t3 - t0)
+        if self._profiler is not None:
+            self._profiler.after_step()
         return EngineOutputs(outputs=outputs, scheduler_stats=self.scheduler.stats(), timestamp=time.time())
 
     def stats(self):  # type: ignore[no-untyped-def]
@@ -100,4 +125,7 @@ class EngineCore:
 
     def shutdown(self) -> None:
         """Stop the tensor-parallel workers (no-op with one device)."""
+        if self.step_stats is not None and self.step_stats.as_dict():
+            logger.info("%s", self.step_stats.summary())
+            self.step_stats.reset()
         self.executor.shutdown()

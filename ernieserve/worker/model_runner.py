@@ -7,6 +7,7 @@ the scheduler's diffs) and appends the tokens it samples.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,6 +18,7 @@ from ernieserve.config import EngineConfig
 from ernieserve.core.scheduler import ModelRunnerOutput, SchedulerOutput
 from ernieserve.distributed.parallel_state import SINGLE, TPGroup, rank_device
 from ernieserve.engine.protocol import LogprobsLists
+from ernieserve.engine.step_stats import StepTimes
 from ernieserve.layers.sampler import LogprobsTensors, Sampler, compute_logprobs
 from ernieserve.models.loader import build_model
 from ernieserve.worker import kv_cache
@@ -79,6 +81,7 @@ class ModelRunner:
         self.swapper: KVSwapper | None = None  # the prefix cache's host tier (--swap-space)
         self.graphs: CudaGraphRunner | None = None
         self._pending: _PendingStep | None = None  # the launched step whose tokens are not read yet
+        self.step_times: StepTimes | None = None  # set by the engine per step when step stats are on
 
     @property
     def num_host_blocks(self) -> int:
@@ -221,6 +224,7 @@ class ModelRunner:
         return any(self.states[rid].needs_token_values for rid in sched.num_scheduled_tokens)
 
     def _launch(self, sched: SchedulerOutput, prev: _PendingStep | None) -> _PendingStep:
+        times, t0 = self.step_times, time.perf_counter()
         inflight = {rid: j for j, rid in enumerate(prev.req_ids)} if prev is not None else None
         step = build_step_inputs(self.states, sched.num_scheduled_tokens, self.block_size, inflight)
         if self.uses_mrope:
@@ -235,10 +239,14 @@ class ModelRunner:
         if self.swapper is not None:
             self.swapper.before_forward()  # the forward reads swapped-in blocks, overwrites swapped-out ones
         decode_only = sched.total_num_scheduled_tokens == len(step.req_ids)
+        t1 = time.perf_counter()
         if self.graphs is not None and self.graphs.can_run(step, decode_only):
+            kind = "decode-graph"
             logits = self.graphs.run(step, feed)  # [num_reqs, vocab]; in a decode step every request samples
         else:
+            kind = "decode-eager" if decode_only else "mixed"
             logits = self._run_eager(step, pending.prompt_logprobs, feed)
+        t2 = time.perf_counter()
         if logits is not None:
             sample_states = [self.states[step.req_ids[i]] for i in step.sample_rows]
             result = self.sampler(logits, build_sampling_metadata(sample_states, self.vocab_size, self.device))
@@ -252,13 +260,22 @@ class ModelRunner:
                 st.num_inflight += 1  # the previous step's token may still be in flight too
         if self.swapper is not None:
             self.swapper.step_launched(step.block_table)
+        if times is not None:
+            times.kind, times.num_tokens, times.num_reqs = kind, sched.total_num_scheduled_tokens, len(step.req_ids)
+            t3 = time.perf_counter()
+            times.add("build", t1 - t0)
+            times.add("forward", t2 - t1)
+            times.add("sample", t3 - t2)
         return pending
 
     def _collect(self, pending: _PendingStep) -> ModelRunnerOutput:
         """Wait for a launched step, hand its tokens to the request states, return its output."""
         if pending.sampled is None:
             return ModelRunnerOutput([], {}, prompt_logprobs=pending.prompt_logprobs)
+        t0 = time.perf_counter()
         sampled = pending.sampled.tolist()  # the one host sync of the step
+        if self.step_times is not None:
+            self.step_times.add("wait", time.perf_counter() - t0)
         lp = pending.logprobs.tolists() if pending.logprobs is not None else None
         out = ModelRunnerOutput(pending.req_ids, {}, prompt_logprobs=pending.prompt_logprobs)
         for j, rid in enumerate(pending.req_ids):
