@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device session's measurements, stage by stage, each under its own time limit, logs to $OUT.
-#   bash benchmarks/gpu_session.sh tests|dense|serve|moe|quant ...
+#   bash benchmarks/gpu_session.sh tests|dense|serve|moe|sampling|quant ...
 # Every figure in docs/performance.md names the stage that produced it.
 set -uo pipefail
 out=${OUT:-/tmp/gpu_out}; mkdir -p "$out"
@@ -19,6 +19,7 @@ for stage in "$@"; do
     # HF's 21B does not fit beside our engine in one process: ours here, HF needs its own run
     moe)    ERNIESERVE_STEP_STATS=1 timeout 300 python3 benchmarks/compare_hf.py --preset ernie-4.5-21b-a3b --checkpoint /tmp/ckpt-21b \
               --load-format dummy --num-prompts 256 --skip-hf --out "$out/moe.json" 2>&1 | filter | tail -24 ;;
+    sampling) timeout 120 python3 benchmarks/bench_sampling.py 2>&1 | tail -8 ;;
     quant)  [ -f /tmp/ckpt-21b/config.json ] || python3 -m ernieserve make-dummy --preset ernie-4.5-21b-a3b /tmp/ckpt-21b
             for q in none wint8 wint4; do
               extra=(); [ "$q" != none ] && extra=(--quantization "$q")

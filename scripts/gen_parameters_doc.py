@@ -19,7 +19,7 @@ Generated from the parser by `scripts/gen_parameters_doc.py`; a test keeps it in
 Environment variables: `FD_API_KEY` (comma-separated API keys, as in FastDeploy),
 `ERNIESERVE_CACHE_DIR` (where the built-in default model is written; default
 `~/.cache/ernieserve`), `ERNIESERVE_DISABLE_TRITON_ELEMENTWISE=1` (use the torch reference for
-norm/rotary/activation on GPU, for debugging), `ERNIESERVE_STEP_STATS=1` (time every engine step by
+norm/rotary/activation and the sampler's race on GPU, for debugging), `ERNIESERVE_STEP_STATS=1` (time every engine step by
 kind and segment; the benchmarks print the table, the engine logs it at shutdown),
 `ERNIESERVE_PROFILE_STEPS=START:COUNT` (torch.profiler over COUNT steps from the START-th; logs the
 kernels with the most device time and the kernels per step).

@@ -5,7 +5,9 @@ Semantics follow vLLM's v1 sampler. The steps, all in float32 on a private copy 
   2. bad_words    ban the last token of each banned sequence whose prefix ends the output
   3. penalties    repetition (prompt + output tokens), presence and frequency (output tokens)
   4. greedy rows  argmax of the processed logits
-  5. random rows  temperature, min_p, top_k, top_p, then an exponential race
+  5. random rows  temperature, min_p, top_k, top_p, then a Gumbel-max race whose noise is a
+                  counter hash of (row key, token id): seeded rows key on (seed, output position),
+                  the others on a fresh random key; on CUDA one Triton pass (kernels/sampling.py)
 Logprobs are those of the raw model distribution (log_softmax of the incoming logits), taken
 before any of the above, as vLLM does by default.
 
@@ -15,10 +17,12 @@ the few rows that use them; everything else is batched tensor work with no host-
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
+from ernieserve.layers.norm import load_elementwise_kernel, triton_elementwise_enabled
 from ernieserve.layers.sampling_metadata import SamplingMetadata
 
 # Same threshold as SamplingParams.greedy: a temperature below it means argmax.
@@ -179,19 +183,39 @@ def _ban_tokens(logits: torch.Tensor, rows: list[int], cols: list[int]) -> None:
 
 def _sample(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
     """[B] int64 token ids from processed logits [B, V] float32 (edited in place)."""
-    greedy_ids = None if meta.all_random else logits.argmax(dim=-1)  # [B]
     if meta.all_greedy:
-        assert greedy_ids is not None
-        return greedy_ids
+        return logits.argmax(dim=-1)
     apply_temperature(logits, meta.temperature)
     if meta.min_p is not None:
         apply_min_p(logits, meta.min_p)
     if meta.top_k is not None or meta.top_p is not None:
         apply_top_k_top_p(logits, meta.top_k, meta.top_p)
-    random_ids = random_sample(logits.softmax(dim=-1), meta.seeds)  # [B]
-    if greedy_ids is None:
-        return random_ids
-    return torch.where(meta.temperature < _SAMPLING_EPS, greedy_ids, random_ids)
+    # greedy rows take the argmax of the same logits: temperature 1 for them, and min_p, top_k and
+    # top_p always keep a row's maximum (and its lowest id among ties)
+    greedy = meta.temperature < _SAMPLING_EPS  # [B] bool
+    keys = row_keys(meta.seeds, logits.shape[0])
+    if logits.is_cuda:
+        kernels = _sampling_kernels()
+        if kernels is not None:
+            return kernels.gumbel_race(logits, greedy, keys.to(logits.device, non_blocking=True))
+    return gumbel_race_reference(logits, greedy, keys)
+
+
+def row_keys(seeds: dict[int, int], num_rows: int) -> torch.Tensor:
+    """[num_rows] int64 on the host: the seeded rows' keys (in [0, 2**64), stored as the int64
+    with the same bits), a fresh random key for every other row (torch's default generator, which
+    the engine seeds at start)."""
+    keys = torch.randint(-(2**63), 2**63 - 1, (num_rows,), dtype=torch.int64)
+    for row, key in seeds.items():
+        keys[row] = key - 2**64 if key >= 2**63 else key
+    return keys
+
+
+@functools.cache
+def _sampling_kernels():  # type: ignore[no-untyped-def]
+    if not triton_elementwise_enabled():
+        return None
+    return load_elementwise_kernel("sampling")
 
 
 def apply_temperature(logits: torch.Tensor, temperature: torch.Tensor) -> None:
@@ -234,27 +258,22 @@ def apply_top_k_top_p(
     logits.scatter_(-1, order, sorted_logits)
 
 
-def random_sample(probs: torch.Tensor, seeds: dict[int, int]) -> torch.Tensor:
-    """[B] int64 draws from probs [B, V] (edited in place) by an exponential race.
+def gumbel_race_reference(logits: torch.Tensor, greedy: torch.Tensor, keys: torch.Tensor,
+                          rows_per_chunk: int = 32) -> torch.Tensor:
+    """[B] int64: argmax_i l_i - log(-log(u_i)) with u = hashed_uniform(key, i), greedy rows argmax l_i.
 
-    argmax_i p_i / q_i with q_i ~ Exp(1) picks i with probability p_i / sum(p), since q_i / p_i
-    is exponential with rate p_i and the smallest of those wins. Seeded rows take their q from a
-    counter-based hash of (key, token id), computed for all seeded rows at once: reproducible per
-    request whatever the batch, with no per-row launches.
+    That is the exponential race argmax_i p_i / q_i with q_i = -log(u_i) ~ Exp(1), in logs (log p_i
+    is l_i less the row's normaliser): it picks i with probability p_i, and a row's draw depends on
+    its key and logits only, whatever the batch. Chunks of rows bound the [rows, V] temporaries.
     """
-    q = torch.empty_like(probs)  # [B, V]
-    if len(seeds) < probs.shape[0]:
-        q.exponential_()
-    if seeds:
-        rows = torch.tensor(list(seeds), dtype=torch.int64, device=probs.device)
-        # keys are in [0, 2**64): store them as the int64 with the same bits
-        keys = torch.tensor([k - 2**64 if k >= 2**63 else k for k in seeds.values()],
-                            dtype=torch.int64, device=probs.device)
-        q[rows] = -torch.log(hashed_uniform(keys, probs.shape[1]))
-    # A zero draw would turn a banned token's 0 / 0 into NaN, which argmax would pick.
-    q.clamp_min_(torch.finfo(q.dtype).tiny)
-    return probs.div_(q).argmax(dim=-1)
-
+    out = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
+    keys = keys.to(logits.device)
+    for lo in range(0, logits.shape[0], rows_per_chunk):
+        hi = min(lo + rows_per_chunk, logits.shape[0])
+        noise = -torch.log(-torch.log(hashed_uniform(keys[lo:hi], logits.shape[1])))  # [rows, V] Gumbel
+        scores = torch.where(greedy[lo:hi, None], logits[lo:hi], logits[lo:hi] + noise)
+        out[lo:hi] = scores.argmax(dim=-1)
+    return out
 
 
 def _srl(x: torch.Tensor, n: int) -> torch.Tensor:
