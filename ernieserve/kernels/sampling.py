@@ -14,7 +14,7 @@ On torch's path the race costs about 25 full passes over [B, V] tensors (int64 h
 log, division); at batch 256 and ERNIE's 103k vocabulary that is several GB of memory traffic per
 step. Here it is one read of the logits.
 
-Grid: (rows, vocab splits); each program reduces CHUNK ids to one (score, id) pair, and a tiny
+Grid: (rows, vocab splits); each program reduces `chunk` ids to one (score, id) pair, and a tiny
 torch argmax over the splits finishes (earlier splits win ties, so the lowest id does).
 """
 
@@ -31,17 +31,17 @@ _TARGET_PROGRAMS = 512  # enough to fill an H100 (132 SMs) at batch 1
 @triton.jit
 def _gumbel_race_kernel(
     logits_ptr, greedy_ptr, keys_ptr, best_val_ptr, best_idx_ptr,
-    vocab, stride_row, num_splits,
-    CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    vocab, stride_row, num_splits, chunk,  # chunk: ids per program, a multiple of BLOCK (a runtime
+    BLOCK: tl.constexpr,                    # value: no compile per batch size)
 ):
     row = tl.program_id(0)
     split = tl.program_id(1)
     key = tl.load(keys_ptr + row).to(tl.uint64, bitcast=True)
     greedy = tl.load(greedy_ptr + row) != 0
-    start = split * CHUNK
+    start = split * chunk
     best_val = tl.full([], -float("inf"), tl.float32)
     best_idx = tl.full([], 0, tl.int32) + start
-    for off in range(0, CHUNK, BLOCK):
+    for off in range(0, chunk, BLOCK):
         cols = start + off + tl.arange(0, BLOCK)
         ok = cols < vocab
         logit = tl.load(logits_ptr + row.to(tl.int64) * stride_row + cols, mask=ok, other=-float("inf"))
@@ -80,8 +80,8 @@ def gumbel_race(logits: torch.Tensor, greedy: torch.Tensor, keys: torch.Tensor) 
     best_idx = torch.empty(rows, splits, dtype=torch.int32, device=logits.device)
     _gumbel_race_kernel[(rows, splits)](
         logits, greedy.to(torch.int8), keys, best_val, best_idx,
-        vocab, logits.stride(0), splits,
-        CHUNK=chunk, BLOCK=BLOCK, num_warps=4,
+        vocab, logits.stride(0), splits, chunk,
+        BLOCK=BLOCK, num_warps=4,
     )
     if splits == 1:
         return best_idx[:, 0].to(torch.int64)
