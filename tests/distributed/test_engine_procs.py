@@ -210,3 +210,29 @@ def test_two_nodes_on_loopback(tiny_ernie):
         if node1.poll() is None:
             node1.kill()
             node1.wait()
+
+
+def test_shutdown_never_hangs_on_the_process_group_teardown(tiny_ernie, monkeypatch, caplog):
+    """A teardown that never returns (seen with NCCL and captured graphs) costs a bounded wait."""
+    import logging
+    import threading
+
+    from ernieserve import LLM
+    from ernieserve.distributed.parallel_state import destroy_tp_group
+    from ernieserve.worker import executor as executor_mod
+
+    llm = LLM(model=str(tiny_ernie), device="cpu", tensor_parallel_size=2, max_model_len=256, block_size=16,
+              num_gpu_blocks_override=32)
+    release = threading.Event()
+    monkeypatch.setattr(executor_mod, "destroy_tp_group", lambda: release.wait(60))
+    monkeypatch.setattr(executor_mod, "_TEARDOWN_S", 0.5)
+    start = time.monotonic()
+    try:
+        with caplog.at_level(logging.ERROR, logger="ernieserve.worker.executor"):
+            llm.llm_engine.core.shutdown()
+        assert time.monotonic() - start < 8.0
+        assert any("did not tear down within" in r.getMessage() for r in caplog.records)
+        assert not _children(os.getpid()), "the worker outlived the shutdown"
+    finally:
+        release.set()
+        destroy_tp_group()  # the real teardown, for the tests after this one
