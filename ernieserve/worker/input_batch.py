@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -76,6 +77,14 @@ def build_step_inputs(states: dict[str, CachedRequestState], num_scheduled: dict
     counts = np.fromiter(num_scheduled.values(), dtype=np.int64, count=len(req_ids))
     qsl = np.zeros(len(req_ids) + 1, dtype=np.int32)
     np.cumsum(counts, out=qsl[1:])
+    if int(qsl[-1]) == len(req_ids):
+        return _build_decode_step(states, req_ids, qsl, block_size, inflight_rows)
+    return _build_any_step(states, req_ids, counts, qsl, block_size, inflight_rows)
+
+
+def _build_any_step(states: dict[str, CachedRequestState], req_ids: list[str], counts: np.ndarray,
+                    qsl: np.ndarray, block_size: int, inflight_rows: dict[str, int] | None) -> StepInputs:
+    """Any mix of prefill chunks and decodes: one loop iteration per request, vectorised within."""
     num_tokens = int(qsl[-1])
     input_ids = np.empty(num_tokens, dtype=np.int64)
     positions = np.empty(num_tokens, dtype=np.int64)
@@ -85,7 +94,7 @@ def build_step_inputs(states: dict[str, CachedRequestState], num_scheduled: dict
     sample_rows: list[int] = []
     inflight_pos: list[int] = []
     inflight_src: list[int] = []
-    for i, rid in enumerate(req_ids):  # one iteration per request, vectorised within
+    for i, rid in enumerate(req_ids):
         st = states[rid]
         start, end = st.num_computed_tokens, st.num_computed_tokens + int(counts[i])
         known = st.token_ids[start:end]
@@ -102,6 +111,38 @@ def build_step_inputs(states: dict[str, CachedRequestState], num_scheduled: dict
             sample_rows.append(i)
     req_of_token = np.repeat(np.arange(len(req_ids)), counts)
     slot_mapping = block_table[req_of_token, positions // block_size].astype(np.int64) * block_size \
+        + positions % block_size
+    return StepInputs(req_ids, input_ids, positions, slot_mapping, qsl, seq_lens, block_table, sample_rows,
+                      inflight_pos, inflight_src)
+
+
+def _build_decode_step(states: dict[str, CachedRequestState], req_ids: list[str], qsl: np.ndarray,
+                       block_size: int, inflight_rows: dict[str, int] | None) -> StepInputs:
+    """`build_step_inputs` for a decode-only step (one new token per request), vectorised across
+    requests: the per-request Python work is reading a few attributes, not filling arrays."""
+    n = len(req_ids)
+    sts = [states[r] for r in req_ids]
+    positions = np.fromiter((st.num_computed_tokens for st in sts), dtype=np.int64, count=n)
+    known = np.fromiter((len(st.token_ids) for st in sts), dtype=np.int64, count=n)
+    pending = np.fromiter((st.num_inflight for st in sts), dtype=np.int64, count=n)
+    # a request's input is its token at `position`, or the previous step's, still on the device
+    input_ids = np.fromiter((st.token_ids[p] if p < k else 0 for st, p, k in zip(sts, positions.tolist(), known.tolist())),
+                            dtype=np.int64, count=n)
+    in_flight = np.flatnonzero(positions >= known)
+    inflight_pos = in_flight.tolist()
+    if inflight_pos:
+        assert inflight_rows is not None and bool((positions[in_flight] == known[in_flight]).all())
+    inflight_src = [inflight_rows[req_ids[i]] for i in inflight_pos] if inflight_pos else []
+    num_blocks = np.fromiter((len(st.block_ids) for st in sts), dtype=np.int64, count=n)
+    block_table = np.zeros((n, int(num_blocks.max())), dtype=np.int32)
+    flat = np.fromiter(itertools.chain.from_iterable(st.block_ids for st in sts), dtype=np.int32,
+                       count=int(num_blocks.sum()))
+    row_of = np.repeat(np.arange(n), num_blocks)
+    col_of = np.arange(flat.size) - np.repeat(np.cumsum(num_blocks) - num_blocks, num_blocks)
+    block_table[row_of, col_of] = flat
+    seq_lens = (positions + 1).astype(np.int32)
+    sample_rows = np.flatnonzero(positions + 1 == known + pending).tolist()
+    slot_mapping = block_table[np.arange(n), positions // block_size].astype(np.int64) * block_size \
         + positions % block_size
     return StepInputs(req_ids, input_ids, positions, slot_mapping, qsl, seq_lens, block_table, sample_rows,
                       inflight_pos, inflight_src)
