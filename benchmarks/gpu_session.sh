@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device session's measurements, stage by stage, each under its own time limit, logs to $OUT.
-#   bash benchmarks/gpu_session.sh tests|dense|serve|moe|sampling|quant ...
+#   bash benchmarks/gpu_session.sh tests|dense|serve|moe|moegemv|sampling|quant ...
 # Every figure in docs/performance.md names the stage that produced it.
 set -uo pipefail
 out=${OUT:-/tmp/gpu_out}; mkdir -p "$out"
@@ -19,13 +19,21 @@ for stage in "$@"; do
     # HF's 21B does not fit beside our engine in one process: ours here, HF needs its own run
     moe)    ERNIESERVE_STEP_STATS=1 timeout 300 python3 benchmarks/compare_hf.py --preset ernie-4.5-21b-a3b --checkpoint /tmp/ckpt-21b \
               --load-format dummy --num-prompts 256 --skip-hf --out "$out/moe.json" 2>&1 | filter | tail -24 ;;
+    # the dot-free decode kernels for quantized experts (off by default: GEMV_MAX_TOKENS = 0) against
+    # the fused path, to decide the token counts up to which they take over
+    moegemv) timeout 150 python3 -m pytest -m gpu tests/gpu/test_moe_quant_gpu.py -k gemv -q --no-header -p no:cacheprovider 2>&1 \
+               | grep -E "passed|failed|^E |FAILED" | head -10
+             for path in gemv fused; do
+               timeout 100 python3 benchmarks/bench_moe_quant.py --methods bf16 wint8 wint4 wint4-g128 --tokens 1 8 16 32 64 \
+                 --path $path 2>&1 | tail -24
+             done ;;
     sampling) timeout 120 python3 benchmarks/bench_sampling.py 2>&1 | tail -8 ;;
     quant)  [ -f /tmp/ckpt-21b/config.json ] || python3 -m ernieserve make-dummy --preset ernie-4.5-21b-a3b /tmp/ckpt-21b
             for q in none wint8 wint4; do
               extra=(); [ "$q" != none ] && extra=(--quantization "$q")
               timeout 200 python3 -m ernieserve bench latency --model /tmp/ckpt-21b --load-format dummy --dtype bfloat16 \
                 --batch-size 1 --input-len 128 --output-len 64 --num-iters-warmup 1 --num-iters 3 --max-model-len 2048 \
-                --mem-bandwidth-gbs 3000 "${extra[@]}" 2>&1 | filter | grep -E -i "decode|prefill|weight|bandwidth|GiB|Error|error" | head -12
+                --mem-bandwidth-gbs 3000 "${extra[@]}" 2>&1 | filter | grep -E -i "decode|prefill|weight|bandwidth|GiB|Peak|Error|error" | head -14
             done ;;
   esac
 done

@@ -73,6 +73,8 @@ def build_model(model_config: ModelConfig, backend: AttentionBackend, device: to
                 tp: TPGroup = SINGLE, expert_parallel: bool = False) -> nn.Module:
     cls = resolve_model_class(getattr(model_config.hf_config, "architectures", None))
     start = time.perf_counter()
+    if device.type == "cuda":  # the load's own peak, reported below (quantizing while loading keeps it low)
+        torch.cuda.reset_peak_memory_stats(device)
     # Quantized linear layers start as meta tensors and quantize each layer as its last checkpoint
     # shard streams in (layers/quantization/base.py), so the full-precision model is never resident.
     with torch.device(device), quantization_scope(model_config.quant_config), expert_parallel_scope(expert_parallel):
@@ -109,6 +111,9 @@ def build_model(model_config: ModelConfig, backend: AttentionBackend, device: to
                 model_config.load_format, time.perf_counter() - start, nbytes / 2**30, model_config.dtype,
                 f", {quantized_share(model):.0%} of weights {quant.describe()}" if quant is not None else "", device,
                 rank)
+    if device.type == "cuda":
+        logger.info("Peak device memory while loading: %.2f GiB (allocated by torch on %s)",
+                    torch.cuda.max_memory_allocated(device) / 2**30, device)
     return model
 
 
