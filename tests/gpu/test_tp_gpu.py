@@ -87,7 +87,9 @@ def _run(path, **kw) -> tuple[list[list[int]], list[list[float]], list[list[floa
                                    json.dumps(_prompts(12, 4000)), str(MAX_TOKENS)],
                                   capture_output=True, text=True, timeout=180, env=env)
         except subprocess.TimeoutExpired as e:
-            pytest.fail(f"engine {kw} did not finish in {e.timeout} s; its log ends:\n{(e.stderr or b'')[-3000:]}")
+            log = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+            # the stacks faulthandler printed for every process (rank 0 and the workers) are in it
+            pytest.fail(f"engine {kw} did not finish in {e.timeout} s; its log ends:\n{log[-12000:]}")
         print(f"engine {path.name} {kw}: {time.perf_counter() - start:.1f} s", flush=True)
         assert proc.returncode == 0, proc.stderr[-3000:]
         r = json.load(open(out))
