@@ -206,8 +206,9 @@ def row_keys(seeds: dict[int, int], num_rows: int) -> torch.Tensor:
     with the same bits), a fresh random key for every other row (torch's default generator, which
     the engine seeds at start)."""
     keys = torch.randint(-(2**63), 2**63 - 1, (num_rows,), dtype=torch.int64)
-    for row, key in seeds.items():
-        keys[row] = key - 2**64 if key >= 2**63 else key
+    if seeds:  # one scatter, not an indexing call per row (this runs every step)
+        rows = torch.tensor(list(seeds), dtype=torch.int64)
+        keys[rows] = torch.tensor([k - 2**64 if k >= 2**63 else k for k in seeds.values()], dtype=torch.int64)
     return keys
 
 
