@@ -185,20 +185,24 @@ def _sample(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
     """[B] int64 token ids from processed logits [B, V] float32 (edited in place)."""
     if meta.all_greedy:
         return logits.argmax(dim=-1)
-    apply_temperature(logits, meta.temperature)
+    # greedy rows take the argmax of the same logits: min_p, top_k and top_p always keep a row's
+    # maximum (and its lowest id among ties)
+    if meta.min_p is not None or meta.top_k is not None or meta.top_p is not None:
+        apply_temperature(logits, meta.temperature)  # they act on the scaled distribution
     if meta.min_p is not None:
         apply_min_p(logits, meta.min_p)
     if meta.top_k is not None or meta.top_p is not None:
         apply_top_k_top_p(logits, meta.top_k, meta.top_p)
-    # greedy rows take the argmax of the same logits: temperature 1 for them, and min_p, top_k and
-    # top_p always keep a row's maximum (and its lowest id among ties)
-    greedy = meta.temperature < _SAMPLING_EPS  # [B] bool
     keys = row_keys(meta.seeds, logits.shape[0])
+    temperature = meta.temperature.to(torch.float32)
+    if meta.min_p is not None or meta.top_k is not None or meta.top_p is not None:
+        # already scaled above: the race divides by 1 (greedy rows keep 0, i.e. plain argmax)
+        temperature = torch.where(temperature < _SAMPLING_EPS, 0.0, 1.0)
     if logits.is_cuda:
         kernels = _sampling_kernels()
         if kernels is not None:
-            return kernels.gumbel_race(logits, greedy, keys.to(logits.device, non_blocking=True))
-    return gumbel_race_reference(logits, greedy, keys)
+            return kernels.gumbel_race(logits, keys.to(logits.device, non_blocking=True), temperature)
+    return gumbel_race_reference(logits, keys, temperature)
 
 
 def row_keys(seeds: dict[int, int], num_rows: int) -> torch.Tensor:
@@ -259,20 +263,24 @@ def apply_top_k_top_p(
     logits.scatter_(-1, order, sorted_logits)
 
 
-def gumbel_race_reference(logits: torch.Tensor, greedy: torch.Tensor, keys: torch.Tensor,
+def gumbel_race_reference(logits: torch.Tensor, keys: torch.Tensor, temperature: torch.Tensor,
                           rows_per_chunk: int = 32) -> torch.Tensor:
-    """[B] int64: argmax_i l_i - log(-log(u_i)) with u = hashed_uniform(key, i), greedy rows argmax l_i.
+    """[B] int64: argmax_i l_i / t - log(-log(u_i)) with u = hashed_uniform(key, i); rows with
+    t < 1e-5 take argmax_i l_i.
 
     That is the exponential race argmax_i p_i / q_i with q_i = -log(u_i) ~ Exp(1), in logs (log p_i
-    is l_i less the row's normaliser): it picks i with probability p_i, and a row's draw depends on
-    its key and logits only, whatever the batch. Chunks of rows bound the [rows, V] temporaries.
+    is l_i / t less the row's normaliser): it picks i with probability p_i, and a row's draw depends
+    on its key and logits only, whatever the batch. Chunks of rows bound the [rows, V] temporaries.
     """
     out = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
-    keys = keys.to(logits.device)
+    keys, temperature = keys.to(logits.device), temperature.to(device=logits.device, dtype=torch.float32)
+    greedy = temperature < _SAMPLING_EPS
+    safe = torch.where(greedy, 1.0, temperature)
     for lo in range(0, logits.shape[0], rows_per_chunk):
         hi = min(lo + rows_per_chunk, logits.shape[0])
+        rows = logits[lo:hi].float()
         noise = -torch.log(-torch.log(hashed_uniform(keys[lo:hi], logits.shape[1])))  # [rows, V] Gumbel
-        scores = torch.where(greedy[lo:hi, None], logits[lo:hi], logits[lo:hi] + noise)
+        scores = torch.where(greedy[lo:hi, None], rows, rows / safe[lo:hi, None] + noise)
         out[lo:hi] = scores.argmax(dim=-1)
     return out
 

@@ -24,15 +24,16 @@ from ernieserve.layers.sampling_metadata import SamplingMetadata  # noqa: E402
 VOCAB = 103424
 
 
-def _scores(logits, greedy, keys):
-    noise = -torch.log(-torch.log(hashed_uniform(keys, logits.shape[1])))
-    return torch.where(greedy[:, None], logits, logits + noise)
+def _scores(logits, keys, temperature):
+    noise = -torch.log(-torch.log(hashed_uniform(keys, logits.shape[1]).double()))
+    greedy = temperature < 1e-5
+    return torch.where(greedy[:, None], logits, logits / torch.where(greedy, 1.0, temperature)[:, None] + noise)
 
 
-def _assert_same_or_near_tie(got, ref, logits, greedy, keys, max_near_ties=2):
+def _assert_same_or_near_tie(got, ref, logits, keys, temperature, max_near_ties=2):
     differ = (got != ref).nonzero().flatten().tolist()
     assert len(differ) <= max_near_ties, f"{len(differ)} rows differ: {differ[:10]}"
-    scores = _scores(logits[differ].double(), greedy[differ], keys[differ])
+    scores = _scores(logits[differ].double(), keys[differ], temperature[differ].double())
     for j, row in enumerate(differ):
         a, b = scores[j, got[row]].item(), scores[j, ref[row]].item()
         assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), f"row {row}: {a} vs {b} is not a tie"
@@ -41,13 +42,15 @@ def _assert_same_or_near_tie(got, ref, logits, greedy, keys, max_near_ties=2):
 @pytest.mark.parametrize("rows", [1, 7, 64, 256])
 def test_race_matches_reference(rows):
     g = torch.Generator(device="cuda").manual_seed(rows)
-    logits = torch.randn(rows, VOCAB, device="cuda", generator=g) * 4
+    logits = (torch.randn(rows, VOCAB, device="cuda", generator=g) * 4).to(torch.bfloat16)
     logits[:, 1000:2000] = float("-inf")
-    greedy = torch.rand(rows, device="cuda", generator=g) < 0.25
+    temperature = torch.rand(rows, device="cuda", generator=g) + 0.2
+    temperature[torch.rand(rows, device="cuda", generator=g) < 0.25] = 0.0
     keys = torch.randint(-(2**63), 2**63 - 1, (rows,), device="cuda", generator=g, dtype=torch.int64)
-    got = gumbel_race(logits, greedy, keys)
-    ref = gumbel_race_reference(logits, greedy, keys)
-    _assert_same_or_near_tie(got, ref, logits, greedy, keys)
+    got = gumbel_race(logits, keys, temperature)
+    ref = gumbel_race_reference(logits, keys, temperature)
+    _assert_same_or_near_tie(got, ref, logits.float(), keys, temperature)
+    greedy = temperature == 0
     assert torch.equal(got[greedy], logits[greedy].argmax(dim=-1))
 
 
@@ -67,5 +70,4 @@ def test_sampler_on_cuda_draws_what_it_draws_on_cpu():
     cpu = Sampler()(logits, meta("cpu")).sampled_token_ids
     cuda = Sampler()(logits.cuda(), meta("cuda")).sampled_token_ids.cpu()
     keys = torch.tensor([k - 2**64 if k >= 2**63 else k for k in seeds.values()], dtype=torch.int64)
-    processed = logits.float() / torch.where(temps == 0, 1.0, temps)[:, None]
-    _assert_same_or_near_tie(cuda, cpu, processed, temps == 0, keys, max_near_ties=2)
+    _assert_same_or_near_tie(cuda, cpu, logits.float(), keys, temps, max_near_ties=2)
