@@ -48,12 +48,12 @@ def main() -> None:
         meta = SamplingMetadata(temperature=torch.full((rows,), 0.8, device="cuda"), all_greedy=False, all_random=True)
         meta.seeds = {r: r * 7919 + 17 for r in range(rows)}
         kernel = time_ms(lambda: sampler(logits, meta))
-        cached = sampler_mod._sampling_kernels
-        sampler_mod._sampling_kernels = lambda: None  # the torch reference path
+        cached = sampler_mod.sampling_kernels
+        sampler_mod.sampling_kernels = lambda: None  # the torch reference path
         try:
             torch_ms = time_ms(lambda: sampler(logits, meta))
         finally:
-            sampler_mod._sampling_kernels = cached
+            sampler_mod.sampling_kernels = cached
         floor = rows * args.vocab * 4 / (copy_gbs * 1e9) * 1e3
         print(f"{rows:>5} {kernel:>15.3f} {torch_ms:>14.3f} {torch_ms / kernel:>8.1f}x {floor:>25.4f}")
 

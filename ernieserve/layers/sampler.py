@@ -199,7 +199,7 @@ def _sample(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
         # already scaled above: the race divides by 1 (greedy rows keep 0, i.e. plain argmax)
         temperature = torch.where(temperature < _SAMPLING_EPS, 0.0, 1.0)
     if logits.is_cuda:
-        kernels = _sampling_kernels()
+        kernels = sampling_kernels()
         if kernels is not None:
             return kernels.gumbel_race(logits, keys.to(logits.device, non_blocking=True), temperature)
     return gumbel_race_reference(logits, keys, temperature)
@@ -217,7 +217,7 @@ def row_keys(seeds: dict[int, int], num_rows: int) -> torch.Tensor:
 
 
 @functools.cache
-def _sampling_kernels():  # type: ignore[no-untyped-def]
+def sampling_kernels():  # type: ignore[no-untyped-def]
     if not triton_elementwise_enabled():
         return None
     return load_elementwise_kernel("sampling")

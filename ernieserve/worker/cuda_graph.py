@@ -1,8 +1,9 @@
 """CUDA graphs for decode-only steps.
 
 A decode step at small batch is dozens of tiny kernels per layer; eagerly each launch costs ~34 µs
-on an H100, replayed inside a graph ~1 µs. We capture the model forward plus the LM head once per
-padded batch size and replay it. Per-step inputs live in persistent buffers whose addresses the
+on an H100, replayed inside a graph ~1 µs. We capture the model forward, the LM head and the
+sampling race (for batches that need no more than temperature and seeds) once per padded batch
+size and replay it. Per-step inputs live in persistent buffers whose addresses the
 graphs hold; a step copies its inputs in and pads the rest: a padded request has seq_len 0 and
 slot -1, so it reads and writes nothing.
 """
@@ -49,6 +50,12 @@ class CudaGraphRunner:
         self.query_start_loc = torch.arange(self.max_bs + 1, **i32)  # one token per request, always
         self.seq_lens = torch.zeros(self.max_bs, **i32)
         self.block_tables = torch.zeros(self.max_bs, self.max_blocks, **i32)
+        # the sampling race runs inside the graph too (kernels/sampling.py): per-row temperature and
+        # hash key in, sampled ids out; a batch that needs the full sampler ignores `sampled`
+        self.temperature = torch.zeros(self.max_bs, dtype=torch.float32, device=device)
+        self.keys = torch.zeros(self.max_bs, **i64)
+        self.sampled = torch.zeros(self.max_bs, **i64)
+        self._race = _race_kernel()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         # one output buffer shared by every graph: a logits tensor per batch size would pin
         # sum(sizes) * vocab values (about 0.9 GB for ERNIE's 103k vocabulary at 256 sequences)
@@ -69,6 +76,8 @@ class CudaGraphRunner:
         if self.logits is None:
             self.logits = torch.empty(self.max_bs, logits.shape[-1], dtype=logits.dtype, device=self.device)
         self.logits[:bs].copy_(logits)
+        if self._race is not None:
+            self._race(self.logits[:bs], self.keys[:bs], self.temperature[:bs], out=self.sampled[:bs])
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -90,9 +99,17 @@ class CudaGraphRunner:
     def can_run(self, step: StepInputs, is_decode_only: bool) -> bool:
         return is_decode_only and len(step.req_ids) <= self.max_bs and step.block_table.shape[1] <= self.max_blocks
 
-    def run(self, step: StepInputs, feed: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    @property
+    def samples(self) -> bool:
+        """Whether the graphs also sample (the race kernel is there: Triton on CUDA)."""
+        return self._race is not None
+
+    def run(self, step: StepInputs, feed: tuple[torch.Tensor, torch.Tensor] | None = None,
+            sampling: tuple[np.ndarray, np.ndarray] | None = None) -> torch.Tensor:
         """Logits [num_reqs, vocab] of a decode step (every request has one new token). feed:
-        (positions, token ids) on the device, overriding the host's placeholder input ids."""
+        (positions, token ids) on the device, overriding the host's placeholder input ids.
+        sampling: per-row (temperature, hash key); the graph then samples each row into
+        `self.sampled[:num_reqs]` (overwritten by the next replay: copy what must outlive it)."""
         n = len(step.req_ids)
         bs = self.sizes[int(self._bucket(self.sizes, n))]
         width = step.block_table.shape[1]
@@ -109,9 +126,21 @@ class CudaGraphRunner:
         self.block_tables[:n, :width].copy_(torch.from_numpy(step.block_table), non_blocking=True)
         if feed is not None:
             self.input_ids.index_copy_(0, *feed)
+        if sampling is not None:
+            self.temperature[:n].copy_(torch.from_numpy(sampling[0]), non_blocking=True)
+            self.keys[:n].copy_(torch.from_numpy(sampling[1]), non_blocking=True)
         self.graphs[bs].replay()
         return self.logits[:n]
 
 
 def _ranges(sizes: list[int]) -> str:
     return f"{sizes}" if len(sizes) <= 8 else f"[{', '.join(map(str, sizes[:4]))}, ..., {sizes[-1]}] ({len(sizes)} sizes)"
+
+
+def _race_kernel():  # type: ignore[no-untyped-def]
+    """kernels.sampling.gumbel_race, or None where Triton is off (the eager sampler then samples)."""
+    from ernieserve.layers.sampler import sampling_kernels
+
+    kernels = sampling_kernels()
+    return kernels.gumbel_race if kernels is not None else None
+

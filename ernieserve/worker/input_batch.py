@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ernieserve.layers.sampler import row_keys
 from ernieserve.layers.sampling_metadata import SamplingMetadata
 from ernieserve.multimodal.inputs import MultiModalItem
 from ernieserve.sampling_params import SamplingParams
@@ -179,9 +180,7 @@ def build_sampling_metadata(states: list[CachedRequestState], vocab_size: int,
         meta.output_token_ids = _padded([s.output_token_ids for s in states], vocab_size, device)
     for row, (s, p) in enumerate(zip(states, params)):
         if p.seed is not None and not greedy[row]:
-            # Key from (seed, output position): the draw depends on nothing else, so a seeded
-            # request samples the same tokens alone, in any batch, and after preemption.
-            meta.seeds[row] = (p.seed * _SEED_MIX + s.num_output_tokens) % (2**64)
+            meta.seeds[row] = _seed_key(s)
         if p.min_tokens and s.num_output_tokens < p.min_tokens:
             meta.min_tokens[row] = (p.min_tokens, sorted(set(s.eos_token_ids) | set(p.stop_token_ids or ())))
         if p.bad_words_token_ids:
@@ -191,3 +190,27 @@ def build_sampling_metadata(states: list[CachedRequestState], vocab_size: int,
     wanted = [p.logprobs for p in params if p.logprobs is not None]
     meta.max_num_logprobs = max(wanted) if wanted else None
     return meta
+
+
+def _seed_key(state: CachedRequestState) -> int:
+    """A seeded request's hash key for its next token: from (seed, output position), so that the
+    draw depends on nothing else: the same tokens alone, in any batch, and after preemption."""
+    return (state.sampling_params.seed * _SEED_MIX + state.num_output_tokens) % (2**64)
+
+
+def graph_sampling_inputs(states: list[CachedRequestState]) -> tuple[np.ndarray, np.ndarray] | None:
+    """(temperature float32 [n], hash keys int64 [n]) for a batch that the race alone can sample,
+    inside the decode step's CUDA graph (worker/cuda_graph.py): every row greedy or random with a
+    temperature and maybe a seed. None when any row needs the full sampler (top_k, top_p, min_p,
+    penalties, bad words, min_tokens, logprobs). The same draws as `Sampler` with the same keys."""
+    temps = np.empty(len(states), dtype=np.float32)
+    seeds: dict[int, int] = {}
+    for row, st in enumerate(states):
+        p = st.sampling_params
+        if (p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 or p.logprobs is not None or st.needs_token_values):
+            return None
+        temps[row] = 0.0 if p.greedy else p.temperature
+        if p.seed is not None and not p.greedy:
+            seeds[row] = _seed_key(st)
+    return temps, row_keys(seeds, len(states)).numpy()
+

@@ -25,7 +25,7 @@ from ernieserve.worker import kv_cache
 from ernieserve.worker.cuda_graph import CudaGraphRunner, default_capture_sizes
 from ernieserve.worker.mm_inputs import EncoderCache, mrope_positions, splices_of_step
 from ernieserve.worker.input_batch import (CachedRequestState, StepInputs, build_sampling_metadata,
-                                           build_step_inputs)
+                                           build_step_inputs, graph_sampling_inputs)
 from ernieserve.worker.swap import KVSwapper, build_swapper
 
 logger = logging.getLogger(__name__)
@@ -240,21 +240,25 @@ class ModelRunner:
             self.swapper.before_forward()  # the forward reads swapped-in blocks, overwrites swapped-out ones
         decode_only = sched.total_num_scheduled_tokens == len(step.req_ids)
         t1 = time.perf_counter()
+        sampled = None  # set when the decode graph sampled
         if self.graphs is not None and self.graphs.can_run(step, decode_only):
             kind = "decode-graph"
-            logits = self.graphs.run(step, feed)  # [num_reqs, vocab]; in a decode step every request samples
+            logits, sampled = self._run_graph(step, feed)
         else:
             kind = "decode-eager" if decode_only else "mixed"
             logits = self._run_eager(step, pending.prompt_logprobs, feed)
         t2 = time.perf_counter()
         if logits is not None:
             sample_states = [self.states[step.req_ids[i]] for i in step.sample_rows]
-            result = self.sampler(logits, build_sampling_metadata(sample_states, self.vocab_size, self.device))
+            logprobs = None
+            if sampled is None:
+                result = self.sampler(logits, build_sampling_metadata(sample_states, self.vocab_size, self.device))
+                sampled, logprobs = result.sampled_token_ids, result.logprobs
             # rank 0's tokens for every rank: the next step's inputs must agree (random draws may not)
-            self.tp.broadcast_from_first(result.sampled_token_ids)
+            self.tp.broadcast_from_first(sampled)
             pending.req_ids = [st.request_id for st in sample_states]
-            pending.sampled = result.sampled_token_ids  # stays on the device until read
-            pending.logprobs = result.logprobs
+            pending.sampled = sampled  # stays on the device until read
+            pending.logprobs = logprobs
             pending.num_logprobs = [st.sampling_params.logprobs for st in sample_states]
             for st in sample_states:
                 st.num_inflight += 1  # the previous step's token may still be in flight too
@@ -267,6 +271,25 @@ class ModelRunner:
             times.add("forward", t2 - t1)
             times.add("sample", t3 - t2)
         return pending
+
+    def _run_graph(self, step: StepInputs, feed: tuple[torch.Tensor, torch.Tensor] | None
+                   ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(logits of the rows that sample, their ids when the graph sampled them, else None)."""
+        assert self.graphs is not None
+        sampling = None
+        if self.graphs.samples and step.sample_rows:
+            sampling = graph_sampling_inputs([self.states[rid] for rid in step.req_ids])
+        logits = self.graphs.run(step, feed, sampling)  # [num_reqs, vocab]
+        n = len(step.req_ids)
+        if not step.sample_rows:
+            return None, None
+        if len(step.sample_rows) < n:  # a one-token prompt chunk (a tiny token budget) samples nothing
+            rows = torch.tensor(step.sample_rows, dtype=torch.int64).to(self.device, non_blocking=True)
+            logits = logits.index_select(0, rows)
+            sampled = self.graphs.sampled[:n].index_select(0, rows) if sampling is not None else None
+        else:  # a copy: the next replay overwrites the graph's buffer before this step's ids are read
+            sampled = self.graphs.sampled[:n].clone() if sampling is not None else None
+        return logits, sampled
 
     def _collect(self, pending: _PendingStep) -> ModelRunnerOutput:
         """Wait for a launched step, hand its tokens to the request states, return its output."""

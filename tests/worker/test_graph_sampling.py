@@ -1,0 +1,97 @@
+"""Decode steps that sample inside the CUDA graph give the eager engine's tokens.
+
+No GPU here: the graph runner's buffers, padding, in-graph race and the model runner's use of them
+run as they would, but each "replay" runs the captured function eagerly (FakeGraph). The
+attention backend is the Triton one (interpreted on CPU), which reads the graph's device-side
+metadata as the GPU does; the race runs through the interpreted kernel. Greedy and seeded rows
+must equal the eager engine's, batches that need the full sampler (top_k, logprobs) fall back to
+it on the graph's logits, and a one-token prompt chunk in a decode-only step samples nothing.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+if "TRITON_INTERPRET" not in os.environ:
+    pytest.skip("needs TRITON_INTERPRET=1 (tests/conftest.py sets it on CPU machines)", allow_module_level=True)
+pytest.importorskip("triton")
+
+from ernieserve import LLM, SamplingParams  # noqa: E402
+from ernieserve.worker import model_runner  # noqa: E402
+from ernieserve.worker.cuda_graph import CudaGraphRunner  # noqa: E402
+
+pytestmark = pytest.mark.slow  # the interpreted attention kernels take seconds per step
+
+
+class FakeGraph:
+    def __init__(self, owner: CudaGraphRunner, bs: int) -> None:
+        self.owner, self.bs = owner, bs
+
+    def replay(self) -> None:
+        self.owner.replays += 1
+        self.owner._forward(self.bs)
+
+
+class FakeGraphRunner(CudaGraphRunner):
+    def capture(self) -> None:
+        self.replays = 0
+        self.backend.init_cuda_graph_state(self.max_bs, self.max_blocks, self.device)
+        self.graphs = {bs: FakeGraph(self, bs) for bs in self.sizes}
+
+
+def _engine(model, monkeypatch, graphs: bool, budget: int) -> LLM:
+    from ernieserve.attention.triton_attn import TritonAttentionBackend
+
+    monkeypatch.setattr(model_runner, "select_attention_backend", lambda device: TritonAttentionBackend())
+    llm = LLM(model=str(model), enforce_eager=True, max_model_len=128, max_num_seqs=8, block_size=16,
+              num_gpu_blocks_override=64, max_num_batched_tokens=budget, seed=0)
+    if graphs:
+        runner = llm.llm_engine.core.runner
+        runner.graphs = FakeGraphRunner(runner.model, runner.backend, [1, 2, 4, 8], 128, 16, runner.device)
+        runner.graphs.capture()
+        assert runner.graphs.samples, "the race kernel must be there (Triton)"
+    return llm
+
+
+PROMPTS = [[5 + i, 17, 29 + 3 * i, 41, 7 * i + 3] + list(range(60, 60 + 3 * i)) for i in range(6)]
+
+
+def _params() -> list[SamplingParams]:
+    return [
+        SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True),
+        SamplingParams(temperature=0.8, seed=11, max_tokens=10, ignore_eos=True),
+        SamplingParams(temperature=1.3, seed=12, max_tokens=10, ignore_eos=True),
+        SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True),
+        SamplingParams(temperature=0.7, seed=13, max_tokens=10, ignore_eos=True),
+        SamplingParams(temperature=0.9, seed=14, max_tokens=10, ignore_eos=True),
+    ]
+
+
+def _run(llm: LLM, params: list[SamplingParams]) -> list[list[int]]:
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outs]
+
+
+@pytest.mark.parametrize("budget", [2048, 7], ids=["whole-prompts", "one-token-chunks"])
+def test_in_graph_sampling_equals_eager(tiny_ernie, monkeypatch, budget):
+    eager = _run(_engine(tiny_ernie, monkeypatch, False, budget), _params())
+    llm = _engine(tiny_ernie, monkeypatch, True, budget)
+    graphed = _run(llm, _params())
+    assert llm.llm_engine.core.runner.graphs.replays > 0
+    assert graphed == eager
+
+
+def test_full_sampler_on_graph_logits(tiny_ernie, monkeypatch):
+    """top_k and logprobs are the eager sampler's: it runs on the logits the graph computed."""
+    params = _params()
+    params[2] = SamplingParams(temperature=1.3, seed=12, top_k=5, max_tokens=10, ignore_eos=True, logprobs=2)
+    eager_llm = _engine(tiny_ernie, monkeypatch, False, 2048)
+    eager = eager_llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
+    llm = _engine(tiny_ernie, monkeypatch, True, 2048)
+    graphed = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in graphed] == [o.outputs[0].token_ids for o in eager]
+    lp_eager = [d[t].logprob for t, d in zip(eager[2].outputs[0].token_ids, eager[2].outputs[0].logprobs)]
+    lp_graph = [d[t].logprob for t, d in zip(graphed[2].outputs[0].token_ids, graphed[2].outputs[0].logprobs)]
+    assert len(lp_graph) == 10 and lp_graph == pytest.approx(lp_eager, abs=1e-4)
