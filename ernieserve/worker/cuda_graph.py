@@ -44,16 +44,28 @@ class CudaGraphRunner:
         self.device = device
         self.mrope = bool(getattr(model, "uses_mrope", False))  # 3-D rotary: positions [3, bs]
         i32, i64 = dict(dtype=torch.int32, device=device), dict(dtype=torch.int64, device=device)
-        self.input_ids = torch.zeros(self.max_bs, **i64)
-        self.positions = torch.zeros((3, self.max_bs) if self.mrope else (self.max_bs,), **i64)
-        self.slot_mapping = torch.full((self.max_bs,), -1, **i64)
+        # Per-step inputs are views of two device buffers, one 64-bit and one 32-bit, so that a step
+        # fills them with two host-to-device copies (from rotating pinned host buffers of the same
+        # layout) instead of one per input. The sampling race runs inside the graph too
+        # (kernels/sampling.py): per-row temperature and hash key in, sampled ids out; a batch that
+        # needs the full sampler ignores `sampled`.
+        mb, npos = self.max_bs, 3 * self.max_bs if self.mrope else self.max_bs
+        self._layout64 = {"input_ids": (0, mb), "positions": (mb, mb + npos), "slot_mapping": (mb + npos, 2 * mb + npos),
+                          "keys": (2 * mb + npos, 3 * mb + npos)}
+        self._layout32 = {"seq_lens": (0, mb), "temperature": (mb, 2 * mb)}
+        self._dev64 = torch.zeros(3 * mb + npos, **i64)
+        self._dev32 = torch.zeros(2 * mb, **i32)
+        self.input_ids, self.positions, self.slot_mapping, self.keys = self._views(self._dev64, self._layout64)
+        self.seq_lens, temperature_bits = self._views(self._dev32, self._layout32)
+        self.temperature = temperature_bits.view(torch.float32)
+        self.slot_mapping.fill_(-1)
+        pinned = device.type == "cuda"
+        self._staging = [(torch.zeros(self._dev64.numel(), dtype=torch.int64, pin_memory=pinned),
+                          torch.zeros(self._dev32.numel(), dtype=torch.int32, pin_memory=pinned), None)
+                         for _ in range(3)]
+        self._next_staging = 0
         self.query_start_loc = torch.arange(self.max_bs + 1, **i32)  # one token per request, always
-        self.seq_lens = torch.zeros(self.max_bs, **i32)
         self.block_tables = torch.zeros(self.max_bs, self.max_blocks, **i32)
-        # the sampling race runs inside the graph too (kernels/sampling.py): per-row temperature and
-        # hash key in, sampled ids out; a batch that needs the full sampler ignores `sampled`
-        self.temperature = torch.zeros(self.max_bs, dtype=torch.float32, device=device)
-        self.keys = torch.zeros(self.max_bs, **i64)
         self.sampled = torch.zeros(self.max_bs, **i64)
         self._race = _race_kernel()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -61,6 +73,12 @@ class CudaGraphRunner:
         # sum(sizes) * vocab values (about 0.9 GB for ERNIE's 103k vocabulary at 256 sequences)
         self.logits: torch.Tensor | None = None
         self._bucket = np.searchsorted  # smallest capture size >= n
+
+    def _views(self, buf: torch.Tensor, layout: dict[str, tuple[int, int]]) -> list[torch.Tensor]:
+        views = [buf[lo:hi] for lo, hi in layout.values()]
+        if "positions" in layout and self.mrope:
+            views[1] = views[1].view(3, self.max_bs)
+        return views
 
     def _meta(self, bs: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -113,22 +131,34 @@ class CudaGraphRunner:
         n = len(step.req_ids)
         bs = self.sizes[int(self._bucket(self.sizes, n))]
         width = step.block_table.shape[1]
-        # pad on the host so the step costs copies only, no fill kernels
-        slots = np.full(bs, -1, dtype=np.int64)
-        slots[:n] = step.slot_mapping
-        seq_lens = np.zeros(bs, dtype=np.int32)
-        seq_lens[:n] = step.seq_lens
-        self.input_ids[:n].copy_(torch.from_numpy(step.input_ids), non_blocking=True)
-        pos = step.mrope_positions if self.mrope else step.positions
-        self.positions[..., :n].copy_(torch.from_numpy(pos), non_blocking=True)
-        self.slot_mapping[:bs].copy_(torch.from_numpy(slots), non_blocking=True)
-        self.seq_lens[:bs].copy_(torch.from_numpy(seq_lens), non_blocking=True)
+        # a host staging buffer the device has finished copying from (three rotate; steps overlap by one)
+        k = self._next_staging
+        self._next_staging = (k + 1) % len(self._staging)
+        host64, host32, copied = self._staging[k]
+        if copied is not None:
+            copied.synchronize()
+        ids, pos, slots, keys = self._views(host64, self._layout64)
+        seq_lens, temperature_bits = self._views(host32, self._layout32)
+        # pad on the host so the step costs copies only, no fill kernels: a padded row's slot is -1
+        # and its context length 0 (its other inputs keep earlier, valid values)
+        ids.numpy()[:n] = step.input_ids
+        pos.numpy()[..., :n] = step.mrope_positions if self.mrope else step.positions
+        slots.numpy()[:n] = step.slot_mapping
+        slots.numpy()[n:bs] = -1
+        seq_lens.numpy()[:n] = step.seq_lens
+        seq_lens.numpy()[n:bs] = 0
+        if sampling is not None:
+            temperature_bits.view(torch.float32).numpy()[:n] = sampling[0]
+            keys.numpy()[:n] = sampling[1]
+        self._dev64.copy_(host64, non_blocking=True)
+        self._dev32.copy_(host32, non_blocking=True)
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+            self._staging[k] = (host64, host32, event)
         self.block_tables[:n, :width].copy_(torch.from_numpy(step.block_table), non_blocking=True)
         if feed is not None:
             self.input_ids.index_copy_(0, *feed)
-        if sampling is not None:
-            self.temperature[:n].copy_(torch.from_numpy(sampling[0]), non_blocking=True)
-            self.keys[:n].copy_(torch.from_numpy(sampling[1]), non_blocking=True)
         self.graphs[bs].replay()
         return self.logits[:n]
 

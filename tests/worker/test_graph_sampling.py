@@ -95,3 +95,13 @@ def test_full_sampler_on_graph_logits(tiny_ernie, monkeypatch):
     lp_eager = [d[t].logprob for t, d in zip(eager[2].outputs[0].token_ids, eager[2].outputs[0].logprobs)]
     lp_graph = [d[t].logprob for t, d in zip(graphed[2].outputs[0].token_ids, graphed[2].outputs[0].logprobs)]
     assert len(lp_graph) == 10 and lp_graph == pytest.approx(lp_eager, abs=1e-4)
+
+
+def test_three_d_rotary_positions_through_the_graph_buffers(checkpoint_factory, monkeypatch):
+    """ERNIE-VL (text prompts): [3, bs] positions travel in the packed buffers too."""
+    model = checkpoint_factory("tiny-ernie-4.5-vl")
+    eager = _run(_engine(model, monkeypatch, False, 2048), _params())
+    llm = _engine(model, monkeypatch, True, 2048)
+    assert llm.llm_engine.core.runner.graphs.mrope
+    assert _run(llm, _params()) == eager
+    assert llm.llm_engine.core.runner.graphs.replays > 0
