@@ -210,6 +210,9 @@ class MultiprocExecutor(Executor):
             if proc.is_alive():
                 proc.kill()  # workers ignore SIGTERM (it may be meant for the whole process group)
                 proc.join(5)
+            if proc.is_alive():  # stuck in the driver, unkillable for now: do not wait on it at exit
+                logger.error("tensor-parallel worker pid %d did not exit; leaving it", proc.pid)
+                multiprocessing.process._children.discard(proc)  # multiprocessing's exit hook joins without a timeout
         self._monitor.join(2)
         if getattr(self, "runner", None) is not None:  # absent when the start failed
             self.runner.release_graphs()  # they hold captured NCCL kernels: gone before the communicator
