@@ -44,10 +44,24 @@ class AttentionMetadata:
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
 
+@dataclass(slots=True)
+class RopeInputs:
+    """Rotary tables for a backend that rotates q and k itself (`fuses_rotary`): token t uses row
+    positions[t] of cos and sin ([rows, head_dim // 2] float32)."""
+
+    positions: torch.Tensor  # [num_tokens]
+    cos: torch.Tensor
+    sin: torch.Tensor
+    interleaved: bool
+
+
 class AttentionBackend(ABC):
     """Stores this step's K/V into the paged cache, then attends over the whole context."""
 
     name: str = "abstract"
+    # True: forward takes `rope` and rotates q and k itself (fused with the KV store); otherwise
+    # the attention layer rotates them first
+    fuses_rotary: bool = False
 
     @abstractmethod
     def forward(
@@ -58,6 +72,7 @@ class AttentionBackend(ABC):
         kv_cache: KVCache,
         meta: AttentionMetadata,
         scale: float,
+        rope: RopeInputs | None = None,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         ...
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ernieserve.attention.base import AttentionBackend, AttentionMetadata, KVCache
+from ernieserve.attention.base import AttentionBackend, AttentionMetadata, KVCache, RopeInputs
 
 
 def store_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: KVCache, slot_mapping: torch.Tensor) -> None:
@@ -78,6 +78,8 @@ class TorchRefBackend(AttentionBackend):
         kv_cache: KVCache,
         meta: AttentionMetadata,
         scale: float,
+        rope: RopeInputs | None = None,
     ) -> torch.Tensor:
+        assert rope is None, "the reference backend does not fuse rotary (fuses_rotary is False)"
         store_kv(key, value, kv_cache, meta.slot_mapping)
         return paged_attention_ref(query, kv_cache, meta, scale)

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from ernieserve.attention.base import AttentionBackend, AttentionMetadata, KVCache
+from ernieserve.attention.base import AttentionBackend, AttentionMetadata, KVCache, RopeInputs
+from ernieserve.layers.norm import load_elementwise_kernel
 from ernieserve.kernels.paged_attention import (
     choose_num_splits,
     decode_scratch_rows,
@@ -34,6 +35,7 @@ _DEFAULT_NUM_SMS = 8  # only used off-GPU (the Triton interpreter), where the sp
 
 class TritonAttentionBackend(AttentionBackend):
     name = "triton"
+    fuses_rotary = True  # rotary and the KV store in one kernel (kernels/rotary.py)
 
     def __init__(
         self,
@@ -73,9 +75,15 @@ class TritonAttentionBackend(AttentionBackend):
         kv_cache: KVCache,
         meta: AttentionMetadata,
         scale: float,
+        rope: RopeInputs | None = None,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         k_cache, v_cache = kv_cache
-        store_kv_triton(key, value, k_cache, v_cache, meta.slot_mapping)
+        if rope is not None:  # rotate q in place, and k on its way into the cache: one launch
+            rotary_kernels = load_elementwise_kernel("rotary")
+            rotary_kernels.apply_rotary_and_store_kv_(rope.positions, query, key, value, rope.cos, rope.sin,
+                                                      rope.interleaved, k_cache, v_cache, meta.slot_mapping)
+        else:
+            store_kv_triton(key, value, k_cache, v_cache, meta.slot_mapping)
         query = query if query.stride(-1) == 1 else query.contiguous()
         out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
         num_reqs = meta.num_reqs

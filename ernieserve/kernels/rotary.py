@@ -99,3 +99,91 @@ def apply_rotary_(
         num_warps=4, enable_fp_fusion=False,
     )
     return q, k
+
+
+# --------------------------------------------------------------------------------------------
+# Rotary + KV store in one launch (the Triton attention backend's path for 1-D positions)
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _rotary_store_kernel(
+    q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr, k_cache_ptr, v_cache_ptr,
+    num_q_heads, num_kv_heads,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_table,
+    stride_cb, stride_cs, stride_ch,
+    CACHE_BLOCK: tl.constexpr, HALF: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
+    PAIR_STRIDE: tl.constexpr, PARTNER_OFFSET: tl.constexpr,
+):
+    """One program per token: rotate its query heads in place, and write its rotated key heads and
+    its value heads straight into their cache slot (slot -1: padding, nothing stored). The key
+    is rotated with the same fp32 operations as `_rotary_kernel`, so the cache holds the same bits."""
+    token = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + token).to(tl.int64)
+    j = tl.arange(0, BLOCK_HALF)
+    c = tl.load(cos_ptr + pos * stride_table + j, mask=j < HALF, other=0.0)[None, :]  # [1, BLOCK_HALF] fp32
+    s = tl.load(sin_ptr + pos * stride_table + j, mask=j < HALF, other=0.0)[None, :]
+    _rotate_heads(q_ptr, stride_qt, stride_qh, token, num_q_heads, c, s,
+                  BLOCK_HQ, BLOCK_HALF, HALF, PAIR_STRIDE, PARTNER_OFFSET)
+    slot = tl.load(slot_ptr + token)
+    if slot >= 0:
+        dst = (slot // CACHE_BLOCK) * stride_cb + (slot % CACHE_BLOCK) * stride_cs
+        heads = tl.arange(0, BLOCK_HK)[:, None]
+        jj = tl.arange(0, BLOCK_HALF)[None, :]
+        mask = (heads < num_kv_heads) & (jj < HALF)
+        first = token * stride_kt + heads * stride_kh + jj * PAIR_STRIDE
+        x1 = tl.load(k_ptr + first, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(k_ptr + first + PARTNER_OFFSET, mask=mask, other=0.0).to(tl.float32)
+        # round to k's dtype first, as rotating in place and then storing would
+        out1 = (x1 * c - x2 * s).to(k_ptr.dtype.element_ty).to(k_cache_ptr.dtype.element_ty)
+        out2 = (x2 * c + x1 * s).to(k_ptr.dtype.element_ty).to(k_cache_ptr.dtype.element_ty)
+        cache_first = k_cache_ptr + dst + heads * stride_ch + jj * PAIR_STRIDE
+        tl.store(cache_first, out1, mask=mask)
+        tl.store(cache_first + PARTNER_OFFSET, out2, mask=mask)
+        d = tl.arange(0, BLOCK_D)[None, :]
+        vmask = (heads < num_kv_heads) & (d < HEAD_DIM)
+        v = tl.load(v_ptr + token * stride_vt + heads * stride_vh + d, mask=vmask)
+        tl.store(v_cache_ptr + dst + heads * stride_ch + d, v.to(v_cache_ptr.dtype.element_ty), mask=vmask)
+
+
+def apply_rotary_and_store_kv_(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    interleaved: bool,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> torch.Tensor:
+    """Rotate q [T, Hq, D] in place; write rotated k [T, Hkv, D] and v into their cache slots.
+
+    What `apply_rotary_` then `store_kv_triton` do, in one launch and without writing k back (the
+    attention reads keys from the cache). k and v keep their values. Caches are
+    [num_blocks, block_size, Hkv, D]; slot_mapping [T] int64, -1 = do not store. Returns q.
+    """
+    head_dim = q.shape[-1]
+    _check_heads(q, "q", head_dim)
+    _check_heads(k, "k", head_dim)
+    assert v.shape == k.shape and v.stride(-1) == 1
+    assert head_dim % 2 == 0 and cos.shape[-1] == head_dim // 2 and cos.stride() == sin.stride()
+    assert cos.stride(-1) == 1 and positions.shape == (q.shape[0],) and k.shape[0] == q.shape[0]
+    assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1 and slot_mapping.shape[0] >= q.shape[0]
+    num_tokens, half = q.shape[0], head_dim // 2
+    if num_tokens == 0:
+        return q
+    positions = positions.contiguous()
+    _rotary_store_kernel[(num_tokens,)](
+        q, k, v, positions, cos, sin, slot_mapping, k_cache, v_cache, q.shape[1], k.shape[1],
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        CACHE_BLOCK=k_cache.shape[1], HALF=half, HEAD_DIM=head_dim, BLOCK_HALF=triton.next_power_of_2(half),
+        BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_HQ=triton.next_power_of_2(q.shape[1]), BLOCK_HK=triton.next_power_of_2(k.shape[1]),
+        PAIR_STRIDE=2 if interleaved else 1, PARTNER_OFFSET=1 if interleaved else half,
+        num_warps=4, enable_fp_fusion=False,
+    )
+    return q

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ernieserve.attention.base import AttentionBackend, AttentionMetadata, KVCache
+from ernieserve.attention.base import AttentionBackend, AttentionMetadata, KVCache, RopeInputs
+from ernieserve.layers.rotary import RotaryEmbedding
 
 
 class Attention(nn.Module):
@@ -18,11 +19,22 @@ class Attention(nn.Module):
         self.backend = backend
         self.kv_cache: KVCache | None = None  # bound once by the model runner
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
+                rotary: RotaryEmbedding | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """q, k, v: [num_tokens, heads * head_dim] or [num_tokens, heads, head_dim], any row stride.
+        rotary: rotate q and k by positions first; a backend that can fuses it with the KV store."""
         assert self.kv_cache is not None, "KV cache not bound: the runner must call bind_kv_caches first"
         # [num_tokens, heads * head_dim] -> [num_tokens, heads, head_dim]
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        out = self.backend.forward(q, k, v, self.kv_cache, meta, self.scale)
+        rope = None
+        if rotary is not None:
+            assert positions is not None
+            tables = rotary.kernel_tables(positions, q, k) if self.backend.fuses_rotary else None
+            if tables is not None:
+                rope = RopeInputs(*tables, interleaved=rotary.interleaved)
+            else:
+                q, k = rotary(positions, q, k)
+        out = self.backend.forward(q, k, v, self.kv_cache, meta, self.scale, rope=rope)
         return out.reshape(out.shape[0], -1)

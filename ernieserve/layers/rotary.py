@@ -64,6 +64,15 @@ class RotaryEmbedding(nn.Module):
                 return kernels.apply_rotary_(positions, q, k, self.cos, self.sin, self.interleaved)
         return self.forward_torch(positions, q, k)
 
+    def kernel_tables(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(row per token, cos table, sin table) for a Triton kernel that rotates q and k as
+        `forward` would (the attention backend fuses rotation with the KV store), or None where
+        `forward` would take the torch path."""
+        if not (self.use_triton and q.is_cuda and self._kernel_fits(q, k)) or positions.dim() != 1:
+            return None
+        return positions, self.cos, self.sin
+
     @staticmethod
     def _kernel_fits(q: torch.Tensor, k: torch.Tensor) -> bool:
         # the kernel rotates [T, heads, D] views in place; anything else takes the torch path

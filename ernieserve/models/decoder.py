@@ -77,8 +77,8 @@ class DecoderAttention(nn.Module):
         k = k.reshape(-1, self.attn.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
-        out = self.attn(q, k, v.contiguous(), meta)
+        # rotary here or, on the Triton backend, fused with the KV store; v stays a strided view
+        out = self.attn(q, k, v, meta, rotary=self.rotary, positions=positions)
         return self.o_proj(out)
 
 
