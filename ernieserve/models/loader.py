@@ -103,6 +103,8 @@ def build_model(model_config: ModelConfig, backend: AttentionBackend, device: to
         method = getattr(module, "method", None)
         if method is not None:
             method.process_weights_after_loading(module)
+    if device.type == "cuda":
+        fold_shared_experts(model)
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     quant = model_config.quant_config
     rank = (f" (tensor-parallel rank {tp.rank} of {tp.size}{', expert parallel' if expert_parallel else ''})"
@@ -130,3 +132,19 @@ def init_dummy_weights(model: nn.Module, seed: int) -> None:
     for module in model.modules():
         if is_streaming_quantized(module):
             module.method.init_random(module, gen)
+
+
+def fold_shared_experts(model: nn.Module) -> int:
+    """MoE layers run their shared experts inside the routed experts' grouped GEMMs where they
+    can (layers/moe/layer.py, `MoEBlock.fold_shared_experts`); returns the number of layers."""
+    from ernieserve.layers.moe.layer import MoEBlock
+
+    folded = [m.fold_shared_experts() for m in model.modules() if isinstance(m, MoEBlock)]
+    layers = sum(1 for n in folded if n)
+    if layers and torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the unfolded copies
+    if layers:
+        logger.info("Shared experts run in the fused MoE kernels as %d more experts per layer (%d layers)",
+                    max(folded), layers)
+    return layers
+

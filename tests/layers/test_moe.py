@@ -284,3 +284,57 @@ def test_weight_loader_accepts_hf_stacked_layout() -> None:
     list(load_moe_weights(model, [("mlp.experts.gate_up_proj", w13), ("mlp.experts.down_proj", w2)], loaded))
     assert loaded == {"mlp.experts.w13", "mlp.experts.w2"}
     assert torch.equal(model.mlp.experts.w13, w13) and torch.equal(model.mlp.experts.w2, w2)
+
+
+# ------------------------------------------------------------------------------ shared experts folded in
+
+@needs_interpreter
+@pytest.mark.parametrize("num_shared", [1, 2, 3])
+def test_triton_router_appends_the_folded_shared_experts(num_shared: int) -> None:
+    cfg = ernie_cfg(8, 3)
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(7, cfg.num_experts, generator=g)
+    bias = torch.randn(cfg.num_experts, generator=g) * 0.1
+    ref_w, ref_ids = select_experts(logits, cfg, bias)
+    w, ids = fm.triton_select_experts(logits, cfg, bias, num_shared)
+    assert ids.shape == (7, 3 + num_shared)
+    assert torch.equal(ids[:, :3].long(), ref_ids)
+    torch.testing.assert_close(w[:, :3], ref_w, atol=1e-6, rtol=1e-6)  # still renormalised over the routed ones
+    assert torch.equal(ids[:, 3:].long(), torch.arange(8, 8 + num_shared).expand(7, num_shared))
+    assert torch.equal(w[:, 3:], torch.ones(7, num_shared))
+
+
+@pytest.mark.parametrize("tp_rank", [None, 0, 1])
+def test_folding_shared_experts_into_the_routed_ones_keeps_the_output(tp_rank) -> None:
+    """ERNIE's MoE block (8 experts, top-2, two shared experts), fp32: the same output before and
+    after the shared MLP becomes two always-chosen experts, also for a tensor-parallel rank's slices."""
+    from ernieserve.layers.moe import MoEBlock
+    from ernieserve.models.decoder import DecoderMLP
+
+    class OneRankOfTwo(TPGroup):  # this rank's partial sum: the all-reduce would add the other's
+        def all_reduce(self, x):
+            return x
+
+    tp = OneRankOfTwo(tp_rank, 2) if tp_rank is not None else TPGroup(0, 1)
+    hidden, inter, g = 16, 12, torch.Generator().manual_seed(9)
+    block = MoEBlock(TopKRouter(hidden, ernie_cfg(8, 2), torch.float32), FusedMoE(8, 2, hidden, inter, torch.float32, tp),
+                     DecoderMLP(hidden, 2 * inter, False, torch.float32, tp))
+    for p in block.parameters():
+        p.data.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+    x = torch.randn(5, hidden, generator=g)
+    before = block(x)
+    assert block.fold_shared_experts() == 2
+    assert block.shared_experts is None and block.experts.w13.shape[0] == 10
+    torch.testing.assert_close(block(x), before, atol=1e-5, rtol=1e-5)
+
+
+def test_quantized_or_biased_shared_experts_stay_apart() -> None:
+    from ernieserve.layers.moe import MoEBlock
+    from ernieserve.models.decoder import DecoderMLP
+
+    block = MoEBlock(TopKRouter(16, ernie_cfg(8, 2), torch.float32), FusedMoE(8, 2, 16, 12, torch.float32),
+                     DecoderMLP(16, 24, True, torch.float32, TPGroup(0, 1)))
+    assert block.fold_shared_experts() == 0 and block.shared_experts is not None
+    odd = MoEBlock(TopKRouter(16, ernie_cfg(8, 2), torch.float32), FusedMoE(8, 2, 16, 12, torch.float32),
+                   DecoderMLP(16, 18, False, torch.float32, TPGroup(0, 1)))  # 18 is not a multiple of 12
+    assert odd.fold_shared_experts() == 0

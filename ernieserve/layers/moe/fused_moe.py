@@ -122,7 +122,7 @@ if HAS_TRITON:
         logits_ptr, bias_ptr, weights_ptr, ids_ptr,
         T, E, stride_t, norm_min,
         TOP_K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
-        HAS_BIAS: tl.constexpr, RENORM: tl.constexpr,
+        HAS_BIAS: tl.constexpr, RENORM: tl.constexpr, N_SHARED: tl.constexpr,
     ):
         rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         cols = tl.arange(0, E_PAD)
@@ -149,8 +149,12 @@ if HAS_TRITON:
             scores = tl.where(hit, float("-inf"), scores)
         if RENORM:
             w_tile = w_tile / tl.maximum(tl.sum(w_tile, axis=1), norm_min)[:, None]
-        out = rows[:, None] * TOP_K + kcols[None, :]
-        mask = row_ok[:, None] & (kcols[None, :] < TOP_K)
+        if N_SHARED > 0:  # shared experts folded in as experts E.. E + N_SHARED - 1, weight 1, every token
+            shared = (kcols[None, :] >= TOP_K) & (kcols[None, :] < TOP_K + N_SHARED)
+            w_tile = tl.where(shared, 1.0, w_tile)
+            id_tile = tl.where(shared, (E + kcols[None, :] - TOP_K).to(tl.int32), id_tile)
+        out = rows[:, None] * (TOP_K + N_SHARED) + kcols[None, :]
+        mask = row_ok[:, None] & (kcols[None, :] < TOP_K + N_SHARED)
         tl.store(weights_ptr + out, w_tile, mask=mask)
         tl.store(ids_ptr + out, id_tile, mask=mask)
 
@@ -280,12 +284,16 @@ def triton_select_experts(
     logits: torch.Tensor,  # [T, E]
     cfg: RouterConfig,
     score_bias: torch.Tensor | None,  # [E] float32
+    num_shared: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax, optional bias, top-k and renormalisation in one launch: (weights f32, ids int32)."""
+    """Softmax, optional bias, top-k and renormalisation in one launch: (weights f32, ids int32),
+    each [T, top_k + num_shared]; the last num_shared columns are the folded shared experts (ids
+    E..E + num_shared - 1, weight 1; see MoEBlock.fold_shared_experts)."""
     num_tokens, num_experts = logits.shape
     logits = logits.contiguous()
-    weights = torch.empty(num_tokens, cfg.top_k, dtype=torch.float32, device=logits.device)
-    ids = torch.empty(num_tokens, cfg.top_k, dtype=torch.int32, device=logits.device)
+    out_k = cfg.top_k + num_shared
+    weights = torch.empty(num_tokens, out_k, dtype=torch.float32, device=logits.device)
+    ids = torch.empty(num_tokens, out_k, dtype=torch.int32, device=logits.device)
     if num_tokens == 0:
         return weights, ids
     e_pad = triton.next_power_of_2(num_experts)
@@ -294,8 +302,9 @@ def triton_select_experts(
     bias = score_bias if score_bias is not None else weights  # unused pointer when HAS_BIAS is off
     _topk_softmax_kernel[(triton.cdiv(num_tokens, block_t),)](
         logits, bias, weights, ids, num_tokens, num_experts, logits.stride(0), float(cfg.norm_min),
-        TOP_K=cfg.top_k, K_PAD=triton.next_power_of_2(cfg.top_k), E_PAD=e_pad, BLOCK_T=block_t,
-        HAS_BIAS=score_bias is not None, RENORM=cfg.renormalize, num_warps=1 if block_t * e_pad <= 256 else 4)
+        TOP_K=cfg.top_k, K_PAD=triton.next_power_of_2(out_k), E_PAD=e_pad, BLOCK_T=block_t,
+        HAS_BIAS=score_bias is not None, RENORM=cfg.renormalize, N_SHARED=num_shared,
+        num_warps=1 if block_t * e_pad <= 256 else 4)
     return weights, ids
 
 

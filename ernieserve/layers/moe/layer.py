@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ernieserve.distributed.parallel_state import SINGLE, TPGroup, scoped_expert_parallel
-from ernieserve.layers.linear import RowParallelLinear
+from ernieserve.layers.linear import RowParallelLinear, UnquantizedLinearMethod
 from ernieserve.layers.moe.router import TopKRouter
 
 # HF per-expert names: "<prefix>.experts.<e>.<gate_proj|up_proj|down_proj>.weight"
@@ -146,13 +146,56 @@ class MoEBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[num_tokens, hidden] -> [num_tokens, hidden]."""
-        topk_weights, topk_ids = self.gate(x)  # [num_tokens, top_k] each
+        # [num_tokens, top_k (+ folded shared experts)] each
+        topk_weights, topk_ids = self.gate(x, self.num_folded_shared)
         out = self.experts(x, topk_weights, topk_ids)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         if self.reduce_once:
             out = self.experts.tp.all_reduce(out)
         return out
+
+    num_folded_shared = 0  # shared experts running as routed experts (see fold_shared_experts)
+
+    def can_fold_shared_experts(self) -> bool:
+        """bf16/fp32 experts (not quantized), no expert parallelism, a bias-free gated MLP whose
+        intermediate size is a whole number of experts'."""
+        from ernieserve.layers.quantization.moe import UnquantizedMoEMethod
+
+        shared, experts = self.shared_experts, self.experts
+        gate_up, down = getattr(shared, "gate_up_proj", None), getattr(shared, "down_proj", None)
+        return (shared is not None and type(experts.method) is UnquantizedMoEMethod and not experts.expert_parallel
+                and gate_up is not None and down is not None and getattr(gate_up, "bias", None) is None
+                and getattr(down, "bias", None) is None and isinstance(gate_up.method, UnquantizedLinearMethod)
+                and gate_up.weight.shape[0] % (2 * experts.inter) == 0 and gate_up.weight.dtype == experts.w13.dtype)
+
+    @torch.no_grad()
+    def fold_shared_experts(self) -> int:
+        """Run the shared experts as S more routed experts that every token takes with weight 1.
+
+        A gated MLP is a sum over its intermediate units, so a shared MLP of S * I units equals S
+        experts of I units each: their gate/up rows and down columns are appended to the stacked
+        expert weights, and the router appends their ids. The layer then runs the routed and shared
+        parts in the same two grouped GEMMs, instead of three more GEMMs, the activation and an add
+        (four launches fewer per layer at decode, where launches cost more than the math). Rounding
+        changes only in where the shared part's bf16 partial sums are added. Returns S (0: not folded).
+        """
+        if not self.can_fold_shared_experts():
+            return 0
+        experts, shared = self.experts, self.shared_experts
+        inter = experts.inter
+        gate_up = shared.gate_up_proj.weight  # [2 * S * I, H]: gate rows, then up rows
+        down = shared.down_proj.weight  # [H, S * I]
+        num_shared = gate_up.shape[0] // (2 * inter)
+        gate, up = gate_up.split(num_shared * inter, dim=0)
+        w13_shared = torch.cat([gate.view(num_shared, inter, -1), up.view(num_shared, inter, -1)], dim=1)
+        w2_shared = down.view(down.shape[0], num_shared, inter).permute(1, 0, 2)  # [S, H, I]
+        experts.w13 = nn.Parameter(torch.cat([experts.w13.data, w13_shared]), requires_grad=False)
+        experts.w2 = nn.Parameter(torch.cat([experts.w2.data, w2_shared]).contiguous(), requires_grad=False)
+        experts.num_local_experts += num_shared
+        self.shared_experts = None
+        self.num_folded_shared = num_shared
+        return num_shared
 
 
 def load_moe_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],

@@ -69,14 +69,21 @@ class TopKRouter(nn.Module):
             return nn.functional.linear(x.float(), self.weight.float())
         return nn.functional.linear(x, self.weight)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weights [num_tokens, top_k] float32, ids [num_tokens, top_k] int32 or int64)."""
+    def forward(self, x: torch.Tensor, num_shared: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights [num_tokens, top_k] float32, ids [num_tokens, top_k] int32 or int64).
+        num_shared: append that many always-chosen experts (ids num_experts.., weight 1): the
+        shared experts when MoEBlock folded them into the routed ones."""
         logits = self.logits(x)
         if logits.is_cuda:
             from ernieserve.layers.moe.fused_moe import triton_select_experts
 
-            return triton_select_experts(logits, self.cfg, self.e_score_correction_bias)
-        return select_experts(logits, self.cfg, self.e_score_correction_bias)
+            return triton_select_experts(logits, self.cfg, self.e_score_correction_bias, num_shared)
+        weights, ids = select_experts(logits, self.cfg, self.e_score_correction_bias)
+        if num_shared:
+            extra = torch.arange(self.cfg.num_experts, self.cfg.num_experts + num_shared, device=ids.device)
+            ids = torch.cat([ids, extra.expand(ids.shape[0], num_shared)], dim=1)
+            weights = torch.cat([weights, weights.new_ones(weights.shape[0], num_shared)], dim=1)
+        return weights, ids
 
     def load_score_bias(self, loaded: torch.Tensor) -> None:
         """HF stores the bias as [1, num_experts] (one expert group); accept any shape of that size."""
