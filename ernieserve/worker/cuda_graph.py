@@ -50,12 +50,13 @@ class CudaGraphRunner:
         # (kernels/sampling.py): per-row temperature and hash key in, sampled ids out; a batch that
         # needs the full sampler ignores `sampled`.
         mb, npos = self.max_bs, 3 * self.max_bs if self.mrope else self.max_bs
+        # "feed": which input ids (row 0) take which of the previous step's sampled ids (row 1)
         self._layout64 = {"input_ids": (0, mb), "positions": (mb, mb + npos), "slot_mapping": (mb + npos, 2 * mb + npos),
-                          "keys": (2 * mb + npos, 3 * mb + npos)}
+                          "keys": (2 * mb + npos, 3 * mb + npos), "feed": (3 * mb + npos, 5 * mb + npos)}
         self._layout32 = {"seq_lens": (0, mb), "temperature": (mb, 2 * mb)}
-        self._dev64 = torch.zeros(3 * mb + npos, **i64)
+        self._dev64 = torch.zeros(5 * mb + npos, **i64)
         self._dev32 = torch.zeros(2 * mb, **i32)
-        self.input_ids, self.positions, self.slot_mapping, self.keys = self._views(self._dev64, self._layout64)
+        self.input_ids, self.positions, self.slot_mapping, self.keys, self._feed = self._views(self._dev64, self._layout64)
         self.seq_lens, temperature_bits = self._views(self._dev32, self._layout32)
         self.temperature = temperature_bits.view(torch.float32)
         self.slot_mapping.fill_(-1)
@@ -76,8 +77,10 @@ class CudaGraphRunner:
 
     def _views(self, buf: torch.Tensor, layout: dict[str, tuple[int, int]]) -> list[torch.Tensor]:
         views = [buf[lo:hi] for lo, hi in layout.values()]
-        if "positions" in layout and self.mrope:
-            views[1] = views[1].view(3, self.max_bs)
+        if "positions" in layout:
+            views[4] = views[4].view(2, self.max_bs)  # feed
+            if self.mrope:
+                views[1] = views[1].view(3, self.max_bs)
         return views
 
     def _meta(self, bs: int) -> AttentionMetadata:
@@ -122,10 +125,11 @@ class CudaGraphRunner:
         """Whether the graphs also sample (the race kernel is there: Triton on CUDA)."""
         return self._race is not None
 
-    def run(self, step: StepInputs, feed: tuple[torch.Tensor, torch.Tensor] | None = None,
+    def run(self, step: StepInputs, prev_sampled: torch.Tensor | None = None,
             sampling: tuple[np.ndarray, np.ndarray] | None = None) -> torch.Tensor:
-        """Logits [num_reqs, vocab] of a decode step (every request has one new token). feed:
-        (positions, token ids) on the device, overriding the host's placeholder input ids.
+        """Logits [num_reqs, vocab] of a decode step (every request has one new token).
+        prev_sampled: the previous step's sampled ids on the device; input ids at
+        step.inflight_pos take its rows step.inflight_src (the host has only placeholders there).
         sampling: per-row (temperature, hash key); the graph then samples each row into
         `self.sampled[:num_reqs]` (overwritten by the next replay: copy what must outlive it)."""
         n = len(step.req_ids)
@@ -137,7 +141,7 @@ class CudaGraphRunner:
         host64, host32, copied = self._staging[k]
         if copied is not None:
             copied.synchronize()
-        ids, pos, slots, keys = self._views(host64, self._layout64)
+        ids, pos, slots, keys, feed = self._views(host64, self._layout64)
         seq_lens, temperature_bits = self._views(host32, self._layout32)
         # pad on the host so the step costs copies only, no fill kernels: a padded row's slot is -1
         # and its context length 0 (its other inputs keep earlier, valid values)
@@ -150,6 +154,10 @@ class CudaGraphRunner:
         if sampling is not None:
             temperature_bits.view(torch.float32).numpy()[:n] = sampling[0]
             keys.numpy()[:n] = sampling[1]
+        num_fed = len(step.inflight_pos)
+        if num_fed:
+            feed.numpy()[0, :num_fed] = step.inflight_pos
+            feed.numpy()[1, :num_fed] = step.inflight_src
         self._dev64.copy_(host64, non_blocking=True)
         self._dev32.copy_(host32, non_blocking=True)
         if self.device.type == "cuda":
@@ -157,8 +165,9 @@ class CudaGraphRunner:
             event.record()
             self._staging[k] = (host64, host32, event)
         self.block_tables[:n, :width].copy_(torch.from_numpy(step.block_table), non_blocking=True)
-        if feed is not None:
-            self.input_ids.index_copy_(0, *feed)
+        if num_fed:
+            assert prev_sampled is not None
+            self.input_ids.index_copy_(0, self._feed[0, :num_fed], prev_sampled.index_select(0, self._feed[1, :num_fed]))
         self.graphs[bs].replay()
         return self.logits[:n]
 

@@ -229,12 +229,10 @@ class ModelRunner:
         step = build_step_inputs(self.states, sched.num_scheduled_tokens, self.block_size, inflight)
         if self.uses_mrope:
             step.mrope_positions = mrope_positions(self.states, step)
-        feed = None
-        if step.inflight_pos:  # [n] positions in input_ids <- rows of the previous sampled tensor
+        prev_sampled = None  # input ids at step.inflight_pos <- its rows step.inflight_src
+        if step.inflight_pos:
             assert prev is not None and prev.sampled is not None
-            idx = torch.tensor([step.inflight_pos, step.inflight_src], dtype=torch.int64)
-            idx = idx.to(self.device, non_blocking=True)
-            feed = (idx[0], prev.sampled.index_select(0, idx[1]))
+            prev_sampled = prev.sampled
         pending = _PendingStep([], None, None, {})
         if self.swapper is not None:
             self.swapper.before_forward()  # the forward reads swapped-in blocks, overwrites swapped-out ones
@@ -243,10 +241,10 @@ class ModelRunner:
         sampled = None  # set when the decode graph sampled
         if self.graphs is not None and self.graphs.can_run(step, decode_only):
             kind = "decode-graph"
-            logits, sampled = self._run_graph(step, feed)
+            logits, sampled = self._run_graph(step, prev_sampled)
         else:
             kind = "decode-eager" if decode_only else "mixed"
-            logits = self._run_eager(step, pending.prompt_logprobs, feed)
+            logits = self._run_eager(step, pending.prompt_logprobs, prev_sampled)
         t2 = time.perf_counter()
         if logits is not None:
             sample_states = [self.states[step.req_ids[i]] for i in step.sample_rows]
@@ -272,14 +270,14 @@ class ModelRunner:
             times.add("sample", t3 - t2)
         return pending
 
-    def _run_graph(self, step: StepInputs, feed: tuple[torch.Tensor, torch.Tensor] | None
+    def _run_graph(self, step: StepInputs, prev_sampled: torch.Tensor | None
                    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(logits of the rows that sample, their ids when the graph sampled them, else None)."""
         assert self.graphs is not None
         sampling = None
         if self.graphs.samples and step.sample_rows:
             sampling = graph_sampling_inputs([self.states[rid] for rid in step.req_ids])
-        logits = self.graphs.run(step, feed, sampling)  # [num_reqs, vocab]
+        logits = self.graphs.run(step, prev_sampled, sampling)  # [num_reqs, vocab]
         n = len(step.req_ids)
         if not step.sample_rows:
             return None, None
@@ -313,10 +311,12 @@ class ModelRunner:
         return out
 
     def _run_eager(self, step: StepInputs, prompt_logprobs: dict[str, LogprobsLists],
-                   feed: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
+                   prev_sampled: torch.Tensor | None = None) -> torch.Tensor | None:
         input_ids, positions, meta = self._device_inputs(step)
-        if feed is not None:
-            input_ids.index_copy_(0, *feed)  # tokens the previous step sampled, never seen by the host
+        if prev_sampled is not None:  # tokens the previous step sampled, never seen by the host
+            idx = torch.tensor([step.inflight_pos, step.inflight_src], dtype=torch.int64)
+            idx = idx.to(self.device, non_blocking=True)
+            input_ids.index_copy_(0, idx[0], prev_sampled.index_select(0, idx[1]))
         splices = splices_of_step(self.states, step) if self.supports_multimodal else []
         if splices:  # this step computes (part of) image/video runs: their rows replace the placeholders
             self.encoder_cache.ensure(self.model, splices)
