@@ -145,6 +145,7 @@ class DeviceConfig:
     device: torch.device
     enforce_eager: bool  # no CUDA graphs
     cudagraph_capture_sizes: tuple[int, ...] | None = None  # None: derived from max_num_seqs
+    cudagraph_mixed_steps: bool = False  # also capture mixed prefill+decode steps (worker/mixed_graph.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,7 +248,9 @@ class EngineArgs:
         g.add_argument("--use-cudagraph", action=argparse.BooleanOptionalAction, default=None,
                        help="CUDA graphs for decode steps (FastDeploy's name; on by default on GPU).")
         g.add_argument("--graph-optimization-config", type=str, default=None,
-                       help='JSON, e.g. \'{"use_cudagraph": true, "cudagraph_capture_sizes": [1, 2, 4, 8]}\'.')
+                       help='JSON, e.g. \'{"use_cudagraph": true, "cudagraph_capture_sizes": [1, 2, 4, 8]}\'; '
+                            '"cudagraph_mixed_steps": true also captures mixed prefill+decode steps per token '
+                            'count (off by default until measured).')
         g.add_argument("--limit-mm-per-prompt", type=str, default=None,
                        help='Most images/videos in one prompt, JSON: \'{"image": 10, "video": 3}\' (default: '
                             'FastDeploy\'s 1 image and 1 video; more in one request is a 400).')
@@ -310,10 +313,11 @@ class EngineArgs:
                 graph_cfg = json.loads(self.graph_optimization_config)
             except json.JSONDecodeError as e:
                 raise ConfigError(f"--graph-optimization-config is not valid JSON ({e}).") from e
-            unknown = set(graph_cfg) - {"use_cudagraph", "cudagraph_capture_sizes", "graph_opt_level"}
+            unknown = set(graph_cfg) - {"use_cudagraph", "cudagraph_capture_sizes", "graph_opt_level",
+                                        "cudagraph_mixed_steps"}
             if unknown:
                 raise ConfigError(f"--graph-optimization-config: unsupported keys {sorted(unknown)}; "
-                                  "supported: use_cudagraph, cudagraph_capture_sizes.")
+                                  "supported: use_cudagraph, cudagraph_capture_sizes, cudagraph_mixed_steps.")
         use = graph_cfg.get("use_cudagraph", self.use_cudagraph)
         sizes = graph_cfg.get("cudagraph_capture_sizes")
         if sizes is not None:
@@ -321,8 +325,11 @@ class EngineArgs:
                 raise ConfigError("--graph-optimization-config: cudagraph_capture_sizes must be a list of "
                                   "positive integers.")
             sizes = tuple(sorted(set(x for x in sizes if x <= self.max_num_seqs))) or (1,)
+        mixed = graph_cfg.get("cudagraph_mixed_steps", False)
+        if not isinstance(mixed, bool):
+            raise ConfigError("--graph-optimization-config: cudagraph_mixed_steps must be true or false.")
         eager = self.enforce_eager or use is False or device.type != "cuda"
-        return DeviceConfig(device, eager, sizes)
+        return DeviceConfig(device, eager, sizes, mixed and not eager)
 
     def _multimodal_config(self) -> MultiModalConfig:
         try:

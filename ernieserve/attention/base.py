@@ -39,6 +39,9 @@ class AttentionMetadata:
     seq_lens_cpu: torch.Tensor
     # True when every request has exactly one new token (a pure decode step)
     is_decode_only: bool = False
+    # True when tensors hold padding tokens that no request owns (a mixed-step CUDA graph):
+    # their attention output must be zero, whatever num_tokens says
+    zero_unowned_rows: bool = False
 
 
 KVCache = tuple[torch.Tensor, torch.Tensor]

@@ -85,7 +85,8 @@ class TritonAttentionBackend(AttentionBackend):
         else:
             store_kv_triton(key, value, k_cache, v_cache, meta.slot_mapping)
         query = query if query.stride(-1) == 1 else query.contiguous()
-        out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+        alloc = torch.zeros if meta.zero_unowned_rows else torch.empty
+        out = alloc(query.shape, dtype=query.dtype, device=query.device)
         num_reqs = meta.num_reqs
         if meta.is_decode_only:
             self._decode(query, k_cache, v_cache, meta, scale, out)

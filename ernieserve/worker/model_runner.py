@@ -23,6 +23,7 @@ from ernieserve.layers.sampler import LogprobsTensors, Sampler, compute_logprobs
 from ernieserve.models.loader import build_model
 from ernieserve.worker import kv_cache
 from ernieserve.worker.cuda_graph import CudaGraphRunner, default_capture_sizes
+from ernieserve.worker.mixed_graph import MixedGraphRunner
 from ernieserve.worker.mm_inputs import EncoderCache, mrope_positions, splices_of_step
 from ernieserve.worker.input_batch import (CachedRequestState, StepInputs, build_sampling_metadata,
                                            build_step_inputs, graph_sampling_inputs)
@@ -80,6 +81,7 @@ class ModelRunner:
         self.num_blocks = 0
         self.swapper: KVSwapper | None = None  # the prefix cache's host tier (--swap-space)
         self.graphs: CudaGraphRunner | None = None
+        self.mixed_graphs: MixedGraphRunner | None = None  # opt-in: mixed steps from graphs too
         self._pending: _PendingStep | None = None  # the launched step whose tokens are not read yet
         self.step_times: StepTimes | None = None  # set by the engine per step when step stats are on
 
@@ -89,9 +91,9 @@ class ModelRunner:
 
     def release_graphs(self) -> None:
         """Drop the captured decode graphs (and their memory pool), after the device finished them."""
-        if self.graphs is not None:
+        if self.graphs is not None or self.mixed_graphs is not None:
             torch.cuda.synchronize(self.device)
-            self.graphs = None
+            self.graphs = self.mixed_graphs = None
 
     def model_param_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
@@ -102,8 +104,10 @@ class ModelRunner:
         if cfg.cache.num_gpu_blocks_override is not None:
             num_blocks = cfg.cache.num_gpu_blocks_override
         elif self.device.type == "cuda":
-            num_blocks = kv_cache.num_blocks_for_budget(cfg, kv_cache.gpu_kv_budget(cfg, self.device,
-                                                                                   self._profile_peak()))
+            peak = self._profile_peak()
+            if self._mixed_graphs_wanted():  # their memory pool holds one more step's activations
+                peak += max(0, peak - self.model_param_bytes())
+            num_blocks = kv_cache.num_blocks_for_budget(cfg, kv_cache.gpu_kv_budget(cfg, self.device, peak))
         else:
             num_blocks = kv_cache.num_blocks_for_budget(cfg, kv_cache.cpu_kv_budget(cfg))
         num_blocks = self.tp.min_over_ranks(num_blocks, self.device)  # every rank holds the same blocks
@@ -128,6 +132,17 @@ class ModelRunner:
         self.graphs = CudaGraphRunner(self.model, self.backend, sizes, self.config.scheduler.max_model_len,
                                       self.block_size, self.device)
         self.graphs.capture()
+        if self._mixed_graphs_wanted():
+            sched = self.config.scheduler
+            self.mixed_graphs = MixedGraphRunner(self.model, self.backend, sched.max_num_batched_tokens,
+                                                 sched.max_num_seqs, sched.max_model_len, self.block_size, self.device)
+            self.mixed_graphs.capture()
+
+    def _mixed_graphs_wanted(self) -> bool:
+        """--graph-optimization-config cudagraph_mixed_steps, on a text model (multimodal steps
+        splice encoder rows into the embeddings on the host's schedule)."""
+        return (self.config.device.cudagraph_mixed_steps and not self.supports_multimodal
+                and not self.config.device.enforce_eager and self.backend.supports_cuda_graph())
 
     @torch.inference_mode()
     def _profile_peak(self) -> int:
@@ -242,6 +257,9 @@ class ModelRunner:
         if self.graphs is not None and self.graphs.can_run(step, decode_only):
             kind = "decode-graph"
             logits, sampled = self._run_graph(step, prev_sampled)
+        elif self.mixed_graphs is not None and self.mixed_graphs.can_run(step) and not self._wants_prompt_logprobs(step):
+            kind = "mixed-graph"
+            logits, sampled = self._run_mixed_graph(step, prev_sampled)
         else:
             kind = "decode-eager" if decode_only else "mixed"
             logits = self._run_eager(step, pending.prompt_logprobs, prev_sampled)
@@ -288,6 +306,20 @@ class ModelRunner:
         else:  # a copy: the next replay overwrites the graph's buffer before this step's ids are read
             sampled = self.graphs.sampled[:n].clone() if sampling is not None else None
         return logits, sampled
+
+    def _run_mixed_graph(self, step: StepInputs, prev_sampled: torch.Tensor | None
+                         ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        assert self.mixed_graphs is not None
+        sample_states = [self.states[step.req_ids[i]] for i in step.sample_rows]
+        sampling = graph_sampling_inputs(sample_states) if sample_states and self.mixed_graphs.samples else None
+        logits = self.mixed_graphs.run(step, prev_sampled, sampling)  # [num sampling rows, vocab]
+        if logits is None or sampling is None:
+            return logits, None
+        # a copy: the next replay overwrites the graph's buffer before this step's ids are read
+        return logits, self.mixed_graphs.sampled[: len(sample_states)].clone()
+
+    def _wants_prompt_logprobs(self, step: StepInputs) -> bool:
+        return any(self.states[rid].sampling_params.prompt_logprobs is not None for rid in step.req_ids)
 
     def _collect(self, pending: _PendingStep) -> ModelRunnerOutput:
         """Wait for a launched step, hand its tokens to the request states, return its output."""

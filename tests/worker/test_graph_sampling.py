@@ -21,6 +21,7 @@ pytest.importorskip("triton")
 from ernieserve import LLM, SamplingParams  # noqa: E402
 from ernieserve.worker import model_runner  # noqa: E402
 from ernieserve.worker.cuda_graph import CudaGraphRunner  # noqa: E402
+from ernieserve.worker.mixed_graph import MixedGraphRunner  # noqa: E402
 
 pytestmark = pytest.mark.slow  # the interpreted attention kernels take seconds per step
 
@@ -105,3 +106,38 @@ def test_three_d_rotary_positions_through_the_graph_buffers(checkpoint_factory, 
     assert llm.llm_engine.core.runner.graphs.mrope
     assert _run(llm, _params()) == eager
     assert llm.llm_engine.core.runner.graphs.replays > 0
+
+
+# ---- mixed prefill+decode steps from graphs (--graph-optimization-config cudagraph_mixed_steps) ----
+
+class FakeMixedGraphRunner(MixedGraphRunner):
+    def capture(self) -> None:
+        self.replays = 0
+        self.graphs = {t: FakeGraph(self, t) for t in self.sizes}
+
+
+def _mixed_engine(model, monkeypatch, budget: int) -> LLM:
+    llm = _engine(model, monkeypatch, True, budget)
+    runner = llm.llm_engine.core.runner
+    runner.mixed_graphs = FakeMixedGraphRunner(runner.model, runner.backend, budget, 8, 128, 16, runner.device)
+    runner.mixed_graphs.capture()
+    return llm
+
+
+@pytest.mark.parametrize("budget", [48, 20], ids=["whole-prompts", "chunked"])
+def test_mixed_steps_from_graphs_equal_eager(tiny_ernie, monkeypatch, budget):
+    """Prefill chunks and decodes padded to a token bucket, requests padded to max_num_seqs: the
+    same greedy and seeded tokens as eager, through the packed sampling rows."""
+    eager = _run(_engine(tiny_ernie, monkeypatch, False, budget), _params())
+    llm = _mixed_engine(tiny_ernie, monkeypatch, budget)
+    graphed = _run(llm, _params())
+    assert llm.llm_engine.core.runner.mixed_graphs.replays > 0
+    assert graphed == eager
+
+
+def test_mixed_token_buckets():
+    from ernieserve.worker.mixed_graph import mixed_token_sizes
+
+    assert mixed_token_sizes(2048) == [16, 32, 64, 128, 256, 512, 768, 1024, 1280, 1536, 1792, 2048]
+    assert mixed_token_sizes(48) == [16, 32, 48]
+    assert mixed_token_sizes(300) == [16, 32, 64, 128, 256, 300]
