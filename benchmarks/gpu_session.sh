@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device session's measurements, stage by stage, each under its own time limit, logs to $OUT.
-#   bash benchmarks/gpu_session.sh tests|dense|serve|moe|moegemv|sampling|quant ...
+#   bash benchmarks/gpu_session.sh tests|dense|densemixed|serve|moe|moegemv|sampling|quant ...
 # Every figure in docs/performance.md names the stage that produced it.
 set -uo pipefail
 out=${OUT:-/tmp/gpu_out}; mkdir -p "$out"
@@ -14,6 +14,10 @@ for stage in "$@"; do
     # ERNIESERVE_STEP_STATS: where each step's time goes (engine/step_stats.py), printed per run
     dense)  ERNIESERVE_STEP_STATS=1 timeout 200 python3 benchmarks/compare_hf.py --preset ernie-4.5-0.3b --checkpoint /tmp/ckpt-03b \
               --num-prompts 256 --hf-batch-prompts 16 --out "$out/dense.json" 2>&1 | filter | tail -24 ;;
+    # the same with mixed prefill+decode steps from CUDA graphs too (opt-in until this measures it)
+    densemixed) ERNIESERVE_STEP_STATS=1 timeout 200 python3 benchmarks/compare_hf.py --preset ernie-4.5-0.3b \
+              --checkpoint /tmp/ckpt-03b --num-prompts 256 --skip-hf --out "$out/dense_mixed.json" \
+              --engine-args '{"graph_optimization_config": "{\"cudagraph_mixed_steps\": true}"}' 2>&1 | filter | tail -24 ;;
     serve)  [ -f /tmp/ckpt-03b/config.json ] || python3 -m ernieserve make-dummy --preset ernie-4.5-0.3b /tmp/ckpt-03b
             timeout 140 bash benchmarks/serve_gpu.sh /tmp/ckpt-03b 128 64 1000 1000 "$out" 2>&1 | filter | tail -40 ;;
     # HF's 21B does not fit beside our engine in one process: ours here, HF needs its own run
