@@ -45,6 +45,16 @@ def _rotate_heads(
 
 
 @triton.jit
+def _token_cos_sin(pos_ptr, cos_ptr, sin_ptr, token, stride_table, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """[1, BLOCK_HALF] fp32 cos and sin of this token's position (its table row)."""
+    pos = tl.load(pos_ptr + token).to(tl.int64)
+    j = tl.arange(0, BLOCK_HALF)
+    c = tl.load(cos_ptr + pos * stride_table + j, mask=j < HALF, other=0.0)[None, :]
+    s = tl.load(sin_ptr + pos * stride_table + j, mask=j < HALF, other=0.0)[None, :]
+    return c, s
+
+
+@triton.jit
 def _rotary_kernel(
     q_ptr, k_ptr, pos_ptr, cos_ptr, sin_ptr,
     num_q_heads, num_kv_heads,
@@ -53,10 +63,7 @@ def _rotary_kernel(
     PAIR_STRIDE: tl.constexpr, PARTNER_OFFSET: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
-    pos = tl.load(pos_ptr + token).to(tl.int64)
-    j = tl.arange(0, BLOCK_HALF)
-    c = tl.load(cos_ptr + pos * stride_table + j, mask=j < HALF, other=0.0)[None, :]  # [1, BLOCK_HALF] fp32
-    s = tl.load(sin_ptr + pos * stride_table + j, mask=j < HALF, other=0.0)[None, :]
+    c, s = _token_cos_sin(pos_ptr, cos_ptr, sin_ptr, token, stride_table, HALF, BLOCK_HALF)
     _rotate_heads(q_ptr, stride_qt, stride_qh, token, num_q_heads, c, s,
                   BLOCK_HQ, BLOCK_HALF, HALF, PAIR_STRIDE, PARTNER_OFFSET)
     _rotate_heads(k_ptr, stride_kt, stride_kh, token, num_kv_heads, c, s,
@@ -120,10 +127,7 @@ def _rotary_store_kernel(
     its value heads straight into their cache slot (slot -1: padding, nothing stored). The key
     is rotated with the same fp32 operations as `_rotary_kernel`, so the cache holds the same bits."""
     token = tl.program_id(0).to(tl.int64)
-    pos = tl.load(pos_ptr + token).to(tl.int64)
-    j = tl.arange(0, BLOCK_HALF)
-    c = tl.load(cos_ptr + pos * stride_table + j, mask=j < HALF, other=0.0)[None, :]  # [1, BLOCK_HALF] fp32
-    s = tl.load(sin_ptr + pos * stride_table + j, mask=j < HALF, other=0.0)[None, :]
+    c, s = _token_cos_sin(pos_ptr, cos_ptr, sin_ptr, token, stride_table, HALF, BLOCK_HALF)
     _rotate_heads(q_ptr, stride_qt, stride_qh, token, num_q_heads, c, s,
                   BLOCK_HQ, BLOCK_HALF, HALF, PAIR_STRIDE, PARTNER_OFFSET)
     slot = tl.load(slot_ptr + token)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Callable
 
 import numpy as np
 import torch
@@ -68,7 +69,7 @@ class CudaGraphRunner:
         self.query_start_loc = torch.arange(self.max_bs + 1, **i32)  # one token per request, always
         self.block_tables = torch.zeros(self.max_bs, self.max_blocks, **i32)
         self.sampled = torch.zeros(self.max_bs, **i64)
-        self._race = _race_kernel()
+        self._race = race_kernel()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         # one output buffer shared by every graph: a logits tensor per batch size would pin
         # sum(sizes) * vocab values (about 0.9 GB for ERNIE's 103k vocabulary at 256 sequences)
@@ -100,20 +101,10 @@ class CudaGraphRunner:
         if self._race is not None:
             self._race(self.logits[:bs], self.keys[:bs], self.temperature[:bs], out=self.sampled[:bs])
 
-    @torch.inference_mode()
     def capture(self) -> None:
         start = time.perf_counter()
         self.backend.init_cuda_graph_state(self.max_bs, self.max_blocks, self.device)
-        pool = torch.cuda.graph_pool_handle()
-        for bs in tqdm(list(reversed(self.sizes)), desc="Capturing CUDA graphs", unit="graph"):
-            for _ in range(2):  # warm up: Triton compiles and autotunes outside the capture
-                self._forward(bs)
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self._forward(bs)
-            self.graphs[bs] = graph
-        torch.cuda.synchronize(self.device)
+        self.graphs = capture_graphs(self.sizes, self._forward, self.device, "Capturing CUDA graphs")
         logger.info("Captured %d CUDA graphs for decode batch sizes %s in %.1f s", len(self.sizes),
                     _ranges(self.sizes), time.perf_counter() - start)
 
@@ -172,11 +163,30 @@ class CudaGraphRunner:
         return self.logits[:n]
 
 
+@torch.inference_mode()
+def capture_graphs(sizes: list[int], forward: Callable[[int], None], device: torch.device,
+                   desc: str) -> dict[int, torch.cuda.CUDAGraph]:
+    """One graph of forward(size) per size, largest first, all in one memory pool (they never run
+    at once, so the smaller ones reuse the largest one's memory)."""
+    pool = torch.cuda.graph_pool_handle()
+    graphs = {}
+    for size in tqdm(sorted(sizes, reverse=True), desc=desc, unit="graph"):
+        for _ in range(2):  # warm up: Triton compiles and autotunes outside the capture
+            forward(size)
+        torch.cuda.synchronize(device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            forward(size)
+        graphs[size] = graph
+    torch.cuda.synchronize(device)
+    return graphs
+
+
 def _ranges(sizes: list[int]) -> str:
     return f"{sizes}" if len(sizes) <= 8 else f"[{', '.join(map(str, sizes[:4]))}, ..., {sizes[-1]}] ({len(sizes)} sizes)"
 
 
-def _race_kernel():  # type: ignore[no-untyped-def]
+def race_kernel():  # type: ignore[no-untyped-def]
     """kernels.sampling.gumbel_race, or None where Triton is off (the eager sampler then samples)."""
     from ernieserve.layers.sampler import sampling_kernels
 

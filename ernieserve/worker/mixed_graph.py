@@ -21,10 +21,9 @@ import time
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from ernieserve.attention.base import AttentionBackend, AttentionMetadata
-from ernieserve.worker.cuda_graph import _race_kernel
+from ernieserve.worker.cuda_graph import race_kernel, capture_graphs
 from ernieserve.worker.input_batch import StepInputs
 
 logger = logging.getLogger(__name__)
@@ -60,7 +59,7 @@ class MixedGraphRunner:
         self.keys = torch.zeros(r, **i64)
         self.sampled = torch.zeros(r, **i64)
         self.logits: torch.Tensor | None = None  # [max_reqs, vocab], shared by every graph
-        self._race = _race_kernel()
+        self._race = race_kernel()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
 
     def _meta(self, tokens: int) -> AttentionMetadata:
@@ -81,19 +80,9 @@ class MixedGraphRunner:
         if self._race is not None:
             self._race(self.logits, self.keys, self.temperature, out=self.sampled)
 
-    @torch.inference_mode()
     def capture(self) -> None:
         start = time.perf_counter()
-        pool = torch.cuda.graph_pool_handle()
-        for tokens in tqdm(list(reversed(self.sizes)), desc="Capturing mixed-step graphs", unit="graph"):
-            for _ in range(2):  # warm up: Triton compiles and autotunes outside the capture
-                self._forward(tokens)
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self._forward(tokens)
-            self.graphs[tokens] = graph
-        torch.cuda.synchronize(self.device)
+        self.graphs = capture_graphs(self.sizes, self._forward, self.device, "Capturing mixed-step graphs")
         logger.info("Captured %d CUDA graphs for mixed steps of %s tokens (requests padded to %d) in %.1f s",
                     len(self.sizes), self.sizes, self.max_reqs, time.perf_counter() - start)
 
