@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ernieserve.attention.base import AttentionBackend, AttentionMetadata
-from ernieserve.worker.cuda_graph import race_kernel, capture_graphs
+from ernieserve.worker.cuda_graph import capture_graphs, race_kernel
 from ernieserve.worker.input_batch import StepInputs
 
 logger = logging.getLogger(__name__)
