@@ -215,7 +215,9 @@ class MultiprocExecutor(Executor):
                 multiprocessing.process._children.discard(proc)  # multiprocessing's exit hook joins without a timeout
         self._monitor.join(2)
         if getattr(self, "runner", None) is not None:  # absent when the start failed
-            self.runner.release_graphs()  # they hold captured NCCL kernels: gone before the communicator
+            # they hold captured NCCL kernels: gone before the communicator (a teardown with such graphs
+            # alive hangs: pytorch/pytorch#115388)
+            self.runner.release_graphs()
         # bounded: a communicator teardown that waits on peers which already exited must not hang
         # the caller (seen on GPUs: a TP=2 engine with decode graphs did not exit); abort, not
         # destroy, on NCCL: it never waits on peers, and frees the slot for a new process group
