@@ -42,12 +42,12 @@ class FakeGraphRunner(CudaGraphRunner):
         self.graphs = {bs: FakeGraph(self, bs) for bs in self.sizes}
 
 
-def _engine(model, monkeypatch, graphs: bool, budget: int) -> LLM:
+def _engine(model, monkeypatch, graphs: bool, budget: int, blocks: int = 64) -> LLM:
     from ernieserve.attention.triton_attn import TritonAttentionBackend
 
     monkeypatch.setattr(model_runner, "select_attention_backend", lambda device: TritonAttentionBackend())
     llm = LLM(model=str(model), enforce_eager=True, max_model_len=128, max_num_seqs=8, block_size=16,
-              num_gpu_blocks_override=64, max_num_batched_tokens=budget, seed=0)
+              num_gpu_blocks_override=blocks, max_num_batched_tokens=budget, seed=0)
     if graphs:
         runner = llm.llm_engine.core.runner
         runner.graphs = FakeGraphRunner(runner.model, runner.backend, [1, 2, 4, 8], 128, 16, runner.device)
@@ -141,3 +141,18 @@ def test_mixed_token_buckets():
     assert mixed_token_sizes(2048) == [16, 32, 64, 128, 256, 512, 768, 1024, 1280, 1536, 1792, 2048]
     assert mixed_token_sizes(48) == [16, 32, 48]
     assert mixed_token_sizes(300) == [16, 32, 64, 128, 256, 300]
+
+
+def test_graphs_under_preemption(tiny_ernie, monkeypatch):
+    """Six KV blocks for six requests that grow past them: requests are preempted (some with a token
+    still in flight on the device) and resumed; decode and mixed graphs give eager's tokens."""
+    eager_llm = _engine(tiny_ernie, monkeypatch, False, 2048, blocks=6)
+    eager = _run(eager_llm, _params())
+    assert eager_llm.llm_engine.core.scheduler.num_preempted_total > 0
+    llm = _engine(tiny_ernie, monkeypatch, True, 2048, blocks=6)
+    runner = llm.llm_engine.core.runner
+    runner.mixed_graphs = FakeMixedGraphRunner(runner.model, runner.backend, 2048, 8, 128, 16, runner.device)
+    runner.mixed_graphs.capture()
+    assert _run(llm, _params()) == eager
+    assert runner.graphs.replays > 0 and runner.mixed_graphs.replays > 0
+
