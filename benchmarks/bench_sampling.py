@@ -32,14 +32,19 @@ def time_ms(fn, iters: int = 50) -> float:
     return start.elapsed_time(end) / iters
 
 
+def copy_bandwidth_gbs() -> float:
+    """Device-to-device copy rate, bytes read + written (the buffers are freed on return)."""
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / time_ms(lambda: dst.copy_(src), 20) / 1e6
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--vocab", type=int, default=103424)
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 64, 256])
     args = ap.parse_args()
-    buf = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-    copy_gbs = 2 * buf.numel() / time_ms(lambda: buf.clone(), 20) / 1e6
-    del buf
+    copy_gbs = copy_bandwidth_gbs()
     print(f"copy bandwidth (read + write): {copy_gbs:.0f} GB/s")
     print(f"{'rows':>5} {'race kernel ms':>15} {'torch path ms':>14} {'speed-up':>9} {'read fp32 logits once ms':>25}")
     sampler = Sampler()

@@ -106,14 +106,19 @@ class DecoderLayer(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
                 meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        x, residual = self.attend(positions, x, residual, meta)
+        return self.mlp(x), residual
+
+    def attend(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
+               meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """Norm (adding the residual), attention, norm: (the MLP's input, the new residual)."""
         if residual is None:
             residual = x
             x = self.input_layernorm(x)
         else:
             x, residual = self.input_layernorm(x, residual)
         x = self.self_attn(positions, x, meta)
-        x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
+        return self.post_attention_layernorm(x, residual)
 
 
 class DecoderModel(nn.Module):

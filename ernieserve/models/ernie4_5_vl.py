@@ -22,7 +22,7 @@ router, ``moe_statics.e_score_correction_bias`` [2, E], experts 0..E-1 text and 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Iterable, Iterator
 
 import numpy as np
@@ -37,7 +37,7 @@ from ernieserve.layers.mrope import ErnieMRotaryEmbedding
 from ernieserve.layers.norm import RMSNorm
 from ernieserve.models.decoder import DecoderForCausalLM, DecoderLayer, DecoderMLP, DecoderSpec, rope_settings
 from ernieserve.models.ernie4_5_vl_vision import Grid, Resampler, VisionTransformer
-from ernieserve.multimodal.inputs import MultiModalItem
+from ernieserve.multimodal.inputs import MultiModalItem, VisionTokenIds
 
 
 def _pair(value: Any) -> tuple[int, int]:
@@ -50,21 +50,17 @@ def _pair(value: Any) -> tuple[int, int]:
 # ---- prompt layout: placeholder tokens and 3-D positions -------------------------------------
 
 @dataclass(frozen=True, slots=True)
-class VisionTokenLayout:
-    image: int
-    image_start: int
-    image_end: int
-    video: int
-    video_start: int
-    video_end: int
+class VisionTokenLayout(VisionTokenIds):
+    """The placeholder and bracket ids, plus how many patches merge into one placeholder."""
+
     spatial_merge: int
     temporal_merge: int
 
     @classmethod
     def from_config(cls, cfg: Any) -> "VisionTokenLayout":
+        ids = VisionTokenIds.from_hf_config(cfg)
         v = cfg.vision_config
-        return cls(cfg.image_token_id, cfg.image_start_token_id, cfg.image_end_token_id, cfg.video_token_id,
-                   cfg.video_start_token_id, cfg.video_end_token_id, v.spatial_merge_size, v.temporal_merge_size)
+        return cls(*(getattr(ids, f.name) for f in fields(VisionTokenIds)), v.spatial_merge_size, v.temporal_merge_size)
 
     def moe_vision_ids(self) -> list[int]:
         """Token ids the MoE routes to the vision experts (HF's `create_moe_mm_token_type_ids`)."""
@@ -208,13 +204,7 @@ class VLMoEBlock(nn.Module):
 class VLDecoderLayer(DecoderLayer):
     def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
                 meta: AttentionMetadata, split: ModalitySplit | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual = x
-            x = self.input_layernorm(x)
-        else:
-            x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(positions, x, meta)
-        x, residual = self.post_attention_layernorm(x, residual)
+        x, residual = self.attend(positions, x, residual, meta)
         x = self.mlp(x, split) if isinstance(self.mlp, VLMoEBlock) else self.mlp(x)
         return x, residual
 

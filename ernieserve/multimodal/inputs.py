@@ -12,6 +12,8 @@ Items cross the ZMQ socket as msgspec structs, so tensors travel as raw bytes pl
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 import numpy as np
@@ -58,3 +60,24 @@ class MultiModalItem(msgspec.Struct, kw_only=True, omit_defaults=True):
     @property
     def end(self) -> int:
         return self.offset + self.length
+
+
+@dataclass(frozen=True, slots=True)
+class VisionTokenIds:
+    """A VL checkpoint's placeholder and bracket token ids (config.json's *_token_id)."""
+
+    image: int
+    image_start: int
+    image_end: int
+    video: int
+    video_start: int
+    video_end: int
+
+    @classmethod
+    def from_hf_config(cls, hf_config: Any) -> "VisionTokenIds":
+        names = ("image", "image_start", "image_end", "video", "video_start", "video_end")
+        ids = {n: getattr(hf_config, f"{n}_token_id", None) for n in names}
+        missing = [f"{n}_token_id" for n, v in ids.items() if v is None]
+        if missing:
+            raise ValueError(f"config.json lacks {', '.join(missing)}; cannot place images and videos.")
+        return cls(**{n: int(v) for n, v in ids.items()})

@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from ernieserve.multimodal.inputs import MultiModalItem
+from ernieserve.multimodal.inputs import MultiModalItem, VisionTokenIds
 from ernieserve.multimodal.media import FrameSampling, VideoFrames
 from ernieserve.multimodal.options import DEFAULT_LIMIT_MM_PER_PROMPT, MMProcessorOptions
 
@@ -69,25 +69,6 @@ _VIDEO_DEFAULTS: dict[str, Any] = {
 _FRAME_KWARGS = ("do_convert_rgb", "do_resize", "resample", "do_rescale", "rescale_factor", "do_normalize",
                  "image_mean", "image_std")
 _TIMESTAMP_SIZE = 0.1  # font size as a fraction of the frame's short side; outline as one of the font's
-
-
-@dataclass(frozen=True, slots=True)
-class VisionTokenIds:
-    image: int
-    image_start: int
-    image_end: int
-    video: int
-    video_start: int
-    video_end: int
-
-    @classmethod
-    def from_hf_config(cls, hf_config: Any) -> "VisionTokenIds":
-        names = ("image", "image_start", "image_end", "video", "video_start", "video_end")
-        ids = {n: getattr(hf_config, f"{n}_token_id", None) for n in names}
-        missing = [f"{n}_token_id" for n, v in ids.items() if v is None]
-        if missing:
-            raise ValueError(f"config.json lacks {', '.join(missing)}; cannot place images and videos.")
-        return cls(**{n: int(v) for n, v in ids.items()})
 
 
 @dataclass(frozen=True, slots=True)
