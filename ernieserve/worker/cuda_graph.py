@@ -62,9 +62,7 @@ class CudaGraphRunner:
         self.temperature = temperature_bits.view(torch.float32)
         self.slot_mapping.fill_(-1)
         pinned = device.type == "cuda"
-        self._staging = [(torch.zeros(self._dev64.numel(), dtype=torch.int64, pin_memory=pinned),
-                          torch.zeros(self._dev32.numel(), dtype=torch.int32, pin_memory=pinned), None)
-                         for _ in range(3)]
+        self._staging = [_Staging(self, pinned) for _ in range(3)]
         self._next_staging = 0
         self.query_start_loc = torch.arange(self.max_bs + 1, **i32)  # one token per request, always
         self.block_tables = torch.zeros(self.max_bs, self.max_blocks, **i32)
@@ -129,32 +127,29 @@ class CudaGraphRunner:
         # a host staging buffer the device has finished copying from (three rotate; steps overlap by one)
         k = self._next_staging
         self._next_staging = (k + 1) % len(self._staging)
-        host64, host32, copied = self._staging[k]
-        if copied is not None:
-            copied.synchronize()
-        ids, pos, slots, keys, feed = self._views(host64, self._layout64)
-        seq_lens, temperature_bits = self._views(host32, self._layout32)
+        stage = self._staging[k]
+        if stage.copied is not None:
+            stage.copied.synchronize()
         # pad on the host so the step costs copies only, no fill kernels: a padded row's slot is -1
         # and its context length 0 (its other inputs keep earlier, valid values)
-        ids.numpy()[:n] = step.input_ids
-        pos.numpy()[..., :n] = step.mrope_positions if self.mrope else step.positions
-        slots.numpy()[:n] = step.slot_mapping
-        slots.numpy()[n:bs] = -1
-        seq_lens.numpy()[:n] = step.seq_lens
-        seq_lens.numpy()[n:bs] = 0
+        stage.ids[:n] = step.input_ids
+        stage.pos[..., :n] = step.mrope_positions if self.mrope else step.positions
+        stage.slots[:n] = step.slot_mapping
+        stage.slots[n:bs] = -1
+        stage.seq_lens[:n] = step.seq_lens
+        stage.seq_lens[n:bs] = 0
         if sampling is not None:
-            temperature_bits.view(torch.float32).numpy()[:n] = sampling[0]
-            keys.numpy()[:n] = sampling[1]
+            stage.temperature[:n] = sampling[0]
+            stage.keys[:n] = sampling[1]
         num_fed = len(step.inflight_pos)
         if num_fed:
-            feed.numpy()[0, :num_fed] = step.inflight_pos
-            feed.numpy()[1, :num_fed] = step.inflight_src
-        self._dev64.copy_(host64, non_blocking=True)
-        self._dev32.copy_(host32, non_blocking=True)
+            stage.feed[0, :num_fed] = step.inflight_pos
+            stage.feed[1, :num_fed] = step.inflight_src
+        self._dev64.copy_(stage.host64, non_blocking=True)
+        self._dev32.copy_(stage.host32, non_blocking=True)
         if self.device.type == "cuda":
-            event = torch.cuda.Event()
-            event.record()
-            self._staging[k] = (host64, host32, event)
+            stage.copied = torch.cuda.Event()
+            stage.copied.record()
         self.block_tables[:n, :width].copy_(torch.from_numpy(step.block_table), non_blocking=True)
         if num_fed:
             assert prev_sampled is not None
@@ -180,6 +175,20 @@ def capture_graphs(sizes: list[int], forward: Callable[[int], None], device: tor
         graphs[size] = graph
     torch.cuda.synchronize(device)
     return graphs
+
+
+class _Staging:
+    """One host copy of the graphs' packed inputs (pinned on CUDA), with numpy views of its parts,
+    and the event behind the last copy out of it."""
+
+    def __init__(self, owner: CudaGraphRunner, pinned: bool) -> None:
+        self.host64 = torch.zeros(owner._dev64.numel(), dtype=torch.int64, pin_memory=pinned)
+        self.host32 = torch.zeros(owner._dev32.numel(), dtype=torch.int32, pin_memory=pinned)
+        self.ids, self.pos, self.slots, self.keys, self.feed = (v.numpy() for v in owner._views(self.host64,
+                                                                                               owner._layout64))
+        seq_lens, temperature_bits = owner._views(self.host32, owner._layout32)
+        self.seq_lens, self.temperature = seq_lens.numpy(), temperature_bits.view(torch.float32).numpy()
+        self.copied: torch.cuda.Event | None = None
 
 
 def _ranges(sizes: list[int]) -> str:

@@ -253,19 +253,19 @@ class ModelRunner:
             self.swapper.before_forward()  # the forward reads swapped-in blocks, overwrites swapped-out ones
         decode_only = sched.total_num_scheduled_tokens == len(step.req_ids)
         t1 = time.perf_counter()
-        sampled = None  # set when the decode graph sampled
+        sample_states = [self.states[step.req_ids[i]] for i in step.sample_rows]
+        sampled = None  # set when a graph sampled
         if self.graphs is not None and self.graphs.can_run(step, decode_only):
             kind = "decode-graph"
             logits, sampled = self._run_graph(step, prev_sampled)
         elif self.mixed_graphs is not None and self.mixed_graphs.can_run(step) and not self._wants_prompt_logprobs(step):
             kind = "mixed-graph"
-            logits, sampled = self._run_mixed_graph(step, prev_sampled)
+            logits, sampled = self._run_mixed_graph(step, prev_sampled, sample_states)
         else:
             kind = "decode-eager" if decode_only else "mixed"
             logits = self._run_eager(step, pending.prompt_logprobs, prev_sampled)
         t2 = time.perf_counter()
         if logits is not None:
-            sample_states = [self.states[step.req_ids[i]] for i in step.sample_rows]
             logprobs = None
             if sampled is None:
                 result = self.sampler(logits, build_sampling_metadata(sample_states, self.vocab_size, self.device))
@@ -307,10 +307,9 @@ class ModelRunner:
             sampled = self.graphs.sampled[:n].clone() if sampling is not None else None
         return logits, sampled
 
-    def _run_mixed_graph(self, step: StepInputs, prev_sampled: torch.Tensor | None
-                         ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def _run_mixed_graph(self, step: StepInputs, prev_sampled: torch.Tensor | None,
+                         sample_states: list[CachedRequestState]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         assert self.mixed_graphs is not None
-        sample_states = [self.states[step.req_ids[i]] for i in step.sample_rows]
         sampling = graph_sampling_inputs(sample_states) if sample_states and self.mixed_graphs.samples else None
         logits = self.mixed_graphs.run(step, prev_sampled, sampling)  # [num sampling rows, vocab]
         if logits is None or sampling is None:
