@@ -12,7 +12,7 @@
 #               order differs: the strict check on real shapes)
 #   latency     21B-A3B batch-1 decode ms/step (`ernieserve bench latency`) at TP=1 and TP=2
 #   throughput  21B-A3B offline throughput (`ernieserve bench throughput`) at TP=1 and TP=2
-#   big         ERNIE-4.5-300B-A47B at TP=4 with --quantization wint4, one engine
+#   big         ERNIE-4.5-300B-A47B at TP=4 with --quantization wint4 (QUANT=wint8 for int8), one engine
 #               (benchmarks/one_engine_bench.py): peak memory per GPU (nvidia-smi), weights per rank
 #               (the engine's log), batch-1 decode ms/step against its floor, offline throughput
 set -uo pipefail
@@ -95,14 +95,15 @@ for stage in "$@"; do
     throughput) MODEL=$ck21 TAG=21b; for tp in ${TPS:-1 2}; do throughput "$tp" 256; done ;;
     big)    [ -f $ck300/config.json ] || python3 -m ernieserve make-dummy --preset ernie-4.5-300b-a47b $ck300 >/dev/null
             [ "$ngpu" -ge 4 ] || { echo "big: needs 4 GPUs, $ngpu visible"; continue; }
-            nvidia-smi --query-gpu=index,memory.used --format=csv,noheader,nounits -lms 500 > "$out/mem_300b.csv" &
+            nvidia-smi --query-gpu=index,memory.used --format=csv,noheader,nounits -lms 500 > "$out/mem_300b_${QUANT:-wint4}.csv" &
             smi=$!
-            echo "--- one engine: batch-1 decode, then 128 prompts of 1000 in / 200 out, TP=4 wint4"
-            timeout 480 python3 benchmarks/one_engine_bench.py --out "$out/big" --num-prompts 128 -- \
-              --model $ck300 "${common[@]}" --tensor-parallel-size 4 --quantization wint4 --max-num-seqs 128 2>&1 \
+            q=${QUANT:-wint4}
+            echo "--- one engine: batch-1 decode, then ${BIG_PROMPTS:-128} prompts of 1000 in / 200 out, TP=4 $q"
+            timeout 480 python3 benchmarks/one_engine_bench.py --out "$out/big_$q" --num-prompts "${BIG_PROMPTS:-128}" -- \
+              --model $ck300 "${common[@]}" --tensor-parallel-size 4 --quantization "$q" --max-num-seqs 128 2>&1 \
               | filter | grep -E -i "$engine_lines|copy bandwidth|ready|holds|decode|floor|Throughput|tokens|Error|error" | head -40
             kill $smi 2>/dev/null; wait $smi 2>/dev/null
-            python3 - "$out/mem_300b.csv" <<'EOF'
+            python3 - "$out/mem_300b_${QUANT:-wint4}.csv" <<'EOF'
 import sys
 peak = {}
 for line in open(sys.argv[1]):

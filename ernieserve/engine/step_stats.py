@@ -27,6 +27,9 @@ logger = logging.getLogger(__name__)
 # runner-side segments, in the order they happen within one execute call
 RUNNER_SEGMENTS = ("build", "forward", "sample", "wait")
 _COLUMNS = ("schedule", *RUNNER_SEGMENTS, "update", "total")
+# CUDA only: mean device span per step of the kind (first kernel launched to sampler done, read
+# back with the step's ids; on eager steps it includes the device idling between slow launches)
+_DEVICE = "device"
 
 
 def step_stats_enabled() -> bool:
@@ -41,6 +44,9 @@ class StepTimes:
     num_tokens: int = 0
     num_reqs: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
+    # CUDA: (kind, ms) of the steps read back during this call (the previous step's, usually): the
+    # device-side time from the first launch of that step's forward to the end of its sampler
+    device_spans: list[tuple[str, float]] = field(default_factory=list)
 
     def add(self, segment: str, dt: float) -> None:
         self.seconds[segment] = self.seconds.get(segment, 0.0) + dt
@@ -51,6 +57,7 @@ class StepStats:
         self._steps: dict[str, int] = defaultdict(int)
         self._tokens: dict[str, int] = defaultdict(int)
         self._seconds: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        self._device_ms: dict[str, list[float]] = defaultdict(list)
 
     def record(self, runner: StepTimes, schedule_s: float, update_s: float, total_s: float) -> None:
         kind = runner.kind
@@ -62,11 +69,14 @@ class StepStats:
         acc["schedule"] += schedule_s
         acc["update"] += update_s
         acc["total"] += total_s
+        for span_kind, ms in runner.device_spans:
+            self._device_ms[span_kind].append(ms)
 
     def reset(self) -> None:
         self._steps.clear()
         self._tokens.clear()
         self._seconds.clear()
+        self._device_ms.clear()
 
     def as_dict(self) -> dict[str, dict[str, float]]:
         """Per kind: steps, tokens, and the mean milliseconds of each segment per step."""
@@ -74,6 +84,9 @@ class StepStats:
         for kind, n in self._steps.items():
             row = {"steps": n, "tokens": self._tokens[kind]}
             row.update({f"{c}_ms": self._seconds[kind].get(c, 0.0) / n * 1e3 for c in _COLUMNS})
+            spans = self._device_ms.get(kind)
+            if spans:
+                row[f"{_DEVICE}_ms"] = sum(spans) / len(spans)
             out[kind] = row
         return out
 
@@ -82,13 +95,15 @@ class StepStats:
         if not rows:
             return "step stats: no steps recorded"
         total_s = sum(self._seconds[k]["total"] for k in rows)
-        head = f"{'kind':<13}{'steps':>7}{'tokens':>9}{'wall s':>8}" + "".join(f"{c:>10}" for c in _COLUMNS)
+        columns = _COLUMNS + ((_DEVICE,) if self._device_ms else ())
+        head = f"{'kind':<13}{'steps':>7}{'tokens':>9}{'wall s':>8}" + "".join(f"{c:>10}" for c in columns)
         lines = [f"step stats ({sum(self._steps.values())} steps, {total_s:.2f} s in EngineCore.step; "
                  f"columns after 'wall s': mean ms per step)", head]
         for kind in sorted(rows, key=lambda k: -self._seconds[k]["total"]):
             r = rows[kind]
             lines.append(f"{kind:<13}{r['steps']:>7}{r['tokens']:>9}{self._seconds[kind]['total']:>8.2f}"
-                         + "".join(f"{r[c + '_ms']:>10.3f}" for c in _COLUMNS))
+                         + "".join(f"{r[c + '_ms']:>10.3f}" if c + "_ms" in r else f"{'-':>10}"
+                                   for c in columns))
         return "\n".join(lines)
 
 

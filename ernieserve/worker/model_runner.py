@@ -41,6 +41,12 @@ class _PendingStep:
     # each row's requested top logprobs, kept here: a request preempted or finished while its
     # token is in flight has no state any more when the token is read, but its logprob still counts
     num_logprobs: list[int | None] = field(default_factory=list)
+    # CUDA: pinned host copies of `sampled` (and the logprobs), queued right behind the sampler, and
+    # the event that marks them done (see _queue_host_copies)
+    host: tuple[torch.Tensor, ...] | None = None
+    copied: torch.cuda.Event | None = None
+    # ERNIESERVE_STEP_STATS on CUDA: the step's kind and the events around its device work
+    span: tuple[str, torch.cuda.Event, torch.cuda.Event] | None = None
 
 
 def select_attention_backend(device: torch.device) -> AttentionBackend:
@@ -253,6 +259,10 @@ class ModelRunner:
             self.swapper.before_forward()  # the forward reads swapped-in blocks, overwrites swapped-out ones
         decode_only = sched.total_num_scheduled_tokens == len(step.req_ids)
         t1 = time.perf_counter()
+        span_start = None
+        if times is not None and self.device.type == "cuda":
+            span_start = torch.cuda.Event(enable_timing=True)
+            span_start.record()
         sample_states = [self.states[step.req_ids[i]] for i in step.sample_rows]
         sampled = None  # set when a graph sampled
         if self.graphs is not None and self.graphs.can_run(step, decode_only):
@@ -278,6 +288,11 @@ class ModelRunner:
             pending.num_logprobs = [st.sampling_params.logprobs for st in sample_states]
             for st in sample_states:
                 st.num_inflight += 1  # the previous step's token may still be in flight too
+            self._queue_host_copies(pending)
+        if span_start is not None:
+            span_end = torch.cuda.Event(enable_timing=True)
+            span_end.record()
+            pending.span = (kind, span_start, span_end)
         if self.swapper is not None:
             self.swapper.step_launched(step.block_table)
         if times is not None:
@@ -320,15 +335,40 @@ class ModelRunner:
     def _wants_prompt_logprobs(self, step: StepInputs) -> bool:
         return any(self.states[rid].sampling_params.prompt_logprobs is not None for rid in step.req_ids)
 
+    def _queue_host_copies(self, pending: _PendingStep) -> None:
+        """Queue the sampled ids' (and logprobs') copies to pinned host memory now, right behind the
+        sampler. Reading them later waits for this step's work only: a plain .tolist() at collect
+        time would queue behind the NEXT step's kernels, already launched, and the host would wait
+        for both steps, which serialises host and device work again."""
+        if pending.sampled is None or not pending.sampled.is_cuda:
+            return
+        lp = pending.logprobs
+        tensors = (pending.sampled,) if lp is None else (pending.sampled, lp.token_ids, lp.logprobs, lp.ranks)
+        host = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors)
+        for h, t in zip(host, tensors):
+            h.copy_(t, non_blocking=True)
+        pending.host = host
+        pending.copied = torch.cuda.Event()
+        pending.copied.record()
+
     def _collect(self, pending: _PendingStep) -> ModelRunnerOutput:
         """Wait for a launched step, hand its tokens to the request states, return its output."""
         if pending.sampled is None:
             return ModelRunnerOutput([], {}, prompt_logprobs=pending.prompt_logprobs)
         t0 = time.perf_counter()
-        sampled = pending.sampled.tolist()  # the one host sync of the step
+        if pending.copied is not None:
+            pending.copied.synchronize()  # the one host sync of the step
+            sampled = pending.host[0].tolist()
+            lp = (pending.host[1].tolist(), pending.host[2].tolist(), pending.host[3].tolist()) \
+                if pending.logprobs is not None else None
+        else:  # CPU
+            sampled = pending.sampled.tolist()
+            lp = pending.logprobs.tolists() if pending.logprobs is not None else None
         if self.step_times is not None:
             self.step_times.add("wait", time.perf_counter() - t0)
-        lp = pending.logprobs.tolists() if pending.logprobs is not None else None
+            if pending.span is not None:
+                kind, start, end = pending.span
+                self.step_times.device_spans.append((kind, start.elapsed_time(end)))
         out = ModelRunnerOutput(pending.req_ids, {}, prompt_logprobs=pending.prompt_logprobs)
         for j, rid in enumerate(pending.req_ids):
             out.sampled_token_ids[rid] = [sampled[j]]

@@ -43,3 +43,18 @@ def test_profiler_window_logs_the_busiest_ops(tiny_ernie, monkeypatch, caplog):
 def test_profiler_window_must_be_start_colon_count(spec):
     with pytest.raises(ValueError, match="START:COUNT"):
         StepProfiler(spec)
+
+
+def test_device_spans_are_averaged_by_the_kind_of_step_they_belong_to():
+    """Spans arrive one call late (read back with the step's ids): each counts for its own kind."""
+    from ernieserve.engine.step_stats import StepStats, StepTimes
+
+    stats = StepStats()
+    stats.record(StepTimes("mixed", 100, 4, {"forward": 0.01}), 0.001, 0.001, 0.02)
+    stats.record(StepTimes("decode-graph", 4, 4, {"forward": 0.001}, [("mixed", 30.0)]), 0.0, 0.0, 0.003)
+    stats.record(StepTimes("decode-graph", 4, 4, {"forward": 0.001}, [("decode-graph", 1.0)]), 0.0, 0.0, 0.003)
+    stats.record(StepTimes("decode-graph", 4, 4, {"forward": 0.001}, [("decode-graph", 2.0)]), 0.0, 0.0, 0.003)
+    rows = stats.as_dict()
+    assert rows["mixed"]["device_ms"] == 30.0 and rows["decode-graph"]["device_ms"] == 1.5
+    assert rows["mixed"]["steps"] == 1 and rows["decode-graph"]["steps"] == 3
+    assert "device" in stats.summary().splitlines()[1]

@@ -338,3 +338,17 @@ def test_quantized_or_biased_shared_experts_stay_apart() -> None:
     odd = MoEBlock(TopKRouter(16, ernie_cfg(8, 2), torch.float32), FusedMoE(8, 2, 16, 12, torch.float32),
                    DecoderMLP(16, 18, False, torch.float32, TPGroup(0, 1)))  # 18 is not a multiple of 12
     assert odd.fold_shared_experts() == 0
+
+
+@pytest.mark.parametrize("rows", [1, 100, 2000, 50000])
+def test_tiles_fit_the_shared_memory_for_every_operand_width(rows: int) -> None:
+    """The swept tiles hold bf16 operands; float32 operands (the fp32 oracle runs) get fewer stages
+    or a shorter K step instead of a launch the GPU refuses (H100: 227 KiB of shared memory)."""
+    from ernieserve.layers.moe.fused_moe import _SMEM_BUDGET, choose_tile_config, fit_tile
+
+    tiles = choose_tile_config(rows, 10)
+    for tile, b_tiles in ((tiles.gate_up, 2), (tiles.down, 1)):
+        assert fit_tile(tile, tiles.block_m, b_tiles, 2) == tile  # the sweep's choice stands
+        t32 = fit_tile(tile, tiles.block_m, b_tiles, 4)
+        assert t32.num_stages * (tiles.block_m + b_tiles * t32.block_n) * t32.block_k * 4 <= _SMEM_BUDGET
+        assert t32.block_n == tile.block_n and t32.num_stages >= 2

@@ -110,6 +110,26 @@ def choose_tile_config(num_assignments: int, num_experts: int) -> MoETileConfig:
     return MoETileConfig(128, GemmTile(128, 64, 8, 3), GemmTile(256, 64, 8, 3))
 
 
+# Shared memory a Triton GEMM of these tiles pipelines (operand tiles x stages) must stay under the
+# device's limit (227 KiB on Hopper); the tiles above are sized for 2-byte operands.
+_SMEM_BUDGET = 200 * 1024
+
+
+def fit_tile(tile: GemmTile, block_m: int, b_tiles: int, elem_bytes: int) -> GemmTile:
+    """The tile with fewer pipeline stages (then a shorter K step) until its operand buffers fit:
+    float32 operands need twice the bytes of the bf16 tiles chosen by the sweep."""
+    stages, block_k = tile.num_stages, tile.block_k
+
+    def need() -> int:
+        return stages * (block_m + b_tiles * tile.block_n) * block_k * elem_bytes
+
+    while need() > _SMEM_BUDGET and stages > 2:
+        stages -= 1
+    while need() > _SMEM_BUDGET and block_k > 16:
+        block_k //= 2
+    return GemmTile(tile.block_n, block_k, tile.num_warps, stages)
+
+
 def padded_capacity(num_assignments: int, num_experts: int, block_m: int) -> int:
     """Upper bound of the per-expert padded length: at most min(N, E) experts get a partial block."""
     return num_assignments + min(num_assignments, num_experts) * (block_m - 1)
@@ -352,7 +372,7 @@ def fused_moe_triton(
     dot_fp32 = x.device.type == "cpu" and x.dtype == torch.bfloat16
 
     act = torch.empty(n, inter, dtype=x.dtype, device=x.device)  # [N, I], assignment order
-    t1 = tiles.gate_up
+    t1 = fit_tile(tiles.gate_up, bm, 2, x.element_size())  # gate and up tiles
     _gate_up_kernel[(num_pid_m * triton.cdiv(inter, t1.block_n),)](
         x, w13, act, sorted_ids, block_expert, total, n, hidden, inter, num_pid_m,
         x.stride(0), w13.stride(0), w13.stride(1),
@@ -361,7 +381,7 @@ def fused_moe_triton(
 
     alloc = torch.zeros if foreign_experts else torch.empty  # foreign rows are never written
     per_slot = alloc(n, hidden, dtype=x.dtype, device=x.device)  # [N, H], weighted
-    t2 = tiles.down
+    t2 = fit_tile(tiles.down, bm, 1, x.element_size())
     _down_kernel[(num_pid_m * triton.cdiv(hidden, t2.block_n),)](
         act, w2, per_slot, topk_weights.float().contiguous(), sorted_ids, block_expert, total,
         n, hidden, inter, num_pid_m, w2.stride(0), w2.stride(1),
