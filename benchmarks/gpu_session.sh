@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device session's measurements, stage by stage, each under its own time limit, logs to $OUT.
-#   bash benchmarks/gpu_session.sh tests|dense|densemixed|mixedprof|serve|moe|moegemv|sampling|quant ...
+#   bash benchmarks/gpu_session.sh tests|dense|densemixed|mixedprof|decodeprof|serve|moe|moegemv|sampling|quant ...
 # Every figure in docs/performance.md names the stage that produced it.
 set -uo pipefail
 out=${OUT:-/tmp/gpu_out}; mkdir -p "$out"
@@ -23,6 +23,11 @@ for stage in "$@"; do
     mixedprof) ERNIESERVE_STEP_STATS=1 ERNIESERVE_PROFILE_STEPS=4:3 timeout 150 python3 -m ernieserve bench throughput \
               --model /tmp/ckpt-03b --dtype bfloat16 --input-len 1000 --output-len 32 --num-prompts 128 --disable-tqdm 2>&1 \
               | filter | grep -v -E "^\s*$" | tail -40 ;;
+    # torch.profiler over ten batch-1 decode steps replayed from the graph: the kernels inside it
+    decodeprof) [ -f /tmp/ckpt-03b/config.json ] || python3 -m ernieserve make-dummy --preset ernie-4.5-0.3b /tmp/ckpt-03b >/dev/null
+              ERNIESERVE_PROFILE_STEPS=20:10 timeout 120 python3 -m ernieserve bench latency --model /tmp/ckpt-03b \
+              --dtype bfloat16 --batch-size 1 --input-len 128 --output-len 64 --num-iters-warmup 0 --num-iters 1 2>&1 \
+              | filter | grep -A24 "torch.profiler over" ;;
     serve)  [ -f /tmp/ckpt-03b/config.json ] || python3 -m ernieserve make-dummy --preset ernie-4.5-0.3b /tmp/ckpt-03b
             timeout 140 bash benchmarks/serve_gpu.sh /tmp/ckpt-03b 128 64 1000 1000 "$out" 2>&1 | filter | tail -40 ;;
     # HF's 21B does not fit beside our engine in one process: ours here, HF needs its own run

@@ -145,7 +145,7 @@ class DeviceConfig:
     device: torch.device
     enforce_eager: bool  # no CUDA graphs
     cudagraph_capture_sizes: tuple[int, ...] | None = None  # None: derived from max_num_seqs
-    cudagraph_mixed_steps: bool = False  # also capture mixed prefill+decode steps (worker/mixed_graph.py)
+    cudagraph_mixed_steps: bool = True  # also capture mixed prefill+decode steps (worker/mixed_graph.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,8 +249,8 @@ class EngineArgs:
                        help="CUDA graphs for decode steps (FastDeploy's name; on by default on GPU).")
         g.add_argument("--graph-optimization-config", type=str, default=None,
                        help='JSON, e.g. \'{"use_cudagraph": true, "cudagraph_capture_sizes": [1, 2, 4, 8]}\'; '
-                            '"cudagraph_mixed_steps": true also captures mixed prefill+decode steps per token '
-                            'count (off by default until measured).')
+                            '"cudagraph_mixed_steps" (default true) also captures mixed prefill+decode steps '
+                            'per token count; false runs them eagerly.')
         g.add_argument("--limit-mm-per-prompt", type=str, default=None,
                        help='Most images/videos in one prompt, JSON: \'{"image": 10, "video": 3}\' (default: '
                             'FastDeploy\'s 1 image and 1 video; more in one request is a 400).')
@@ -325,7 +325,7 @@ class EngineArgs:
                 raise ConfigError("--graph-optimization-config: cudagraph_capture_sizes must be a list of "
                                   "positive integers.")
             sizes = tuple(sorted(set(x for x in sizes if x <= self.max_num_seqs))) or (1,)
-        mixed = graph_cfg.get("cudagraph_mixed_steps", False)
+        mixed = graph_cfg.get("cudagraph_mixed_steps", True)
         if not isinstance(mixed, bool):
             raise ConfigError("--graph-optimization-config: cudagraph_mixed_steps must be true or false.")
         eager = self.enforce_eager or use is False or device.type != "cuda"

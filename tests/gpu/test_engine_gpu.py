@@ -101,22 +101,30 @@ def test_greedy_tie_flips_triton_vs_torch_reference_reported(ernie_03b, monkeypa
     assert sum(d == 0 for d in first_diff) <= 1
 
 
-def test_mixed_step_graphs_match_eager(ernie_03b, monkeypatch):
-    """--graph-optimization-config '{"cudagraph_mixed_steps": true}': prefill chunks and decodes
-    replayed from token-bucket graphs give the eager engine's greedy tokens (fp32, so that padded
-    GEMM shapes cannot flip a bf16 near-tie), with chunked prefill (budget 512)."""
+@pytest.mark.parametrize("model", ["ernie-4.5-0.3b", "tiny-ernie-4.5-moe"])
+def test_mixed_step_graphs_match_eager(model, request, monkeypatch):
+    """Mixed prefill+decode steps replayed from token-bucket graphs (the default) give the eager
+    engine's greedy tokens (fp32, so that padded GEMM shapes cannot flip a bf16 near-tie), with
+    chunked prefill (budget 512); the MoE model runs its router and fused experts inside them."""
+    import json
+
     from ernieserve import LLM, SamplingParams
 
+    if model == "ernie-4.5-0.3b":
+        ckpt = request.getfixturevalue("ernie_03b")
+    else:
+        ckpt = request.getfixturevalue("checkpoint_factory")(model)
+    vocab = json.loads((ckpt / "config.json").read_text())["vocab_size"]
     monkeypatch.setenv("ERNIESERVE_STEP_STATS", "1")
-    prompts = _prompts(48, 103000, seed=3)
+    prompts = _prompts(48, vocab - 10, seed=3)
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     common = dict(dtype="float32", max_model_len=2048, max_num_seqs=64, max_num_batched_tokens=512)
-    llm = LLM(model=str(ernie_03b), graph_optimization_config='{"cudagraph_mixed_steps": true}', **common)
+    llm = LLM(model=str(ckpt), **common)
     graphed = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     kinds = llm.llm_engine.core.step_stats.as_dict()
     del llm
     torch.cuda.empty_cache()
-    llm = LLM(model=str(ernie_03b), enforce_eager=True, **common)
+    llm = LLM(model=str(ckpt), enforce_eager=True, **common)
     eager = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     assert kinds.get("mixed-graph", {}).get("steps", 0) > 0 and "mixed" not in kinds, kinds
     assert graphed == eager
