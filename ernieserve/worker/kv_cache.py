@@ -48,13 +48,29 @@ def cpu_kv_budget(config: EngineConfig) -> int:
     return min(int(config.cache.cpu_kv_cache_space_gb * 2**30), needed)
 
 
-def gpu_kv_budget(config: EngineConfig, device: torch.device, peak_bytes: int) -> int:
+def gpu_kv_budget(config: EngineConfig, device: torch.device, peak_bytes: int, graph_pool_bytes: int = 0) -> int:
     """Bytes left for the KV cache: total * utilization minus what the profiled step peaked at
-    (and the swapper's staging buffer, when there is a host tier)."""
+    (and the swapper's staging buffer, when there is a host tier).
+
+    The cache is one tensor, so it must also fit in memory the driver still has free: blocks the
+    caching allocator holds but cannot return (loading can leave them split around live weights)
+    serve activations later, never the cache, and CUDA graphs draw their pools (graph_pool_bytes)
+    from fresh memory too."""
     free, total = torch.cuda.mem_get_info(device)
     used_by_others = total - free - torch.cuda.memory_reserved(device)
     staging = swap_staging_blocks(config, num_host_blocks(config)) * bytes_per_block(config)
-    return int(total * config.cache.gpu_memory_utilization) - peak_bytes - max(0, used_by_others) - staging
+    budget = int(total * config.cache.gpu_memory_utilization) - peak_bytes - max(0, used_by_others) - staging
+    obtainable = free - graph_pool_bytes - staging - _FREE_MARGIN
+    if obtainable < budget:
+        stuck = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        logger.info("KV cache limited to the free device memory (%.2f GiB instead of %.2f GiB): the allocator "
+                    "holds %.2f GiB in fragments it cannot return", obtainable / 2**30, budget / 2**30, stuck / 2**30)
+    return min(budget, obtainable)
+
+
+# what gpu_kv_budget leaves of the driver's free memory besides the graph pools: the decode
+# graphs' own small pool, cuBLAS workspaces, NCCL buffers
+_FREE_MARGIN = 1 << 30
 
 
 def allocate_kv_cache(config: EngineConfig, num_blocks: int, device: torch.device) -> torch.Tensor:

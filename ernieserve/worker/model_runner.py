@@ -111,9 +111,11 @@ class ModelRunner:
             num_blocks = cfg.cache.num_gpu_blocks_override
         elif self.device.type == "cuda":
             peak = self._profile_peak()
+            pool = 0
             if self._mixed_graphs_wanted():  # their memory pool holds one more step's activations
-                peak += max(0, peak - self.model_param_bytes())
-            num_blocks = kv_cache.num_blocks_for_budget(cfg, kv_cache.gpu_kv_budget(cfg, self.device, peak))
+                pool = max(0, peak - self.model_param_bytes())
+            budget = kv_cache.gpu_kv_budget(cfg, self.device, peak + pool, graph_pool_bytes=pool)
+            num_blocks = kv_cache.num_blocks_for_budget(cfg, budget)
         else:
             num_blocks = kv_cache.num_blocks_for_budget(cfg, kv_cache.cpu_kv_budget(cfg))
         num_blocks = self.tp.min_over_ranks(num_blocks, self.device)  # every rank holds the same blocks

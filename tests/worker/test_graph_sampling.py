@@ -135,6 +135,15 @@ def test_mixed_steps_from_graphs_equal_eager(tiny_ernie, monkeypatch, budget):
     assert graphed == eager
 
 
+def test_mixed_steps_from_graphs_equal_eager_on_a_moe_model(checkpoint_factory, monkeypatch):
+    """Padded tokens are routed to experts like real ones (their rows are dropped later)."""
+    model = checkpoint_factory("tiny-ernie-4.5-moe")
+    eager = _run(_engine(model, monkeypatch, False, 20), _params())
+    llm = _mixed_engine(model, monkeypatch, 20)
+    assert _run(llm, _params()) == eager
+    assert llm.llm_engine.core.runner.mixed_graphs.replays > 0
+
+
 def test_mixed_token_buckets():
     from ernieserve.worker.mixed_graph import mixed_token_sizes
 
