@@ -64,6 +64,13 @@ class ModelConfig:
         return getattr(self.hf_config, "vision_config", None) is not None
 
     @property
+    def is_moe(self) -> bool:
+        """The text model routes tokens to experts (ERNIE's moe_num_experts, Qwen3-MoE's num_experts)."""
+        cfg = self.text_config()
+        experts = getattr(cfg, "moe_num_experts", None) or getattr(cfg, "num_experts", None) or 0
+        return (max(experts) if isinstance(experts, (list, tuple)) else experts) > 0
+
+    @property
     def architecture(self) -> str:
         return (getattr(self.hf_config, "architectures", None) or ["<none>"])[0]
 
@@ -145,7 +152,8 @@ class DeviceConfig:
     device: torch.device
     enforce_eager: bool  # no CUDA graphs
     cudagraph_capture_sizes: tuple[int, ...] | None = None  # None: derived from max_num_seqs
-    cudagraph_mixed_steps: bool = True  # also capture mixed prefill+decode steps (worker/mixed_graph.py)
+    # also capture mixed prefill+decode steps (worker/mixed_graph.py); None: on for dense text models
+    cudagraph_mixed_steps: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,8 +257,9 @@ class EngineArgs:
                        help="CUDA graphs for decode steps (FastDeploy's name; on by default on GPU).")
         g.add_argument("--graph-optimization-config", type=str, default=None,
                        help='JSON, e.g. \'{"use_cudagraph": true, "cudagraph_capture_sizes": [1, 2, 4, 8]}\'; '
-                            '"cudagraph_mixed_steps" (default true) also captures mixed prefill+decode steps '
-                            'per token count; false runs them eagerly.')
+                            '"cudagraph_mixed_steps" also captures mixed prefill+decode steps per token count '
+                            '(default: on for dense text models, off for MoE models until verified on a GPU; '
+                            'false runs them eagerly).')
         g.add_argument("--limit-mm-per-prompt", type=str, default=None,
                        help='Most images/videos in one prompt, JSON: \'{"image": 10, "video": 3}\' (default: '
                             'FastDeploy\'s 1 image and 1 video; more in one request is a 400).')
@@ -325,11 +334,11 @@ class EngineArgs:
                 raise ConfigError("--graph-optimization-config: cudagraph_capture_sizes must be a list of "
                                   "positive integers.")
             sizes = tuple(sorted(set(x for x in sizes if x <= self.max_num_seqs))) or (1,)
-        mixed = graph_cfg.get("cudagraph_mixed_steps", True)
-        if not isinstance(mixed, bool):
+        mixed = graph_cfg.get("cudagraph_mixed_steps")
+        if mixed is not None and not isinstance(mixed, bool):
             raise ConfigError("--graph-optimization-config: cudagraph_mixed_steps must be true or false.")
         eager = self.enforce_eager or use is False or device.type != "cuda"
-        return DeviceConfig(device, eager, sizes, mixed and not eager)
+        return DeviceConfig(device, eager, sizes, False if eager else mixed)
 
     def _multimodal_config(self) -> MultiModalConfig:
         try:

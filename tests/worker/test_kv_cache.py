@@ -38,3 +38,4 @@ def test_budget_never_exceeds_what_the_driver_still_has_free(config, monkeypatch
                                         graph_pool_bytes=pool)
     assert budget == int(24.7 * GiB) - pool - kv_cache._FREE_MARGIN
     assert "fragments" in caplog.text
+
