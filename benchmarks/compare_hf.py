@@ -78,19 +78,9 @@ def ours_decode_step(llm, prompt_len: int, steps: int) -> list[float]:
 
 
 def active_weight_bytes(llm) -> int:
-    """Bytes a decode step must read: every weight once, but of the routed experts only the
-    fraction a token picks (k of E); a tied embedding is read once, as the LM head."""
-    model = llm.llm_engine.core.runner.model
-    cfg = llm.llm_engine.config.model.text_config()
-    experts = getattr(cfg, "moe_num_experts", None) or getattr(cfg, "num_experts", None)
-    k = getattr(cfg, "moe_k", None) or getattr(cfg, "num_experts_per_tok", None)
-    total = 0
-    for name, p in model.named_parameters():
-        nbytes = p.numel() * p.element_size()
-        if experts and k and name.endswith((".w13", ".w2")):
-            nbytes = nbytes * k // experts
-        total += nbytes
-    return total
+    """Bytes a decode step must read (ModelRunner.decode_weight_bytes: routed experts count only
+    the k of E a token picks)."""
+    return llm.decode_weight_bytes()
 
 
 def graph_replay_ms(llm) -> dict:

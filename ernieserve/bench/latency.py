@@ -125,8 +125,8 @@ class LatencyResult:
             f"{s['avg_latency_s']:.4f} s",
         ]
         if "param_bytes" in s:
-            lines.append(f"Weights read per decode step: {_format_bytes(s['param_bytes'])}; "
-                         f"achieved {s['achieved_weight_bandwidth_gbs']:.2f} GB/s at the p50 step")
+            lines.append(f"Weights read per decode step (MoE: the picked experts): "
+                         f"{_format_bytes(s['param_bytes'])}; achieved {s['achieved_weight_bandwidth_gbs']:.2f} GB/s at the p50 step")
         if "bandwidth_fraction" in s:
             lines.append(f"Fraction of measured bandwidth ({s['mem_bandwidth_gbs']:.1f} GB/s): "
                          f"{100 * s['bandwidth_fraction']:.2f}%")
@@ -205,11 +205,11 @@ def run_latency(llm: OfflineLLM, engine: StepEngine, config: LatencyConfig) -> l
     return iterations
 
 
-def model_param_bytes(llm: Any) -> int | None:
-    """Sum of the parameters' nbytes, when the LLM can tell."""
-    if not hasattr(llm, "model_param_bytes"):
+def decode_weight_bytes(llm: Any) -> int | None:
+    """Weight bytes a decode step reads (MoE: the picked experts only), when the LLM can tell."""
+    if not hasattr(llm, "decode_weight_bytes"):
         return None
-    return int(llm.model_param_bytes())
+    return int(llm.decode_weight_bytes())
 
 
 def main(args: argparse.Namespace, llm: Any | None = None) -> int:
@@ -220,7 +220,7 @@ def main(args: argparse.Namespace, llm: Any | None = None) -> int:
     if config.num_iters < 1:
         raise SystemExit("bench latency: --num-iters must be at least 1")
     iterations = run_latency(llm, llm.llm_engine, config)
-    result = LatencyResult(config, iterations, model_param_bytes(llm), args.mem_bandwidth_gbs)
+    result = LatencyResult(config, iterations, decode_weight_bytes(llm), args.mem_bandwidth_gbs)
     print(result.report())
     stats = report_step_stats(llm)
     if stats is not None:  # ERNIESERVE_STEP_STATS=1

@@ -123,6 +123,10 @@ class EngineCore:
         """Weight bytes on one device."""
         return self.executor.model_param_bytes()
 
+    def decode_weight_bytes(self) -> int:
+        """Weight bytes a batch-1 decode step reads on one device (routed experts: the picked ones)."""
+        return self.executor.decode_weight_bytes()
+
     def shutdown(self) -> None:
         """Stop the tensor-parallel workers (no-op with one device)."""
         if self.step_stats is not None and self.step_stats.as_dict():

@@ -39,6 +39,11 @@ class LLM:
     def model_param_bytes(self) -> int:
         return self.llm_engine.core.model_param_bytes()
 
+    def decode_weight_bytes(self) -> int:
+        """Weight bytes a batch-1 decode step reads on one device: MoE models read only the routed
+        experts a token picks, so this is the bandwidth floor's numerator, not model_param_bytes."""
+        return self.llm_engine.core.decode_weight_bytes()
+
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:

@@ -83,6 +83,10 @@ class Executor(ABC):
         """Weight bytes on one device (rank 0's; the ranks hold equal shares up to rounding)."""
         return self.runner.model_param_bytes()
 
+    def decode_weight_bytes(self) -> int:
+        """Weight bytes a batch-1 decode step reads on one device (rank 0's)."""
+        return self.runner.decode_weight_bytes()
+
     def shutdown(self) -> None:
         """Stop the workers; idempotent."""
 

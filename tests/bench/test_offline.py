@@ -77,7 +77,7 @@ class FakeLLM:
         self.llm_engine = FakeEngine(prefill_steps, step_s)
         self.generate_calls: list[tuple[list[dict], Any]] = []
         if param_bytes is not None:
-            self.model_param_bytes = lambda: param_bytes
+            self.decode_weight_bytes = lambda: param_bytes
 
     def get_tokenizer(self) -> Any:
         return self.tokenizer
