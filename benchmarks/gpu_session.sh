@@ -47,7 +47,7 @@ for stage in "$@"; do
               extra=(); [ "$q" != none ] && extra=(--quantization "$q")
               timeout 200 python3 -m ernieserve bench latency --model /tmp/ckpt-21b --load-format dummy --dtype bfloat16 \
                 --batch-size 1 --input-len 128 --output-len 64 --num-iters-warmup 1 --num-iters 3 --max-model-len 2048 \
-                --mem-bandwidth-gbs 3000 --max-num-seqs 8 "${extra[@]}" 2>&1 | filter | grep -E -i "decode|prefill|weight|bandwidth|GiB|Peak|Error|error" | head -14
+                --mem-bandwidth-gbs 3000 --max-num-seqs 8 "${extra[@]}" 2>&1 | filter | grep -E -i "decode|prefill|mean|weight|bandwidth|GiB|Peak|Captured|Error|error" | head -20
             done ;;
   esac
 done
