@@ -116,7 +116,9 @@ if HAS_TRITON:
             q = tl.clamp(v / scale, -FP8_MAX_C, FP8_MAX_C)
             tl.store(q_ptr + row * stride_qm + cols, q.to(q_ptr.dtype.element_ty), mask=ok)
 
-    @triton.jit
+    # Counts that change from step to step are not specialised: Triton would otherwise compile
+    # a variant for each of their classes (1, a multiple of 16, other) at first use, mid-serving.
+    @triton.jit(do_not_specialize=["M"])
     def _fp8_gemm_kernel(
         a_ptr, as_ptr, b_ptr, bs_ptr, bias_ptr, out_ptr,
         M, N, K, k_per_split,

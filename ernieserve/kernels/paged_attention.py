@@ -170,7 +170,9 @@ def _attend_kv_tile(
     return acc, m_new, l_i
 
 
-@triton.jit
+# Counts that change from step to step are not specialised: Triton would otherwise compile
+# a variant for each of their classes (1, a multiple of 16, other) at first use, mid-serving.
+@triton.jit(do_not_specialize=["num_reqs"])
 def _unified_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
     qsl_ptr, seq_lens_ptr, block_tables_ptr,
@@ -292,7 +294,7 @@ def paged_attention_unified(
 # --------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
     seq_lens_ptr, block_tables_ptr,
@@ -364,7 +366,7 @@ def _decode_split_kernel(
         tl.store(part_lse_ptr + row * stride_lr + head * stride_lh + split, lse, mask=g_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_reduce_kernel(
     out_ptr, part_out_ptr, part_lse_ptr,
     num_splits,

@@ -186,7 +186,9 @@ def choose_tiles(m: int, n: int, k: int, group_size: int, device: torch.device) 
 
 if HAS_TRITON:
 
-    @triton.jit
+    # Counts that change from step to step are not specialised: Triton would otherwise compile
+    # a variant for each of their classes (1, a multiple of 16, other) at first use, mid-serving.
+    @triton.jit(do_not_specialize=["M"])
     def _weight_only_gemm_kernel(
         x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr,
         M, N, K, k_per_split,

@@ -137,7 +137,9 @@ def padded_capacity(num_assignments: int, num_experts: int, block_m: int) -> int
 
 if HAS_TRITON:
 
-    @triton.jit
+    # Counts that change from step to step are not specialised: Triton would otherwise compile
+    # a variant for each of their classes (1, a multiple of 16, other) at first use, mid-serving.
+    @triton.jit(do_not_specialize=["T"])
     def _topk_softmax_kernel(
         logits_ptr, bias_ptr, weights_ptr, ids_ptr,
         T, E, stride_t, norm_min,
@@ -178,7 +180,7 @@ if HAS_TRITON:
         tl.store(weights_ptr + out, w_tile, mask=mask)
         tl.store(ids_ptr + out, id_tile, mask=mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["N"])
     def _moe_align_kernel(
         ids_ptr, sorted_ptr, block_expert_ptr, total_ptr, N, E,
         BLOCK_M: tl.constexpr, NUM_BINS: tl.constexpr, CHUNK: tl.constexpr,
@@ -226,7 +228,7 @@ if HAS_TRITON:
         pid_n = (pid % per_group) // size_m
         return pid_m, pid_n
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["N", "num_pid_m"])
     def _gate_up_kernel(
         x_ptr, w_ptr, out_ptr, sorted_ptr, block_expert_ptr, total_ptr,
         N, H, I, num_pid_m, stride_xt, stride_we, stride_wn,
@@ -264,7 +266,7 @@ if HAS_TRITON:
         out_ptrs = out_ptr + ids[:, None].to(tl.int64) * I + offs_n[None, :]
         tl.store(out_ptrs, act.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["N", "num_pid_m"])
     def _down_kernel(
         a_ptr, w_ptr, out_ptr, weights_ptr, sorted_ptr, block_expert_ptr, total_ptr,
         N, H, I, num_pid_m, stride_we, stride_wn,

@@ -426,7 +426,9 @@ if HAS_TRITON:
                 acc = tl.dot(a0, w, acc)
         return acc
 
-    @triton.jit
+    # Counts that change from step to step are not specialised: Triton would otherwise compile
+    # a variant for each of their classes (1, a multiple of 16, other) at first use, mid-serving.
+    @triton.jit(do_not_specialize=["N", "num_pid_m"])
     def _gate_up_quant_kernel(
         a_ptr, as_ptr, w_ptr, ws_ptr, out_ptr, sorted_ptr, block_expert_ptr, total_ptr,
         N, H, I, num_pid_m, up_scale_row,
@@ -484,7 +486,7 @@ if HAS_TRITON:
         out_ptrs = out_ptr + ids[:, None].to(tl.int64) * I + offs_n[None, :]
         tl.store(out_ptrs, act.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["N", "num_pid_m"])
     def _down_quant_kernel(
         a_ptr, as_ptr, w_ptr, ws_ptr, out_ptr, weights_ptr, sorted_ptr, block_expert_ptr, total_ptr,
         N, H, I, num_pid_m, k_per_split,
@@ -532,7 +534,7 @@ if HAS_TRITON:
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_r_blocks"])
     def _dequant_experts_kernel(
         q_ptr, s_ptr, out_ptr, touched_ptr, R, K, num_r_blocks,
         stride_qe, stride_qr, stride_se, stride_sr, stride_oe, stride_or,

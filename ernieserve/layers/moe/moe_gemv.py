@@ -128,7 +128,9 @@ if HAS_TRITON:
             prod = _int8_values(q)[None, :, :] * a0[:, None, :]
         return tl.sum(prod, axis=2)  # [BLOCK_M, BLOCK_N, BLOCK_K(/2)] -> [BLOCK_M, BLOCK_N]
 
-    @triton.jit
+    # Counts that change from step to step are not specialised: Triton would otherwise compile
+    # a variant for each of their classes (1, a multiple of 16, other) at first use, mid-serving.
+    @triton.jit(do_not_specialize=["N", "num_pid_m"])
     def _gate_up_gemv_kernel(
         a_ptr, w_ptr, ws_ptr, out_ptr, sorted_ptr, block_expert_ptr, total_ptr,
         N, H, I, num_pid_m, up_scale_row,
@@ -171,7 +173,7 @@ if HAS_TRITON:
         out_ptrs = out_ptr + ids[:, None].to(tl.int64) * I + offs_n[None, :]
         tl.store(out_ptrs, act.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["N", "num_pid_m"])
     def _down_gemv_kernel(
         a_ptr, w_ptr, ws_ptr, out_ptr, weights_ptr, sorted_ptr, block_expert_ptr, total_ptr,
         N, H, I, num_pid_m, k_per_split,
