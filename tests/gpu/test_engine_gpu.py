@@ -117,9 +117,13 @@ def test_mixed_step_graphs_match_eager(model, request, monkeypatch):
         ckpt = request.getfixturevalue("checkpoint_factory")(model)
     vocab = json.loads((ckpt / "config.json").read_text())["vocab_size"]
     monkeypatch.setenv("ERNIESERVE_STEP_STATS", "1")
-    prompts = _prompts(48, vocab - 10, seed=3)
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
-    common = dict(dtype="float32", max_model_len=2048, max_num_seqs=64, max_num_batched_tokens=512)
+    if model == "ernie-4.5-0.3b":
+        prompts = _prompts(48, vocab - 10, seed=3)
+        common = dict(dtype="float32", max_model_len=2048, max_num_seqs=64, max_num_batched_tokens=512)
+    else:  # fewer graphs to capture: each token bucket compiles the fp32 expert kernels' tiles anew
+        prompts = _prompts(24, vocab - 10, seed=3)
+        common = dict(dtype="float32", max_model_len=512, max_num_seqs=16, max_num_batched_tokens=128)
     llm = LLM(model=str(ckpt), graph_optimization_config='{"cudagraph_mixed_steps": true}', **common)
     graphed = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     kinds = llm.llm_engine.core.step_stats.as_dict()
