@@ -6,8 +6,9 @@
 #   tests       tests/gpu/test_tp_gpu.py: TP=2 vs TP=1 on tiny checkpoints, eager and CUDA graphs
 #   equal       ERNIE-4.5-21B-A3B (--load-format dummy: the same random model at every TP size, see
 #               distributed/sharded_loading.py), greedy tokens of 8 prompts at TP=1, TP=2 and TP=2 with
-#               expert parallelism; prints how many leading tokens agree (bf16: rounding differs with the
-#               all-reduce order, so a late divergence on a near-tie is possible; an early one is a bug)
+#               expert parallelism (against TP=1 with the same flag); prints how many leading tokens
+#               agree (bf16: rounding differs with the all-reduce order, so a late divergence on a
+#               near-tie is possible; an early one is a bug)
 #               (DTYPE=float32 runs the equal stage in fp32, where only the all-reduce's summation
 #               order differs: the strict check on real shapes)
 #   latency     21B-A3B batch-1 decode ms/step (`ernieserve bench latency`) at TP=1 and TP=2
@@ -89,7 +90,10 @@ for stage in "$@"; do
               | grep -E "passed|failed|skipped|^E |FAILED|Error|^engine" | head -60 ;;
     # EP=0 skips the expert-parallel variants; TPS="2" measures only TP=2 (device time is scarce)
     equal)  greedy 1 tp1; greedy 2 tp2; compare tp1 tp2
-            [ "${EP:-1}" = 1 ] && { greedy 2 tp2ep --enable-expert-parallel; compare tp1 tp2ep; } ;;
+            # expert parallelism keeps the shared experts apart (unfolded): its dummy model is drawn in
+            # another order, so its reference is TP=1 with the same flag
+            [ "${EP:-1}" = 1 ] && { greedy 1 tp1ep --enable-expert-parallel; greedy 2 tp2ep --enable-expert-parallel
+                                    compare tp1ep tp2ep; } ;;
     latency)    MODEL=$ck21 TAG=21b; for tp in ${TPS:-1 2}; do latency "$tp"; done
                 [ "${EP:-1}" = 1 ] && latency 2 --enable-expert-parallel ;;
     throughput) MODEL=$ck21 TAG=21b; for tp in ${TPS:-1 2}; do throughput "$tp" 256; done ;;

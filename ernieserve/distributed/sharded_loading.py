@@ -99,7 +99,9 @@ def init_dummy_weights_sharded(model: nn.Module, full_model: nn.Module, seed: in
                                is_quantized: Callable[[nn.Module], bool]) -> None:
     """Fill `model` (this rank's) with its slices of the random model that one rank would draw.
 
-    full_model: the same class built for one rank on the meta device (shapes only). is_quantized:
+    full_model: the same class built for one rank on the meta device (shapes only), with the same
+    --enable-expert-parallel setting (it decides whether shared experts fold into the routed
+    ones, and so the order of the draws: compare dummy models of equal settings). is_quantized:
     whether a module streams its weights into quantized storage (linear layers, MoE experts); like
     `init_dummy_weights`, those are drawn after every other parameter, module by module.
     """

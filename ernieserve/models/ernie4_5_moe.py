@@ -7,7 +7,9 @@ and dense (`intermediate_size`) otherwise. A sparse MLP is a float32 router over
 `moe_num_experts` experts picking `moe_k` (with the optional `e_score_correction_bias`), the
 routed experts (`moe_intermediate_size`, no biases: HF's `Ernie4_5_MoeExperts` has none) and
 `moe_num_shared_experts` shared experts fused into one MLP of
-`moe_intermediate_size * moe_num_shared_experts`, added to the routed output.
+`moe_intermediate_size * moe_num_shared_experts`, added to the routed output. Here the shared
+experts are S more expert slots every token takes with weight 1 (layers/moe/layer.py, MoEBlock),
+unless expert parallelism or `use_bias` keeps them a separate MLP.
 
 Checkpoint names (HF): ``model.layers.{i}.mlp.gate.weight`` [E, H] float32,
 ``model.layers.{i}.mlp.moe_statics.e_score_correction_bias`` [1, E],
@@ -67,9 +69,13 @@ class Ernie4_5_MoeForCausalLM(DecoderForCausalLM):
                               norm_min=float(getattr(cfg, "moe_norm_min", 1e-12)), logits_fp32=True,
                               has_score_bias=True)
         num_shared = int(getattr(cfg, "moe_num_shared_experts", 0) or 0)
-        shared = DecoderMLP(cfg.hidden_size, inter * num_shared, self.use_bias, dtype, tp) if num_shared else None
-        return MoEBlock(TopKRouter(cfg.hidden_size, router, dtype),
-                        FusedMoE(num_experts, top_k, cfg.hidden_size, inter, dtype, tp), shared)
+        # bias-free shared experts run as always-chosen experts (MoEBlock); expert parallelism keeps them apart
+        experts = FusedMoE(num_experts, top_k, cfg.hidden_size, inter, dtype, tp,
+                           shared_slots=0 if self.use_bias else num_shared)
+        shared = None
+        if num_shared and not experts.shared_slots:
+            shared = DecoderMLP(cfg.hidden_size, inter * num_shared, self.use_bias, dtype, tp)
+        return MoEBlock(TopKRouter(cfg.hidden_size, router, dtype), experts, shared)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = super().compute_logits(hidden)  # [num_tokens, vocab]

@@ -85,7 +85,9 @@ def build_model(model_config: ModelConfig, backend: AttentionBackend, device: to
     model_dir = Path(model_config.model)
     if model_config.load_format == "dummy" and tp.size > 1:
         # the one-rank model's draw, sliced: every tensor-parallel size runs the same random model
-        with torch.device("meta"), quantization_scope(model_config.quant_config):
+        # (in the same expert-parallel scope: it decides whether shared experts fold into the experts)
+        with torch.device("meta"), quantization_scope(model_config.quant_config), \
+                expert_parallel_scope(expert_parallel):
             full = cls(cfg, backend, model_config.dtype, SINGLE)
         init_dummy_weights_sharded(model, full, model_config.seed, device, is_streaming_quantized)
     elif model_config.load_format == "dummy":
@@ -103,8 +105,7 @@ def build_model(model_config: ModelConfig, backend: AttentionBackend, device: to
         method = getattr(module, "method", None)
         if method is not None:
             method.process_weights_after_loading(module)
-    if device.type == "cuda":
-        fold_shared_experts(model)
+    log_folded_shared_experts(model)
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     quant = model_config.quant_config
     rank = (f" (tensor-parallel rank {tp.rank} of {tp.size}{', expert parallel' if expert_parallel else ''})"
@@ -134,17 +135,14 @@ def init_dummy_weights(model: nn.Module, seed: int) -> None:
             module.method.init_random(module, gen)
 
 
-def fold_shared_experts(model: nn.Module) -> int:
-    """MoE layers run their shared experts inside the routed experts' grouped GEMMs where they
-    can (layers/moe/layer.py, `MoEBlock.fold_shared_experts`); returns the number of layers."""
+def log_folded_shared_experts(model: nn.Module) -> int:
+    """Says which MoE layers run their shared experts inside the routed experts' grouped GEMMs
+    (layers/moe/layer.py, MoEBlock); returns the number of such layers."""
     from ernieserve.layers.moe.layer import MoEBlock
 
-    folded = [m.fold_shared_experts() for m in model.modules() if isinstance(m, MoEBlock)]
+    folded = [m.num_folded_shared for m in model.modules() if isinstance(m, MoEBlock)]
     layers = sum(1 for n in folded if n)
-    if layers and torch.cuda.is_available():
-        torch.cuda.empty_cache()  # the unfolded copies
     if layers:
         logger.info("Shared experts run in the fused MoE kernels as %d more experts per layer (%d layers)",
                     max(folded), layers)
     return layers
-

@@ -177,31 +177,41 @@ def test_tiny_ernie_moe_matches_hf_on_gpu(tmp_path) -> None:
 
 @pytest.mark.parametrize("num_tokens", [1, 8, 256, 2048])
 def test_folded_shared_experts_at_21b_shapes(num_tokens: int) -> None:
-    """ERNIE-4.5-21B-A3B's MoE block (64 experts, top-6, two shared experts of 1536) in bf16: the
-    shared MLP folded into the grouped GEMMs gives the unfolded block's output up to bf16 rounding,
-    eagerly and replayed from a CUDA graph."""
+    """ERNIE-4.5-21B-A3B's MoE block (64 experts, top-6, two shared experts of 1536) in bf16: built
+    with the shared MLP folded into the grouped GEMMs and loaded from the unfolded block's tensors,
+    it gives the unfolded block's output up to bf16 rounding, eagerly and replayed from a CUDA graph."""
     from ernieserve.distributed.parallel_state import TPGroup
     from ernieserve.layers.moe import FusedMoE, MoEBlock, RouterConfig, TopKRouter
+    from ernieserve.layers.moe.layer import load_folded_shared
     from ernieserve.models.decoder import DecoderMLP
 
     experts, top_k, hidden, inter = SHAPES["ernie-21b-a3b"]
+    cfg, one = RouterConfig(experts, top_k, True, 1e-12, True, True), TPGroup(0, 1)
     torch.manual_seed(0)
     with torch.device("cuda"):
-        block = MoEBlock(TopKRouter(hidden, RouterConfig(experts, top_k, True, 1e-12, True, True), torch.bfloat16),
-                         FusedMoE(experts, top_k, hidden, inter, torch.bfloat16, TPGroup(0, 1)),
-                         DecoderMLP(hidden, 2 * inter, False, torch.bfloat16, TPGroup(0, 1)))
+        block = MoEBlock(TopKRouter(hidden, cfg, torch.bfloat16),
+                         FusedMoE(experts, top_k, hidden, inter, torch.bfloat16, one),
+                         DecoderMLP(hidden, 2 * inter, False, torch.bfloat16, one))
+        fold = MoEBlock(TopKRouter(hidden, cfg, torch.bfloat16),
+                        FusedMoE(experts, top_k, hidden, inter, torch.bfloat16, one, shared_slots=2))
     for p in block.parameters():
         p.data.copy_(torch.randn(p.shape, device="cuda") / p.shape[-1] ** 0.5)
+    fold.gate.load_state_dict(block.gate.state_dict())
+    fold.experts.w13.data[:experts] = block.experts.w13
+    fold.experts.w2.data[:experts] = block.experts.w2
+    gate, up = block.shared_experts.gate_up_proj.weight.chunk(2)
+    load_folded_shared(fold.experts, "gate", gate)
+    load_folded_shared(fold.experts, "up", up)
+    load_folded_shared(fold.experts, "down", block.shared_experts.down_proj.weight)
     x = torch.randn(num_tokens, hidden, device="cuda").bfloat16()
     with torch.inference_mode():
         unfolded = block(x)
-        assert block.fold_shared_experts() == 2
-        folded = block(x)
+        folded = fold(x)
         graph = torch.cuda.CUDAGraph()
-        block(x)  # warm-up outside the capture
+        fold(x)  # warm-up outside the capture
         torch.cuda.synchronize()
         with torch.cuda.graph(graph):
-            replayed = block(x)
+            replayed = fold(x)
         graph.replay()
         torch.cuda.synchronize()
     assert rel_err(folded, unfolded) < 1e-2

@@ -304,40 +304,85 @@ def test_triton_router_appends_the_folded_shared_experts(num_shared: int) -> Non
     assert torch.equal(w[:, 3:], torch.ones(7, num_shared))
 
 
-@pytest.mark.parametrize("tp_rank", [None, 0, 1])
-def test_folding_shared_experts_into_the_routed_ones_keeps_the_output(tp_rank) -> None:
-    """ERNIE's MoE block (8 experts, top-2, two shared experts), fp32: the same output before and
-    after the shared MLP becomes two always-chosen experts, also for a tensor-parallel rank's slices."""
+def _folded_from(full, tp: TPGroup, quantization=None):
+    """ERNIE's block built with its shared experts folded in, loaded from `full` (one rank, shared
+    MLP apart) the way a checkpoint loads: routed experts one by one, the shared MLP's HF-layout
+    tensors through load_folded_shared."""
+    from ernieserve.layers.moe import MoEBlock
+    from ernieserve.layers.moe.layer import load_folded_shared
+    from ernieserve.layers.quantization.base import quantization_scope
+
+    e, hidden, inter = full.experts.num_experts, full.experts.w13.shape[2], full.experts.inter
+    with quantization_scope(quantization):
+        block = MoEBlock(TopKRouter(hidden, full.gate.cfg, torch.float32),
+                         FusedMoE(e, full.experts.top_k, hidden, inter, torch.float32, tp, shared_slots=2))
+    block.gate.load_state_dict(full.gate.state_dict())
+    for k in range(e):
+        block.experts.weight_loader(None, full.experts.w13[k, :inter], (k, "gate"))
+        block.experts.weight_loader(None, full.experts.w13[k, inter:], (k, "up"))
+        block.experts.weight_loader(None, full.experts.w2[k], (k, "down"))
+    gate, up = full.shared_experts.gate_up_proj.weight.chunk(2)  # [S * I, H] each
+    load_folded_shared(block.experts, "gate", gate)
+    load_folded_shared(block.experts, "up", up)
+    load_folded_shared(block.experts, "down", full.shared_experts.down_proj.weight)  # [H, S * I]
+    for m in block.modules():
+        if getattr(m, "method", None) is not None:
+            m.method.process_weights_after_loading(m)
+    return block
+
+
+def _ernie_block_with_shared_mlp(hidden: int = 16, inter: int = 12):
     from ernieserve.layers.moe import MoEBlock
     from ernieserve.models.decoder import DecoderMLP
 
+    g = torch.Generator().manual_seed(9)
+    one = TPGroup(0, 1)
+    full = MoEBlock(TopKRouter(hidden, ernie_cfg(8, 2), torch.float32), FusedMoE(8, 2, hidden, inter, torch.float32, one),
+                    DecoderMLP(hidden, 2 * inter, False, torch.float32, one))
+    for p in full.parameters():
+        p.data.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+    return full, torch.randn(5, hidden, generator=g)
+
+
+def test_shared_experts_folded_into_the_routed_ones_give_the_same_output() -> None:
+    """ERNIE's MoE block (8 experts, top-2, two shared experts), fp32: built with the shared MLP as
+    two always-chosen experts and loaded from the same tensors, it computes the same function."""
+    full, x = _ernie_block_with_shared_mlp()
+    folded = _folded_from(full, TPGroup(0, 1))
+    assert folded.shared_experts is None and folded.num_folded_shared == 2
+    assert folded.experts.w13.shape[0] == 10 and folded.experts.num_local_experts == 10
+    torch.testing.assert_close(folded(x), full(x), atol=1e-5, rtol=1e-5)
+
+
+def test_folded_shared_experts_split_over_tensor_parallel_ranks() -> None:
+    """Each rank keeps its slice of every expert, the folded shared ones included: the ranks'
+    partial sums add up to the one-rank block's output."""
     class OneRankOfTwo(TPGroup):  # this rank's partial sum: the all-reduce would add the other's
         def all_reduce(self, x):
             return x
 
-    tp = OneRankOfTwo(tp_rank, 2) if tp_rank is not None else TPGroup(0, 1)
-    hidden, inter, g = 16, 12, torch.Generator().manual_seed(9)
-    block = MoEBlock(TopKRouter(hidden, ernie_cfg(8, 2), torch.float32), FusedMoE(8, 2, hidden, inter, torch.float32, tp),
-                     DecoderMLP(hidden, 2 * inter, False, torch.float32, tp))
-    for p in block.parameters():
-        p.data.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
-    x = torch.randn(5, hidden, generator=g)
-    before = block(x)
-    assert block.fold_shared_experts() == 2
-    assert block.shared_experts is None and block.experts.w13.shape[0] == 10
-    torch.testing.assert_close(block(x), before, atol=1e-5, rtol=1e-5)
+    full, x = _ernie_block_with_shared_mlp()
+    parts = [_folded_from(full, OneRankOfTwo(r, 2))(x) for r in (0, 1)]
+    torch.testing.assert_close(parts[0] + parts[1], full(x), atol=1e-5, rtol=1e-5)
 
 
-def test_quantized_or_biased_shared_experts_stay_apart() -> None:
-    from ernieserve.layers.moe import MoEBlock
-    from ernieserve.models.decoder import DecoderMLP
+def test_quantized_shared_experts_fold_with_the_routed_ones() -> None:
+    """wint8: the shared experts are quantized like the routed ones, per output channel; the
+    folded block matches the bf16-free reference within int8's rounding."""
+    from ernieserve.layers.quantization import parse_quantization
 
-    block = MoEBlock(TopKRouter(16, ernie_cfg(8, 2), torch.float32), FusedMoE(8, 2, 16, 12, torch.float32),
-                     DecoderMLP(16, 24, True, torch.float32, TPGroup(0, 1)))
-    assert block.fold_shared_experts() == 0 and block.shared_experts is not None
-    odd = MoEBlock(TopKRouter(16, ernie_cfg(8, 2), torch.float32), FusedMoE(8, 2, 16, 12, torch.float32),
-                   DecoderMLP(16, 18, False, torch.float32, TPGroup(0, 1)))  # 18 is not a multiple of 12
-    assert odd.fold_shared_experts() == 0
+    full, x = _ernie_block_with_shared_mlp()
+    folded = _folded_from(full, TPGroup(0, 1), parse_quantization("wint8"))
+    assert folded.experts.expert_quant.experts.num_experts == 10
+    ref = full(x)
+    assert ((folded(x) - ref).norm() / ref.norm()).item() < 0.02
+
+
+def test_expert_parallel_keeps_shared_experts_apart() -> None:
+    e = FusedMoE(8, 2, 16, 12, torch.float32, TPGroup(0, 1), expert_parallel=True, shared_slots=2)
+    assert e.shared_slots == 0 and e.num_local_experts == 8
+    with pytest.raises(ValueError, match="out of range"):
+        e.weight_loader(None, torch.zeros(12, 16), (8, "gate"))
 
 
 @pytest.mark.parametrize("rows", [1, 100, 2000, 50000])

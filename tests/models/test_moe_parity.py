@@ -127,8 +127,19 @@ def test_builds_sparse_and_dense_layers(checkpoint) -> None:
         assert isinstance(getattr(ours.mlp, "experts", None), FusedMoE) == sparse
         assert isinstance(ours.mlp, DecoderMLP) == (not sparse)
         if sparse:  # stacked weights equal HF's own stacked in-memory layout
-            assert torch.equal(ours.mlp.experts.w13, theirs.mlp.experts.gate_up_proj)
-            assert torch.equal(ours.mlp.experts.w2, theirs.mlp.experts.down_proj)
+            num = theirs.mlp.experts.gate_up_proj.shape[0]
+            assert torch.equal(ours.mlp.experts.w13[:num], theirs.mlp.experts.gate_up_proj)
+            assert torch.equal(ours.mlp.experts.w2[:num], theirs.mlp.experts.down_proj)
+            shared = getattr(theirs.mlp, "shared_experts", None)
+            if shared is not None:  # folded in as experts num.., a chunk of the intermediate units each
+                slots = ours.mlp.num_folded_shared
+                assert slots > 0 and ours.mlp.experts.w13.shape[0] == num + slots
+                inter = ours.mlp.experts.inter
+                for s in range(slots):
+                    units = slice(s * inter, (s + 1) * inter)
+                    assert torch.equal(ours.mlp.experts.w13[num + s, :inter], shared.gate_proj.weight[units])
+                    assert torch.equal(ours.mlp.experts.w13[num + s, inter:], shared.up_proj.weight[units])
+                    assert torch.equal(ours.mlp.experts.w2[num + s], shared.down_proj.weight[:, units])
             bias = getattr(theirs.mlp.gate, "moe_statics", None)
             if bias is not None:
                 torch.testing.assert_close(ours.mlp.gate.e_score_correction_bias, bias.e_score_correction_bias[0])

@@ -310,7 +310,7 @@ def triton_select_experts(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax, optional bias, top-k and renormalisation in one launch: (weights f32, ids int32),
     each [T, top_k + num_shared]; the last num_shared columns are the folded shared experts (ids
-    E..E + num_shared - 1, weight 1; see MoEBlock.fold_shared_experts)."""
+    E..E + num_shared - 1, weight 1; see MoEBlock)."""
     num_tokens, num_experts = logits.shape
     logits = logits.contiguous()
     out_k = cfg.top_k + num_shared

@@ -24,13 +24,15 @@ import torch
 from torch import nn
 
 from ernieserve.distributed.parallel_state import SINGLE, TPGroup, scoped_expert_parallel
-from ernieserve.layers.linear import RowParallelLinear, UnquantizedLinearMethod
+from ernieserve.layers.linear import RowParallelLinear
 from ernieserve.layers.moe.router import TopKRouter
 
 # HF per-expert names: "<prefix>.experts.<e>.<gate_proj|up_proj|down_proj>.weight"
 _PER_EXPERT = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
 # HF stacked names: "<prefix>.experts.gate_up_proj" [E, 2I, H] and "<prefix>.experts.down_proj" [E, H, I]
 _STACKED = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<proj>gate_up_proj|down_proj)$")
+# HF shared-expert MLP names: "<prefix>.shared_experts.gate_proj.weight" [S * I, H], ... down_proj [H, S * I]
+_SHARED = re.compile(r"^(?P<prefix>.*)\.shared_experts\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
 
 
 class FusedMoE(nn.Module):
@@ -39,11 +41,17 @@ class FusedMoE(nn.Module):
     all-reduce that follows sums the ranks' parts either way."""
 
     def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int,
-                 dtype: torch.dtype, tp: TPGroup = SINGLE, expert_parallel: bool | None = None) -> None:
+                 dtype: torch.dtype, tp: TPGroup = SINGLE, expert_parallel: bool | None = None,
+                 shared_slots: int = 0) -> None:
         super().__init__()
         if expert_parallel is None:  # the loader's expert_parallel_scope decides
             expert_parallel = scoped_expert_parallel()
         self.expert_parallel = expert_parallel and tp.size > 1
+        # Shared experts folded in as always-chosen experts (see MoEBlock): slots after the routed
+        # ones, ids num_experts.. . Not with expert parallelism, where every rank runs them whole;
+        # decided by the flag, not the group size, so a one-rank model drawn for --load-format dummy
+        # has the same layout as the ranks' (distributed/sharded_loading.py).
+        self.shared_slots = 0 if expert_parallel else shared_slots
         if self.expert_parallel and num_experts % tp.size:
             raise ValueError(f"the number of experts ({num_experts}) is not divisible by the tensor-parallel "
                              f"size ({tp.size}) for expert parallelism.")
@@ -55,7 +63,7 @@ class FusedMoE(nn.Module):
         self.tp = tp
         # expert parallel: experts [expert_start, expert_start + num_local_experts), whole;
         # tensor parallel: every expert, intermediate rows [shard_rank * inter, (shard_rank + 1) * inter)
-        self.num_local_experts = num_experts // tp.size if self.expert_parallel else num_experts
+        self.num_local_experts = num_experts // tp.size if self.expert_parallel else num_experts + self.shared_slots
         self.expert_start = tp.rank * self.num_local_experts if self.expert_parallel else 0
         self.shard_rank = 0 if self.expert_parallel else tp.rank
         self.inter = intermediate_size if self.expert_parallel else intermediate_size // tp.size  # this rank's
@@ -77,8 +85,9 @@ class FusedMoE(nn.Module):
             self._load_stacked(param, loaded)
             return
         expert, proj = shard_id  # type: ignore[misc]
-        if not 0 <= expert < self.num_experts:
-            raise ValueError(f"expert {expert} is out of range (num_experts={self.num_experts})")
+        if not 0 <= expert < self.num_experts + self.shared_slots:
+            raise ValueError(f"expert {expert} is out of range (num_experts={self.num_experts}"
+                             + (f", {self.shared_slots} shared)" if self.shared_slots else ")"))
         local = expert - self.expert_start
         if not 0 <= local < self.num_local_experts:
             return  # another rank's expert (expert parallelism)
@@ -130,13 +139,25 @@ class MoEBlock(nn.Module):
 
     Submodule names follow HF (`gate`, `experts`, `shared_experts`), so checkpoint names map
     one to one.
+
+    Shared experts folded in (`experts.shared_slots` S > 0, set when the model is built): the
+    shared MLP of S * I intermediate units runs as S more experts of I units that every token
+    takes with weight 1. A gated MLP is a sum over its intermediate units, so this is the same
+    function; the shared checkpoint tensors load into expert slots E..E+S-1 (load_moe_weights),
+    quantized like the routed experts, and the router appends their ids. One pair of grouped GEMMs
+    then runs both parts, instead of three more GEMMs, the activation and an add per layer (the
+    launches cost more than the math at decode). Rounding changes only in where the shared part's
+    partial sums are added.
     """
 
     def __init__(self, gate: TopKRouter, experts: FusedMoE, shared_experts: nn.Module | None = None) -> None:
         super().__init__()
+        if experts.shared_slots and shared_experts is not None:
+            raise ValueError("shared experts are either folded into the experts or a module, not both")
         self.gate = gate
         self.experts = experts
         self.shared_experts = shared_experts
+        self.num_folded_shared = experts.shared_slots
         # Both parts end in a tensor-parallel sum: add the partial sums first, reduce once.
         down = getattr(shared_experts, "down_proj", None)
         self.reduce_once = experts.tp.size > 1 and isinstance(down, RowParallelLinear)
@@ -155,48 +176,6 @@ class MoEBlock(nn.Module):
             out = self.experts.tp.all_reduce(out)
         return out
 
-    num_folded_shared = 0  # shared experts running as routed experts (see fold_shared_experts)
-
-    def can_fold_shared_experts(self) -> bool:
-        """bf16/fp32 experts (not quantized), no expert parallelism, a bias-free gated MLP whose
-        intermediate size is a whole number of experts'."""
-        from ernieserve.layers.quantization.moe import UnquantizedMoEMethod
-
-        shared, experts = self.shared_experts, self.experts
-        gate_up, down = getattr(shared, "gate_up_proj", None), getattr(shared, "down_proj", None)
-        return (shared is not None and type(experts.method) is UnquantizedMoEMethod and not experts.expert_parallel
-                and gate_up is not None and down is not None and getattr(gate_up, "bias", None) is None
-                and getattr(down, "bias", None) is None and isinstance(gate_up.method, UnquantizedLinearMethod)
-                and gate_up.weight.shape[0] % (2 * experts.inter) == 0 and gate_up.weight.dtype == experts.w13.dtype)
-
-    @torch.no_grad()
-    def fold_shared_experts(self) -> int:
-        """Run the shared experts as S more routed experts that every token takes with weight 1.
-
-        A gated MLP is a sum over its intermediate units, so a shared MLP of S * I units equals S
-        experts of I units each: their gate/up rows and down columns are appended to the stacked
-        expert weights, and the router appends their ids. The layer then runs the routed and shared
-        parts in the same two grouped GEMMs, instead of three more GEMMs, the activation and an add
-        (four launches fewer per layer at decode, where launches cost more than the math). Rounding
-        changes only in where the shared part's bf16 partial sums are added. Returns S (0: not folded).
-        """
-        if not self.can_fold_shared_experts():
-            return 0
-        experts, shared = self.experts, self.shared_experts
-        inter = experts.inter
-        gate_up = shared.gate_up_proj.weight  # [2 * S * I, H]: gate rows, then up rows
-        down = shared.down_proj.weight  # [H, S * I]
-        num_shared = gate_up.shape[0] // (2 * inter)
-        gate, up = gate_up.split(num_shared * inter, dim=0)
-        w13_shared = torch.cat([gate.view(num_shared, inter, -1), up.view(num_shared, inter, -1)], dim=1)
-        w2_shared = down.view(down.shape[0], num_shared, inter).permute(1, 0, 2)  # [S, H, I]
-        experts.w13 = nn.Parameter(torch.cat([experts.w13.data, w13_shared]), requires_grad=False)
-        experts.w2 = nn.Parameter(torch.cat([experts.w2.data, w2_shared]).contiguous(), requires_grad=False)
-        experts.num_local_experts += num_shared
-        self.shared_experts = None
-        self.num_folded_shared = num_shared
-        return num_shared
-
 
 def load_moe_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
                      loaded: set[str]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -211,6 +190,14 @@ def load_moe_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor
     for hf_name, tensor in weights:
         name = model.map_weight_name(hf_name)  # type: ignore[operator]
         if name is None:
+            continue
+        shared = _SHARED.match(name)
+        folded_into = modules.get(f"{shared['prefix']}.experts") if shared is not None else None
+        if isinstance(folded_into, FusedMoE) and folded_into.shared_slots:
+            load_folded_shared(folded_into, shared["proj"].removesuffix("_proj"), tensor, hf_name)
+            param_name = f"{shared['prefix']}.experts.{'w2' if shared['proj'] == 'down_proj' else 'w13'}"
+            if folded_into.fully_loaded(param_name.rsplit(".", 1)[1]):
+                loaded.add(param_name)
             continue
         target = _expert_target(name)
         if target is not None:
@@ -233,6 +220,21 @@ def load_moe_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor
             router.load_score_bias(tensor)
             continue
         yield name, tensor
+
+
+def load_folded_shared(experts: FusedMoE, proj: str, tensor: torch.Tensor, hf_name: str = "shared expert") -> None:
+    """The shared MLP's gate/up [S * I, H] or down [H, S * I] tensor, as experts E..E+S-1 of I
+    units each: chunk s of the intermediate units (rows of gate and up, columns of down)."""
+    slots, dim = experts.shared_slots, (1 if proj == "down" else 0)
+    if tensor.dim() != 2 or tensor.shape[dim] % slots:
+        raise ValueError(f"checkpoint tensor {hf_name!r} has shape {tuple(tensor.shape)}; its intermediate "
+                         f"dimension must hold {slots} shared experts")
+    param = experts.w2 if proj == "down" else experts.w13
+    for s, chunk in enumerate(tensor.chunk(slots, dim=dim)):
+        try:
+            experts.weight_loader(param, chunk, (experts.num_experts + s, proj))
+        except ValueError as e:
+            raise ValueError(f"checkpoint tensor {hf_name!r}: {e}") from e
 
 
 def _expert_target(name: str) -> tuple[str, object] | None:
