@@ -8,7 +8,9 @@ heads and key heads. Each rotation pairs element x1 with x2 of a head:
     interleaved (ERNIE):  x1 = x[2j],    x2 = x[2j + 1]      (rotate adjacent pairs)
     x1' = x1 cos_j - x2 sin_j,   x2' = x2 cos_j + x1 sin_j   for j in [0, D/2), in fp32
 
-so the two layouts differ only in where x1 and x2 live (`PAIR_STRIDE`, `PARTNER_OFFSET`).
+so the two layouts differ only in where x1 and x2 live. Neox loads the two contiguous halves;
+interleaved loads whole head rows (contiguous, so the loads vectorise) and splits the pairs in
+registers, instead of two stride-2 loads of single elements.
 FMA contraction is turned off at launch so each product is rounded on its own as in torch's
 separate elementwise kernels; results should then match torch's bit for bit on the GPU
 (tests/gpu/test_fused_elementwise_gpu.py checks it).
@@ -27,21 +29,31 @@ import triton.language as tl
 
 
 @triton.jit
+def _rotate_interleaved(x, c, s, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """x [BLOCK_H, 2 * BLOCK_HALF] fp32 whole head rows, pairs (2j, 2j + 1) -> rotated rows, fp32."""
+    x1, x2 = tl.split(tl.reshape(x, [BLOCK_H, BLOCK_HALF, 2]))
+    return tl.reshape(tl.join(x1 * c - x2 * s, x2 * c + x1 * s), [BLOCK_H, 2 * BLOCK_HALF])
+
+
+@triton.jit
 def _rotate_heads(
     x_ptr, stride_t, stride_h, token, num_heads, c, s,
-    BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, HALF: tl.constexpr,
-    PAIR_STRIDE: tl.constexpr, PARTNER_OFFSET: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, HALF: tl.constexpr, INTERLEAVED: tl.constexpr,
 ):
     heads = tl.arange(0, BLOCK_H)[:, None]  # [BLOCK_H, 1]
-    j = tl.arange(0, BLOCK_HALF)[None, :]  # [1, BLOCK_HALF]
-    mask = (heads < num_heads) & (j < HALF)
-    first = x_ptr + token * stride_t + heads * stride_h + j * PAIR_STRIDE  # [BLOCK_H, BLOCK_HALF]
-    x1 = tl.load(first, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(first + PARTNER_OFFSET, mask=mask, other=0.0).to(tl.float32)
-    out1 = x1 * c - x2 * s
-    out2 = x2 * c + x1 * s
-    tl.store(first, out1.to(x_ptr.dtype.element_ty), mask=mask)
-    tl.store(first + PARTNER_OFFSET, out2.to(x_ptr.dtype.element_ty), mask=mask)
+    row = x_ptr + token * stride_t + heads * stride_h
+    if INTERLEAVED:  # whole rows in and out (contiguous, vectorised), pairs split in registers
+        d = tl.arange(0, 2 * BLOCK_HALF)[None, :]
+        mask = (heads < num_heads) & (d < 2 * HALF)
+        x = tl.load(row + d, mask=mask, other=0.0).to(tl.float32)
+        tl.store(row + d, _rotate_interleaved(x, c, s, BLOCK_H, BLOCK_HALF).to(x_ptr.dtype.element_ty), mask=mask)
+    else:  # the two halves, each contiguous
+        j = tl.arange(0, BLOCK_HALF)[None, :]  # [1, BLOCK_HALF]
+        mask = (heads < num_heads) & (j < HALF)
+        x1 = tl.load(row + j, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(row + j + HALF, mask=mask, other=0.0).to(tl.float32)
+        tl.store(row + j, (x1 * c - x2 * s).to(x_ptr.dtype.element_ty), mask=mask)
+        tl.store(row + j + HALF, (x2 * c + x1 * s).to(x_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -60,14 +72,12 @@ def _rotary_kernel(
     num_q_heads, num_kv_heads,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_table,
     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
-    PAIR_STRIDE: tl.constexpr, PARTNER_OFFSET: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     c, s = _token_cos_sin(pos_ptr, cos_ptr, sin_ptr, token, stride_table, HALF, BLOCK_HALF)
-    _rotate_heads(q_ptr, stride_qt, stride_qh, token, num_q_heads, c, s,
-                  BLOCK_HQ, BLOCK_HALF, HALF, PAIR_STRIDE, PARTNER_OFFSET)
-    _rotate_heads(k_ptr, stride_kt, stride_kh, token, num_kv_heads, c, s,
-                  BLOCK_HK, BLOCK_HALF, HALF, PAIR_STRIDE, PARTNER_OFFSET)
+    _rotate_heads(q_ptr, stride_qt, stride_qh, token, num_q_heads, c, s, BLOCK_HQ, BLOCK_HALF, HALF, INTERLEAVED)
+    _rotate_heads(k_ptr, stride_kt, stride_kh, token, num_kv_heads, c, s, BLOCK_HK, BLOCK_HALF, HALF, INTERLEAVED)
 
 
 def _check_heads(x: torch.Tensor, name: str, head_dim: int) -> None:
@@ -102,8 +112,7 @@ def apply_rotary_(
         HALF=half, BLOCK_HALF=triton.next_power_of_2(half),
         BLOCK_HQ=triton.next_power_of_2(q.shape[1]), BLOCK_HK=triton.next_power_of_2(k.shape[1]),
         # interleaved: x1 = x[2j], x2 = x[2j + 1]; neox: x1 = x[j], x2 = x[j + D/2]
-        PAIR_STRIDE=2 if interleaved else 1, PARTNER_OFFSET=1 if interleaved else half,
-        num_warps=4, enable_fp_fusion=False,
+        INTERLEAVED=interleaved, num_warps=4, enable_fp_fusion=False,
     )
     return q, k
 
@@ -121,30 +130,36 @@ def _rotary_store_kernel(
     stride_cb, stride_cs, stride_ch,
     CACHE_BLOCK: tl.constexpr, HALF: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_HALF: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
-    PAIR_STRIDE: tl.constexpr, PARTNER_OFFSET: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
 ):
     """One program per token: rotate its query heads in place, and write its rotated key heads and
     its value heads straight into their cache slot (slot -1: padding, nothing stored). The key
     is rotated with the same fp32 operations as `_rotary_kernel`, so the cache holds the same bits."""
     token = tl.program_id(0).to(tl.int64)
     c, s = _token_cos_sin(pos_ptr, cos_ptr, sin_ptr, token, stride_table, HALF, BLOCK_HALF)
-    _rotate_heads(q_ptr, stride_qt, stride_qh, token, num_q_heads, c, s,
-                  BLOCK_HQ, BLOCK_HALF, HALF, PAIR_STRIDE, PARTNER_OFFSET)
+    _rotate_heads(q_ptr, stride_qt, stride_qh, token, num_q_heads, c, s, BLOCK_HQ, BLOCK_HALF, HALF, INTERLEAVED)
     slot = tl.load(slot_ptr + token)
     if slot >= 0:
         dst = (slot // CACHE_BLOCK) * stride_cb + (slot % CACHE_BLOCK) * stride_cs
         heads = tl.arange(0, BLOCK_HK)[:, None]
-        jj = tl.arange(0, BLOCK_HALF)[None, :]
-        mask = (heads < num_kv_heads) & (jj < HALF)
-        first = token * stride_kt + heads * stride_kh + jj * PAIR_STRIDE
-        x1 = tl.load(k_ptr + first, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(k_ptr + first + PARTNER_OFFSET, mask=mask, other=0.0).to(tl.float32)
+        k_row = k_ptr + token * stride_kt + heads * stride_kh
+        cache_row = k_cache_ptr + dst + heads * stride_ch
         # round to k's dtype first, as rotating in place and then storing would
-        out1 = (x1 * c - x2 * s).to(k_ptr.dtype.element_ty).to(k_cache_ptr.dtype.element_ty)
-        out2 = (x2 * c + x1 * s).to(k_ptr.dtype.element_ty).to(k_cache_ptr.dtype.element_ty)
-        cache_first = k_cache_ptr + dst + heads * stride_ch + jj * PAIR_STRIDE
-        tl.store(cache_first, out1, mask=mask)
-        tl.store(cache_first + PARTNER_OFFSET, out2, mask=mask)
+        if INTERLEAVED:
+            d2 = tl.arange(0, 2 * BLOCK_HALF)[None, :]
+            mask = (heads < num_kv_heads) & (d2 < 2 * HALF)
+            x = tl.load(k_row + d2, mask=mask, other=0.0).to(tl.float32)
+            out = _rotate_interleaved(x, c, s, BLOCK_HK, BLOCK_HALF).to(k_ptr.dtype.element_ty)
+            tl.store(cache_row + d2, out.to(k_cache_ptr.dtype.element_ty), mask=mask)
+        else:
+            jj = tl.arange(0, BLOCK_HALF)[None, :]
+            mask = (heads < num_kv_heads) & (jj < HALF)
+            x1 = tl.load(k_row + jj, mask=mask, other=0.0).to(tl.float32)
+            x2 = tl.load(k_row + jj + HALF, mask=mask, other=0.0).to(tl.float32)
+            out1 = (x1 * c - x2 * s).to(k_ptr.dtype.element_ty).to(k_cache_ptr.dtype.element_ty)
+            out2 = (x2 * c + x1 * s).to(k_ptr.dtype.element_ty).to(k_cache_ptr.dtype.element_ty)
+            tl.store(cache_row + jj, out1, mask=mask)
+            tl.store(cache_row + jj + HALF, out2, mask=mask)
         d = tl.arange(0, BLOCK_D)[None, :]
         vmask = (heads < num_kv_heads) & (d < HEAD_DIM)
         v = tl.load(v_ptr + token * stride_vt + heads * stride_vh + d, mask=vmask)
@@ -187,7 +202,6 @@ def apply_rotary_and_store_kv_(
         CACHE_BLOCK=k_cache.shape[1], HALF=half, HEAD_DIM=head_dim, BLOCK_HALF=triton.next_power_of_2(half),
         BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_HQ=triton.next_power_of_2(q.shape[1]), BLOCK_HK=triton.next_power_of_2(k.shape[1]),
-        PAIR_STRIDE=2 if interleaved else 1, PARTNER_OFFSET=1 if interleaved else half,
-        num_warps=4, enable_fp_fusion=False,
+        INTERLEAVED=interleaved, num_warps=4, enable_fp_fusion=False,
     )
     return q
