@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import torch
 
+from ernieserve.kernels import split_k
 from ernieserve.kernels.quant_matmul import HAS_TRITON, GemmTiles, choose_tiles
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from ernieserve.kernels.split_k import reduce_splits
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -120,11 +123,11 @@ if HAS_TRITON:
     # a variant for each of their classes (1, a multiple of 16, other) at first use, mid-serving.
     @triton.jit(do_not_specialize=["M"])
     def _fp8_gemm_kernel(
-        a_ptr, as_ptr, b_ptr, bs_ptr, bias_ptr, out_ptr,
+        a_ptr, as_ptr, b_ptr, bs_ptr, bias_ptr, out_ptr, ws_ptr, counter_ptr,
         M, N, K, k_per_split,
-        stride_am, stride_asm, stride_bn, stride_bsn, stride_os, stride_om,
+        stride_am, stride_asm, stride_bn, stride_bsn, stride_om,
         BLOCK_WISE: tl.constexpr, SCALE_BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
     ):
         pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -154,10 +157,14 @@ if HAS_TRITON:
             sa = tl.load(as_ptr + rm * stride_asm, mask=m_ok, other=0.0)
             sb = tl.load(bs_ptr + rn * stride_bsn, mask=n_ok, other=0.0)
             acc *= sa[:, None] * sb[None, :]
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        out = out_ptr + pid_k * stride_os + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+        if SPLIT:  # the tile's last program adds the splits and the bias (kernels/split_k.py)
+            reduce_splits(acc, ws_ptr, out_ptr, counter_ptr, bias_ptr, rm, rn, m_ok[:, None] & n_ok[None, :],
+                          M, N, stride_om, HAS_BIAS)
+        else:
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            out = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
+            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 def quant_fp8_per_token_group(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,22 +197,18 @@ def fp8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scal
         assert SCALE_BLOCK % t.block_k == 0 and SCALE_BLOCK % t.block_n == 0
     k_per_split = triton.cdiv(triton.cdiv(k, t.split_k), t.block_k) * t.block_k
     split = triton.cdiv(k, k_per_split)
-    dest = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=xq.device)
-    with_bias = bias is not None and split == 1
     grid = (triton.cdiv(m, t.block_m), triton.cdiv(n, t.block_n), split)
+    assert grid[0] * grid[1] <= split_k.MAX_TILES or split == 1
+    ws = torch.empty(split, m, n, dtype=torch.float32, device=xq.device) if split > 1 else out
+    counters = split_k.tile_counters(xq.device) if split > 1 else out
     _fp8_gemm_kernel[grid](
-        xq, x_scale, wq, w_scale, bias if with_bias else x_scale, dest,
+        xq, x_scale, wq, w_scale, bias if bias is not None else x_scale, out, ws, counters,
         m, n, k, k_per_split,
-        xq.stride(0), x_scale.stride(0), wq.stride(0), w_scale.stride(0), m * n if split > 1 else 0, n,
-        BLOCK_WISE=block_wise, SCALE_BLOCK_C=SCALE_BLOCK, HAS_BIAS=with_bias,
+        xq.stride(0), x_scale.stride(0), wq.stride(0), w_scale.stride(0), n,
+        BLOCK_WISE=block_wise, SCALE_BLOCK_C=SCALE_BLOCK, HAS_BIAS=bias is not None,
         DOT_FP32=xq.device.type == "cpu", BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
-        num_warps=t.num_warps, num_stages=t.num_stages,
+        SPLIT=split > 1, num_warps=t.num_warps, num_stages=t.num_stages,
     )
-    if split > 1:
-        summed = dest.sum(0)
-        if bias is not None:
-            summed += bias.float()
-        out.copy_(summed)
     return out
 
 

@@ -19,8 +19,9 @@ even and odd columns, so the low and high nibbles go to two dots without any int
 
 Two tile policies (`choose_tiles`): decode (M <= 32, memory bound, GEMV-like) uses BLOCK_M = 16 and
 splits K until the grid has about two programs per SM; the partial sums land in a
-``[splits, M, N]`` fp32 buffer reduced by one deterministic ``sum(0)`` (no atomics, so results do
-not depend on scheduling). Prefill uses large M/N tiles and no split. Nothing reads a device value
+``[splits, M, N]`` fp32 workspace that each tile's last program adds up in a fixed order, in the
+same launch (`kernels/split_k.py`: deterministic, no extra launches). Prefill uses large M/N
+tiles and no split. Nothing reads a device value
 on the host and the only allocations are the caching allocator's, so both capture in CUDA graphs.
 
 Every kernel has its plain-torch reference here (`weight_only_matmul_ref`: dequantize then
@@ -39,9 +40,13 @@ from dataclasses import dataclass
 
 import torch
 
+from ernieserve.kernels import split_k
+
 try:
     import triton
     import triton.language as tl
+
+    from ernieserve.kernels.split_k import reduce_splits
 
     HAS_TRITON = True
 except ImportError:  # CPU-only installs serve through the references
@@ -190,11 +195,12 @@ if HAS_TRITON:
     # a variant for each of their classes (1, a multiple of 16, other) at first use, mid-serving.
     @triton.jit(do_not_specialize=["M"])
     def _weight_only_gemm_kernel(
-        x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr,
+        x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, ws_ptr, counter_ptr,
         M, N, K, k_per_split,
-        stride_xm, stride_wn, stride_sn, stride_os, stride_om,
+        stride_xm, stride_wn, stride_sn, stride_om,
         INT4: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        SPLIT: tl.constexpr,
     ):
         pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -232,10 +238,14 @@ if HAS_TRITON:
                 acc += part
         if GROUP_SIZE == 0:
             acc *= tl.load(s_ptr + rn * stride_sn, mask=n_ok, other=0.0)[None, :]
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        out = out_ptr + pid_k * stride_os + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+        if SPLIT:  # the tile's last program adds the splits and the bias (kernels/split_k.py)
+            reduce_splits(acc, ws_ptr, out_ptr, counter_ptr, bias_ptr, rm, rn, m_ok[:, None] & n_ok[None, :],
+                          M, N, stride_om, HAS_BIAS)
+        else:
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            out = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
+            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 def _dot_settings(x: torch.Tensor) -> tuple[bool, str]:
@@ -265,22 +275,20 @@ def weight_only_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
         assert group_size % t.block_k == 0, f"BLOCK_K {t.block_k} must divide the group size {group_size}"
     k_per_split = triton.cdiv(triton.cdiv(k, t.split_k), t.block_k) * t.block_k
     split = triton.cdiv(k, k_per_split)
-    dest = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
-    dot_fp32, precision = _dot_settings(x2)
     grid = (triton.cdiv(m, t.block_m), triton.cdiv(n, t.block_n), split)
+    assert grid[0] * grid[1] <= split_k.MAX_TILES or split == 1
+    # split K: fp32 partial sums, reduced by each tile's last program (kernels/split_k.py)
+    ws = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else out
+    counters = split_k.tile_counters(x.device) if split > 1 else out
+    dot_fp32, precision = _dot_settings(x2)
     _weight_only_gemm_kernel[grid](
-        x2, qweight, scales, bias if bias is not None and split == 1 else x2, dest,
+        x2, qweight, scales, bias if bias is not None else x2, out, ws, counters,
         m, n, k, k_per_split,
-        x2.stride(0), qweight.stride(0), scales.stride(0), m * n if split > 1 else 0, n,
-        INT4=bits == 4, GROUP_SIZE=group_size, HAS_BIAS=bias is not None and split == 1, DOT_FP32=dot_fp32,
-        PRECISION=precision, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
+        x2.stride(0), qweight.stride(0), scales.stride(0), n,
+        INT4=bits == 4, GROUP_SIZE=group_size, HAS_BIAS=bias is not None, DOT_FP32=dot_fp32,
+        PRECISION=precision, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, SPLIT=split > 1,
         num_warps=t.num_warps, num_stages=t.num_stages,
     )
-    if split > 1:
-        summed = dest.sum(0)  # [M, N] fp32, a fixed reduction order
-        if bias is not None:
-            summed += bias.float()
-        out.copy_(summed)
     return out.view(*x.shape[:-1], n)
 
 

@@ -150,6 +150,23 @@ def test_weight_only_kernel_matches_reference(bits, group, shape, dtype):
 
 
 @needs_interpreter
+def test_split_k_tiles_are_reduced_in_the_launch_and_leave_the_counters_clean():
+    """Split K: each tile's last program adds the splits (kernels/split_k.py). Its counter must be
+    back at zero afterwards (a graph replay reuses it), and the sum order is fixed."""
+    from ernieserve.kernels import split_k
+
+    gen = torch.Generator().manual_seed(3)
+    w, x = torch.randn(70, 200, generator=gen), torch.randn(5, 200, generator=gen)
+    bias = torch.randn(70, generator=gen)
+    q, s = qm.quantize_int8(w, 0)
+    tiles = GemmTiles(16, 32, 32, 4, 4, 1)  # 3 N tiles x 4 splits
+    first = qm.weight_only_matmul(x, q, s, 8, 0, bias, tiles)
+    assert not split_k.tile_counters(x.device).any()
+    assert torch.equal(qm.weight_only_matmul(x, q, s, 8, 0, bias, tiles), first)
+    _close_to_ref(first, qm.weight_only_matmul_ref(x, q, s, 8, 0, bias))
+
+
+@needs_interpreter
 @pytest.mark.parametrize("m", [1, 70])  # the decode policy and the prefill policy
 def test_weight_only_kernel_default_tiles(m):
     n, k = 130, 256

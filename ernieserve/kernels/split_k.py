@@ -1,0 +1,62 @@
+"""Split-K GEMMs reduced in the same launch: the last program of each output tile adds the splits.
+
+A decode-shaped GEMM (a few rows) splits K over programs so that every SM streams weights. The
+partial sums used to land in an fp32 ``[splits, M, N]`` buffer that torch reduced afterwards
+(`sum(0)`, a bias add and a cast to the output dtype: three more launches per linear layer, which
+at decode cost more than the reduction itself). Here each program writes its partial sum to that
+workspace and takes a ticket from its tile's counter; the program holding the last ticket adds
+the splits in the order 0..S-1 (the same every time, so results do not depend on scheduling), adds
+the bias, stores the output in its dtype, and puts the counter back to zero for the next launch,
+so CUDA graph replays find it clean.
+
+The ticket is an acquire-release atomic: the partial sums written before it are visible to the
+program that takes the last one, which reads them past L1 (`.cg`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - CPU-only installs without triton
+    HAS_TRITON = False
+
+# One counter per output tile, per device, allocated once and never moved: captured graphs hold
+# its address. Decode tiles are at most 2 x ceil(N / 32) of them.
+MAX_TILES = 1 << 16
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def tile_counters(device: torch.device) -> torch.Tensor:
+    """The device's zeroed tile counters (int32 [MAX_TILES])."""
+    buf = _COUNTERS.get(device)
+    if buf is None:
+        buf = _COUNTERS[device] = torch.zeros(MAX_TILES, dtype=torch.int32, device=device)
+    return buf
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def reduce_splits(acc, ws_ptr, out_ptr, counter_ptr, bias_ptr, rm, rn, mask, M, N, stride_om,
+                      HAS_BIAS: tl.constexpr):
+        """Called by every program of a split-K grid (axis 2 = splits) with its fp32 partial sum
+        `acc` [BLOCK_M, BLOCK_N] of rows rm, columns rn; the workspace is [splits, M, N] fp32."""
+        pid_k, num_splits = tl.program_id(2), tl.num_programs(2)
+        part = rm.to(tl.int64)[:, None] * N + rn[None, :]
+        tl.store(ws_ptr + pid_k.to(tl.int64) * M * N + part, acc, mask=mask)
+        tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+        ticket = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel")
+        if ticket == num_splits - 1:
+            total = tl.zeros_like(acc)
+            for s in range(0, num_splits):
+                total += tl.load(ws_ptr + s * M * N + part, mask=mask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                total += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+            out = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
+            tl.store(out, total.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(counter_ptr + tile, 0)
