@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ernieserve.kernels import split_k
+
 # exp(x) = exp2(x * log2(e)); the kernels fold log2(e) into the softmax scale and work in base 2.
 _LOG2_E = 1.4426950408889634
 
@@ -296,7 +298,7 @@ def paged_attention_unified(
 
 @triton.jit(do_not_specialize=["num_splits"])
 def _decode_split_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr, counter_ptr,
     seq_lens_ptr, block_tables_ptr,
     num_splits, qk_scale,
     stride_qt, stride_qh, stride_ot, stride_oh,
@@ -364,33 +366,27 @@ def _decode_split_kernel(
         )
         lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))  # base 2
         tl.store(part_lse_ptr + row * stride_lr + head * stride_lh + split, lse, mask=g_ok)
-
-
-@triton.jit(do_not_specialize=["num_splits"])
-def _decode_reduce_kernel(
-    out_ptr, part_out_ptr, part_lse_ptr,
-    num_splits,
-    stride_ot, stride_oh, stride_pr, stride_ph, stride_ps, stride_lr, stride_lh,
-    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    # Combine the splits of one (request, head): weights exp2(lse_s - max lse), normalised.
-    req = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
-    offs_s = tl.arange(0, BLOCK_S)
-    s_ok = offs_s < num_splits
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    lse = tl.load(part_lse_ptr + req * stride_lr + head * stride_lh + offs_s, mask=s_ok, other=float("-inf"))
-    lse_max = tl.max(lse, axis=0)
-    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)  # all splits empty: output zeros
-    w = tl.exp2(lse - lse_max)  # [BLOCK_S]
-    parts = tl.load(
-        part_out_ptr + req * stride_pr + head * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :],
-        mask=s_ok[:, None] & d_ok[None, :], other=0.0,
-    )  # [BLOCK_S, BLOCK_D]
-    w_sum = tl.sum(w, axis=0)
-    out = tl.sum(parts * w[:, None], axis=0) / tl.where(w_sum > 0.0, w_sum, 1.0)
-    tl.store(out_ptr + req * stride_ot + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
+        # the last split of this (request, kv head) to finish combines all of them (kernels/split_k.py
+        # has the ticket scheme): weights exp2(lse_s - max lse), normalised; no second launch
+        ticket = tl.atomic_add(counter_ptr + req * tl.num_programs(1) + kvh, 1, sem="acq_rel")
+        if ticket == num_splits - 1:
+            lse_base = part_lse_ptr + row * stride_lr + head * stride_lh
+            lse_max = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
+            for s in range(0, num_splits):
+                lse_max = tl.maximum(lse_max, tl.load(lse_base + s, mask=g_ok, other=float("-inf"),
+                                                      cache_modifier=".cg"))
+            lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)  # every split empty: zeros
+            total = tl.zeros([GROUP_PAD, BLOCK_D], dtype=tl.float32)
+            w_sum = tl.zeros([GROUP_PAD], dtype=tl.float32)
+            part_base = part_out_ptr + row * stride_pr + head[:, None] * stride_ph + offs_d[None, :]
+            for s in range(0, num_splits):
+                w = tl.exp2(tl.load(lse_base + s, mask=g_ok, other=float("-inf"), cache_modifier=".cg") - lse_max)
+                total += w[:, None] * tl.load(part_base + s * stride_ps, mask=mask, other=0.0, cache_modifier=".cg")
+                w_sum += w
+            final = total / tl.where(w_sum > 0.0, w_sum, 1.0)[:, None]
+            tl.store(out_ptr + row * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+                     final.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(counter_ptr + req * tl.num_programs(1) + kvh, 0)
 
 
 def choose_num_splits(num_reqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
@@ -422,9 +418,10 @@ def paged_attention_decode(
     scratch: torch.Tensor | None = None,  # flat fp32, >= num_reqs * num_heads * num_splits * (head_dim + 1)
     block_n: int | None = None,
 ) -> torch.Tensor:
-    """Split-K decode attention. Grid (num_reqs, num_kv_heads, num_splits), then a reduce over
-    splits by log-sum-exp with grid (num_reqs, num_heads). With num_splits == 1 the first kernel
-    writes the output directly. Capturable: with `out` and `scratch` given it allocates nothing.
+    """Split-K decode attention. Grid (num_reqs, num_kv_heads, num_splits); the last split of each
+    (request, kv head) to finish combines the splits by log-sum-exp in the same launch. With
+    num_splits == 1 each program writes the output directly. Capturable: with `out` and `scratch`
+    given it allocates nothing (the split counters are allocated once per device).
     """
     num_tokens, num_heads, head_dim = query.shape
     num_reqs = seq_lens.shape[0]
@@ -454,8 +451,10 @@ def paged_attention_decode(
     p_strides = part_out.stride()[:3] if num_splits > 1 else (0, 0, 0)
     l_strides = part_lse.stride()[:2] if num_splits > 1 else (0, 0)
 
+    counters = split_k.tile_counters(query.device) if num_splits > 1 else out
+    assert num_reqs * num_kv_heads <= split_k.MAX_TILES
     _decode_split_kernel[(num_reqs, num_kv_heads, num_splits)](
-        query, k_cache, v_cache, out, part_out, part_lse,
+        query, k_cache, v_cache, out, part_out, part_lse, counters,
         seq_lens, block_tables,
         num_splits, scale * _LOG2_E,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
@@ -466,12 +465,4 @@ def paged_attention_decode(
         DOT_PRECISION=_dot_precision(query.dtype), DOT_FP32=_dot_in_fp32(query),
         num_warps=4, num_stages=3,
     )
-    if num_splits > 1:
-        _decode_reduce_kernel[(num_reqs, num_heads)](
-            out, part_out, part_lse,
-            num_splits,
-            out.stride(0), out.stride(1), *p_strides, *l_strides,
-            HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
-            num_warps=4,
-        )
     return out

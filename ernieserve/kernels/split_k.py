@@ -1,4 +1,7 @@
-"""Split-K GEMMs reduced in the same launch: the last program of each output tile adds the splits.
+"""Split-K kernels reduced in the same launch: the last program of each output tile adds the splits.
+
+Used by the quantized GEMMs (kernels/quant_matmul.py, kernels/fp8_matmul.py) and the split-K
+decode attention (kernels/paged_attention.py, which combines its splits by log-sum-exp).
 
 A decode-shaped GEMM (a few rows) splits K over programs so that every SM streams weights. The
 partial sums used to land in an fp32 ``[splits, M, N]`` buffer that torch reduced afterwards

@@ -163,6 +163,9 @@ def capture_graphs(sizes: list[int], forward: Callable[[int], None], device: tor
                    desc: str) -> dict[int, torch.cuda.CUDAGraph]:
     """One graph of forward(size) per size, largest first, all in one memory pool (they never run
     at once, so the smaller ones reuse the largest one's memory)."""
+    from ernieserve.kernels import split_k
+
+    split_k.tile_counters(device)  # the split-K counters exist before any capture records their address
     pool = torch.cuda.graph_pool_handle()
     graphs = {}
     for size in tqdm(sorted(sizes, reverse=True), desc=desc, unit="graph"):

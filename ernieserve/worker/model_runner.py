@@ -108,18 +108,17 @@ class ModelRunner:
         """Weight bytes one batch-1 decode step reads on this device, the bandwidth floor's
         numerator: every parameter once, except that of the routed experts a token reads only the
         top_k it picks (shared experts folded in among them always; see MoEBlock)."""
-        from ernieserve.layers.moe.layer import FusedMoE, MoEBlock
+        from ernieserve.layers.moe.layer import FusedMoE
 
-        folded = {id(m.experts): m.num_folded_shared for m in self.model.modules() if isinstance(m, MoEBlock)}
         total = self.model_param_bytes()
         for m in self.model.modules():
             if not isinstance(m, FusedMoE):
                 continue
             nbytes = sum(p.numel() * p.element_size() for p in m.parameters(recurse=False))
-            shared = folded.get(id(m), 0)
-            held = m.num_local_experts  # routed experts stored here (all of them unless expert parallel)
-            picked = min(held, m.top_k * held / m.num_experts)  # expected picks among them
-            total -= nbytes - int(nbytes * (picked + shared) / (held + shared))
+            shared = m.shared_slots
+            routed = m.num_local_experts - shared  # stored here (all of them unless expert parallel)
+            picked = min(routed, m.top_k * routed / m.num_experts)  # expected picks among them
+            total -= nbytes - int(nbytes * (picked + shared) / (routed + shared))
         return total
 
     # ---- KV cache -----------------------------------------------------------------------------

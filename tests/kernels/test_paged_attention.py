@@ -181,6 +181,14 @@ def test_decode_split_k(heads, kv_heads, head_dim, block_size, dtype, num_splits
         q, cache[0], cache[1], meta.seq_lens, meta.block_tables, head_dim**-0.5, num_splits, block_n=16,
     )
     torch.testing.assert_close(out.float(), ref.float(), **TOL[dtype])
+    # the last split of each (request, kv head) combined them and put its counter back for the next launch
+    from ernieserve.kernels import split_k
+
+    assert not split_k.tile_counters(q.device).any()
+    again = pa.paged_attention_decode(
+        q, cache[0], cache[1], meta.seq_lens, meta.block_tables, head_dim**-0.5, num_splits, block_n=16,
+    )
+    assert torch.equal(again, out)
 
 
 def test_decode_padded_request_gives_zeros_and_uses_given_scratch() -> None:
