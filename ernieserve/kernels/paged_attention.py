@@ -368,6 +368,7 @@ def _decode_split_kernel(
         tl.store(part_lse_ptr + row * stride_lr + head * stride_lh + split, lse, mask=g_ok)
         # the last split of this (request, kv head) to finish combines all of them (kernels/split_k.py
         # has the ticket scheme): weights exp2(lse_s - max lse), normalised; no second launch
+        tl.debug_barrier()  # every thread's partial is written before one thread takes the ticket
         ticket = tl.atomic_add(counter_ptr + req * tl.num_programs(1) + kvh, 1, sem="acq_rel")
         if ticket == num_splits - 1:
             lse_base = part_lse_ptr + row * stride_lr + head * stride_lh

@@ -12,8 +12,10 @@ the splits in the order 0..S-1 (the same every time, so results do not depend on
 the bias, stores the output in its dtype, and puts the counter back to zero for the next launch,
 so CUDA graph replays find it clean.
 
-The ticket is an acquire-release atomic: the partial sums written before it are visible to the
-program that takes the last one, which reads them past L1 (`.cg`).
+The ticket is an acquire-release atomic, taken once per program (Triton runs a scalar atomic on
+one thread and shares its result) after a barrier over the program's threads: the partial sums
+written before it are visible to the program that takes the last one, which reads them past L1
+(`.cg`).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ if HAS_TRITON:
         part = rm.to(tl.int64)[:, None] * N + rn[None, :]
         tl.store(ws_ptr + pid_k.to(tl.int64) * M * N + part, acc, mask=mask)
         tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+        tl.debug_barrier()  # every thread's partial is written before one thread takes the ticket
         ticket = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel")
         if ticket == num_splits - 1:
             total = tl.zeros_like(acc)
