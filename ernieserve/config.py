@@ -37,11 +37,13 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 @dataclass(frozen=True, slots=True)
 class MultiModalConfig:
     """Image/video inputs (front end only): --limit-mm-per-prompt, --mm-processor-kwargs,
-    --allowed-local-media-path. Text-only models carry the defaults and never read them."""
+    --allowed-local-media-path, --allowed-media-domains. Text-only models carry the defaults and
+    never read them."""
 
     limit_per_prompt: dict[str, int] = dataclasses.field(default_factory=lambda: dict(DEFAULT_LIMIT_MM_PER_PROMPT))
     processor_options: MMProcessorOptions = MMProcessorOptions()
     allowed_local_media_path: str | None = None  # resolved folder; None: no file:// URLs
+    allowed_media_domains: tuple[str, ...] | None = None  # http(s) hosts media may come from; None: any
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +205,7 @@ class EngineArgs:
     limit_mm_per_prompt: str | dict | None = None  # {"image": N, "video": M}
     mm_processor_kwargs: str | dict | None = None  # FastDeploy's keys: image_max_pixels, video_fps, ...
     allowed_local_media_path: str | None = None  # file:// image/video URLs are served from under this folder
+    allowed_media_domains: list[str] | None = None  # http(s) image/video URLs only from these hosts
 
     # ---- command line -------------------------------------------------------------------------
     @staticmethod
@@ -271,6 +274,9 @@ class EngineArgs:
         g.add_argument("--allowed-local-media-path", type=str, default=None,
                        help="Folder whose files requests may name as file:// image/video URLs (default: none; "
                             "paths are resolved, so links cannot reach outside it).")
+        g.add_argument("--allowed-media-domains", type=str, nargs="+", default=None, metavar="HOST",
+                       help="Host names http(s) image/video URLs may name, redirects included (vLLM's flag; "
+                            "exact names, e.g. images.example.com; default: any host).")
         return parser
 
     @classmethod
@@ -352,7 +358,13 @@ class EngineArgs:
             if not path.is_dir():
                 raise ConfigError(f"--allowed-local-media-path {self.allowed_local_media_path}: no such folder.")
             folder = str(path.resolve())
-        return MultiModalConfig(limits, options, folder)
+        domains = None
+        if self.allowed_media_domains is not None:
+            domains = tuple(d.strip().lower().rstrip(".") for d in self.allowed_media_domains)
+            if not domains or any(not d or "/" in d or ":" in d for d in domains):
+                raise ConfigError(f"--allowed-media-domains {' '.join(self.allowed_media_domains)}: give host names "
+                                  "only (e.g. images.example.com), no scheme, port or path.")
+        return MultiModalConfig(limits, options, folder, domains)
 
     def _check_unsupported(self) -> None:
         if not 0.0 <= self.swap_space < float("inf"):

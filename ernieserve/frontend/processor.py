@@ -52,7 +52,7 @@ class InputProcessor:
         self.generation_defaults = {k: v for k, v in model_config.generation_config.items()
                                     if k in _GENERATION_DEFAULTS}
         mm = model_config.multimodal
-        self.media_loader = MediaLoader(mm.allowed_local_media_path)
+        self.media_loader = MediaLoader(mm.allowed_local_media_path, allowed_media_domains=mm.allowed_media_domains)
         self.mm_processor = None  # images/videos -> placeholder runs + MultiModalItems (VL models only)
         if model_config.is_multimodal:
             from ernieserve.multimodal.processor import MultiModalProcessor

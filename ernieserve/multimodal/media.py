@@ -3,7 +3,9 @@
 * ``data:[<type>][;base64],<payload>``: decoded in memory.
 * ``http://`` / ``https://``: fetched with a timeout (`MediaLimits.fetch_timeout_s`, 15 s) and a
   size cap (`MediaLimits.max_image_bytes` 32 MiB, `max_video_bytes` 256 MiB), checked against
-  Content-Length first and then while reading, so an oversized body is never held whole.
+  Content-Length first and then while reading, so an oversized body is never held whole. With
+  ``--allowed-media-domains`` only those hosts are fetched, redirects included (as vLLM); without
+  it any host is, the server's own network included.
 * ``file://``: only under ``--allowed-local-media-path`` (as vLLM). The path is resolved first
   (symlinks and ``..``), so nothing outside the folder can be reached through the folder.
 
@@ -104,6 +106,7 @@ class MediaLoader:
 
     allowed_local_media_path: str | None = None
     limits: MediaLimits = MediaLimits()
+    allowed_media_domains: tuple[str, ...] | None = None  # http(s) hosts allowed; None: any
 
     # ---- bytes ---------------------------------------------------------------------------------
     def read_bytes(self, url: str, modality: str) -> bytes:
@@ -115,7 +118,9 @@ class MediaLoader:
         if scheme == "data":
             return _data_url_bytes(url, modality, cap)
         if scheme in ("http", "https"):
-            return _fetch(url, modality, cap, self.limits.fetch_timeout_s)
+            if self.allowed_media_domains is not None:
+                _check_host(url, modality, self.allowed_media_domains)
+            return _fetch(url, modality, cap, self.limits.fetch_timeout_s, self.allowed_media_domains)
         if scheme == "file":
             return self._local_file(url, modality, cap)
         raise MediaError(f"unsupported {modality} URL {_shown(url)}: use a data: URL, an http(s) URL, or a "
@@ -248,10 +253,30 @@ def _data_url_bytes(url: str, modality: str, cap: int) -> bytes:
     return data
 
 
-def _fetch(url: str, modality: str, cap: int, timeout_s: float) -> bytes:
+def _check_host(url: str, modality: str, allowed: tuple[str, ...]) -> None:
+    host = (urllib.parse.urlparse(url).hostname or "").rstrip(".")
+    if host not in allowed:
+        raise MediaError(f"{modality} URL {_shown(url)}: host {host or '(none)'!r} is not in --allowed-media-domains "
+                         f"({', '.join(allowed)}).")
+
+
+class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect only to an allowed host (--allowed-media-domains)."""
+
+    def __init__(self, modality: str, allowed: tuple[str, ...]) -> None:
+        self.modality, self.allowed = modality, allowed
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+        _check_host(newurl, self.modality, self.allowed)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _fetch(url: str, modality: str, cap: int, timeout_s: float, allowed: tuple[str, ...] | None = None) -> bytes:
     request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
+    opener = urllib.request.urlopen if allowed is None else \
+        urllib.request.build_opener(_CheckedRedirects(modality, allowed)).open
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310 (http(s) only)
+        with opener(request, timeout=timeout_s) as response:  # noqa: S310 (http(s) only)
             declared = response.headers.get("Content-Length")
             if declared is not None and declared.isdigit() and int(declared) > cap:
                 raise MediaError(f"{modality} URL {_shown(url)} is {declared} bytes; the {modality} size limit "

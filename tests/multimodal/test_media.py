@@ -96,6 +96,36 @@ def test_http_fetch_and_its_failures():
             loader.load_image(base + "/slow.png")
 
 
+def test_allowed_media_domains_limit_the_hosts_redirects_included():
+    """--allowed-media-domains (vLLM's flag): only the listed hosts are fetched, and a redirect to
+    another host is refused before it is followed (the server's own network stays out of reach)."""
+    png = image_bytes(8, 8)
+    with media_server({"/ok.png": (200, {"Content-Type": "image/png"}, png, 0.0)}) as other:
+        port = other.rsplit(":", 1)[1]
+        routes = {"/ok.png": (200, {"Content-Type": "image/png"}, png, 0.0),
+                  "/away.png": (302, {"Location": f"http://localhost:{port}/ok.png"}, b"", 0.0),
+                  "/stay.png": (302, {"Location": "/ok.png"}, b"", 0.0)}
+        with media_server(routes) as base:
+            loader = MediaLoader(allowed_media_domains=("127.0.0.1",))
+            assert loader.load_image(base + "/ok.png").size == (8, 8)
+            assert loader.load_image(base + "/stay.png").size == (8, 8)  # same host: followed
+            with pytest.raises(MediaError, match=r"host 'localhost' is not in --allowed-media-domains \(127.0.0.1\)"):
+                loader.load_image(base + "/away.png")
+            with pytest.raises(MediaError, match="host 'localhost' is not in --allowed-media-domains"):
+                loader.load_image(f"http://localhost:{port}/ok.png")
+            assert MediaLoader().load_image(base + "/away.png").size == (8, 8)  # no list: any host
+
+
+@pytest.mark.parametrize("flag", [["http://images.example.com"], ["example.com:8080"], [""]])
+def test_allowed_media_domains_must_be_host_names(tiny_ernie, flag):
+    from ernieserve.config import ConfigError, EngineArgs
+
+    with pytest.raises(ConfigError, match="--allowed-media-domains"):
+        EngineArgs(model=str(tiny_ernie), allowed_media_domains=flag).create_engine_config()
+    cfg = EngineArgs(model=str(tiny_ernie), allowed_media_domains=["Images.Example.com."]).create_engine_config()
+    assert cfg.model.multimodal.allowed_media_domains == ("images.example.com",)
+
+
 def test_body_larger_than_cap_without_length_header():
     # a server that lies (a small Content-Length check passes) is still cut off while reading
     from ernieserve.multimodal import media
