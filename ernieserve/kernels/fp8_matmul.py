@@ -28,7 +28,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from ernieserve.kernels.split_k import reduce_splits
+    from ernieserve.kernels.split_k import store_tile
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -157,14 +157,8 @@ if HAS_TRITON:
             sa = tl.load(as_ptr + rm * stride_asm, mask=m_ok, other=0.0)
             sb = tl.load(bs_ptr + rn * stride_bsn, mask=n_ok, other=0.0)
             acc *= sa[:, None] * sb[None, :]
-        if SPLIT:  # the tile's last program adds the splits and the bias (kernels/split_k.py)
-            reduce_splits(acc, ws_ptr, out_ptr, counter_ptr, bias_ptr, rm, rn, m_ok[:, None] & n_ok[None, :],
-                          M, N, stride_om, HAS_BIAS)
-        else:
-            if HAS_BIAS:
-                acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-            out = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
-            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+        # the output, or with split K a partial sum the tile's last program adds up (kernels/split_k.py)
+        store_tile(acc, out_ptr, bias_ptr, ws_ptr, counter_ptr, rm, rn, M, N, stride_om, HAS_BIAS, SPLIT)
 
 
 def quant_fp8_per_token_group(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -46,7 +46,7 @@ try:
     import triton
     import triton.language as tl
 
-    from ernieserve.kernels.split_k import reduce_splits
+    from ernieserve.kernels.split_k import store_tile
 
     HAS_TRITON = True
 except ImportError:  # CPU-only installs serve through the references
@@ -238,14 +238,8 @@ if HAS_TRITON:
                 acc += part
         if GROUP_SIZE == 0:
             acc *= tl.load(s_ptr + rn * stride_sn, mask=n_ok, other=0.0)[None, :]
-        if SPLIT:  # the tile's last program adds the splits and the bias (kernels/split_k.py)
-            reduce_splits(acc, ws_ptr, out_ptr, counter_ptr, bias_ptr, rm, rn, m_ok[:, None] & n_ok[None, :],
-                          M, N, stride_om, HAS_BIAS)
-        else:
-            if HAS_BIAS:
-                acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-            out = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
-            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+        # the output, or with split K a partial sum the tile's last program adds up (kernels/split_k.py)
+        store_tile(acc, out_ptr, bias_ptr, ws_ptr, counter_ptr, rm, rn, M, N, stride_om, HAS_BIAS, SPLIT)
 
 
 def _dot_settings(x: torch.Tensor) -> tuple[bool, str]:

@@ -47,22 +47,29 @@ def tile_counters(device: torch.device) -> torch.Tensor:
 if HAS_TRITON:
 
     @triton.jit
-    def reduce_splits(acc, ws_ptr, out_ptr, counter_ptr, bias_ptr, rm, rn, mask, M, N, stride_om,
-                      HAS_BIAS: tl.constexpr):
-        """Called by every program of a split-K grid (axis 2 = splits) with its fp32 partial sum
-        `acc` [BLOCK_M, BLOCK_N] of rows rm, columns rn; the workspace is [splits, M, N] fp32."""
-        pid_k, num_splits = tl.program_id(2), tl.num_programs(2)
-        part = rm.to(tl.int64)[:, None] * N + rn[None, :]
-        tl.store(ws_ptr + pid_k.to(tl.int64) * M * N + part, acc, mask=mask)
-        tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
-        tl.debug_barrier()  # every thread's partial is written before one thread takes the ticket
-        ticket = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel")
-        if ticket == num_splits - 1:
-            total = tl.zeros_like(acc)
-            for s in range(0, num_splits):
-                total += tl.load(ws_ptr + s * M * N + part, mask=mask, other=0.0, cache_modifier=".cg")
+    def store_tile(acc, out_ptr, bias_ptr, ws_ptr, counter_ptr, rm, rn, M, N, stride_om,
+                   HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
+        """The epilogue of a GEMM program: its fp32 `acc` [BLOCK_M, BLOCK_N] of rows rm, columns rn
+        becomes the output (plus bias, in out's dtype). SPLIT (grid axis 2 = K splits): `acc` is a
+        partial sum, written to the workspace [splits, M, N] fp32; the tile's last program adds them."""
+        mask = (rm < M)[:, None] & (rn < N)[None, :]
+        out = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
+        if SPLIT:
+            pid_k, num_splits = tl.program_id(2), tl.num_programs(2)
+            part = rm.to(tl.int64)[:, None] * N + rn[None, :]
+            tl.store(ws_ptr + pid_k.to(tl.int64) * M * N + part, acc, mask=mask)
+            tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+            tl.debug_barrier()  # every thread's partial is written before one thread takes the ticket
+            ticket = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel")
+            if ticket == num_splits - 1:
+                total = tl.zeros_like(acc)
+                for s in range(0, num_splits):
+                    total += tl.load(ws_ptr + s * M * N + part, mask=mask, other=0.0, cache_modifier=".cg")
+                if HAS_BIAS:
+                    total += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+                tl.store(out, total.to(out_ptr.dtype.element_ty), mask=mask)
+                tl.atomic_xchg(counter_ptr + tile, 0)
+        else:
             if HAS_BIAS:
-                total += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-            out = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
-            tl.store(out, total.to(out_ptr.dtype.element_ty), mask=mask)
-            tl.atomic_xchg(counter_ptr + tile, 0)
+                acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
