@@ -9,8 +9,13 @@ filter() { grep -v -E "it/s\]|B/s\]|s/it\]|graph/s\]|shard/s\]"; }
 for stage in "$@"; do
   echo "===== stage $stage $(date -u +%H:%M:%S)"
   case $stage in
-    tests)  timeout 230 python3 -m pytest -m gpu tests/gpu -q -s --no-header -p no:cacheprovider 2>&1 \
-              | grep -E "passed|failed|GREEDY|logit std|^E |FAILED|Error" | head -40 ;;
+    # the whole GPU suite but tensor parallelism (benchmarks/tp_gpu.sh tests, 2 GPUs): about 5 minutes
+    # on an H100; the kernels first, so a broken kernel shows before the engine tests that use it
+    tests)  timeout 540 python3 -m pytest -m gpu tests/gpu/test_paged_attention_gpu.py tests/gpu/test_quantization_gpu.py \
+              tests/gpu/test_fused_elementwise_gpu.py tests/gpu/test_sampling_gpu.py tests/gpu/test_fused_moe_gpu.py \
+              tests/gpu/test_moe_quant_gpu.py tests/gpu/test_swap_gpu.py tests/gpu/test_engine_gpu.py tests/gpu/test_vl_gpu.py \
+              -q -s --no-header -p no:cacheprovider --durations=8 2>&1 \
+              | grep -E "passed|failed|GREEDY|logit std|^E |FAILED|Error|s call" | head -60 ;;
     # ERNIESERVE_STEP_STATS: where each step's time goes (engine/step_stats.py), printed per run
     dense)  ERNIESERVE_STEP_STATS=1 timeout 200 python3 benchmarks/compare_hf.py --preset ernie-4.5-0.3b --checkpoint /tmp/ckpt-03b \
               --num-prompts 256 --hf-batch-prompts 16 --out "$out/dense.json" 2>&1 | filter | tail -24 ;;
