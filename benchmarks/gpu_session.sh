@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One device session's measurements, stage by stage, each under its own time limit, logs to $OUT.
-#   bash benchmarks/gpu_session.sh tests|dense|densemixed|mixedprof|decodeprof|serve|moe|moegemv|sampling|quant|quantprof ...
+dense|dense|densemixed|mixedprof|decodeprof|serve|moe|moegemv|sampling|quant|quantprof ...
 # Every figure in docs/performance.md names the stage that produced it.
+# QUANT_METHODS (quant, quantprof stages): the --quantization methods to run, "none" = bf16
+#   (default "none wint8 wint4"; e.g. QUANT_METHODS="fp8 block_wise_fp8" on Hopper).
 set -uo pipefail
 out=${OUT:-/tmp/gpu_out}; mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -49,7 +51,7 @@ for stage in "$@"; do
     sampling) timeout 120 python3 benchmarks/bench_sampling.py 2>&1 | tail -8 ;;
     # torch.profiler over ten batch-1 decode steps of 21B-A3B per method: where quantized decode goes
     quantprof) [ -f /tmp/ckpt-21b/config.json ] || python3 -m ernieserve make-dummy --preset ernie-4.5-21b-a3b /tmp/ckpt-21b
-            for q in none wint8 wint4; do
+            for q in ${QUANT_METHODS:-none wint8 wint4}; do
               extra=(); [ "$q" != none ] && extra=(--quantization "$q")
               echo "--- $q"
               ERNIESERVE_PROFILE_STEPS=20:10 timeout 150 python3 -m ernieserve bench latency --model /tmp/ckpt-21b \
@@ -57,7 +59,7 @@ for stage in "$@"; do
                 --num-iters 1 --max-model-len 2048 --max-num-seqs 8 "${extra[@]}" 2>&1 | filter | grep -A16 "torch.profiler over"
             done ;;
     quant)  [ -f /tmp/ckpt-21b/config.json ] || python3 -m ernieserve make-dummy --preset ernie-4.5-21b-a3b /tmp/ckpt-21b
-            for q in none wint8 wint4; do
+            for q in ${QUANT_METHODS:-none wint8 wint4}; do
               extra=(); [ "$q" != none ] && extra=(--quantization "$q")
               timeout 200 python3 -m ernieserve bench latency --model /tmp/ckpt-21b --load-format dummy --dtype bfloat16 \
                 --batch-size 1 --input-len 128 --output-len 64 --num-iters-warmup 1 --num-iters 3 --max-model-len 2048 \
