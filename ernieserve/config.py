@@ -34,6 +34,20 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
            "bf16": torch.bfloat16, "fp16": torch.float16, "half": torch.float16, "float": torch.float32}
 
 
+class _FlagGroup:
+    """An argparse group that leaves out some flags and, on request, every default."""
+
+    def __init__(self, group: Any, skip: tuple[str, ...], only_when_given: bool) -> None:
+        self.group, self.skip, self.only_when_given = group, skip, only_when_given
+
+    def add_argument(self, *flags: str, **kwargs: Any) -> None:
+        if any(f in self.skip for f in flags):
+            return
+        if self.only_when_given:
+            kwargs["default"] = argparse.SUPPRESS
+        self.group.add_argument(*flags, **kwargs)
+
+
 @dataclass(frozen=True, slots=True)
 class MultiModalConfig:
     """Image/video inputs (front end only): --limit-mm-per-prompt, --mm-processor-kwargs,
@@ -209,9 +223,13 @@ class EngineArgs:
 
     # ---- command line -------------------------------------------------------------------------
     @staticmethod
-    def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    def add_cli_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (),
+                     only_when_given: bool = False, title: str = "engine") -> argparse.ArgumentParser:
+        """The engine flags. skip: flags the caller's parser owns (the benchmarks' --model and
+        --seed); only_when_given: no defaults, so the namespace holds only the flags given (the
+        benchmarks hand exactly those to LLM(...), which applies the engine's defaults)."""
         d = EngineArgs()
-        g = parser.add_argument_group("engine")
+        g = _FlagGroup(parser.add_argument_group(title), skip, only_when_given)
         g.add_argument("--model", type=str, default=None,
                        help="Local Hugging Face checkpoint folder (default: the built-in dummy ERNIE-4.5-0.3B).")
         g.add_argument("--tokenizer", type=str, default=None, help="Tokenizer folder (default: the model folder).")
@@ -247,7 +265,7 @@ class EngineArgs:
                             "there and copied back on a hit instead of recomputed (needs prefix caching).")
         g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                        help="Reuse the KV blocks of shared prompt prefixes (on by default, as in FastDeploy 2.2).")
-        add_parallel_cli_args(parser, d)
+        add_parallel_cli_args(parser, d, skip, only_when_given)
         g.add_argument("--quantization", type=str, default=None,
                        help="Quantize the bf16 checkpoint while loading: wint8, wint4 (weight-only int8/int4), "
                             "block_wise_fp8 or fp8 (Hopper); FastDeploy's JSON form "
@@ -407,8 +425,9 @@ class EngineArgs:
         return self.max_model_len
 
 
-def add_parallel_cli_args(parser: argparse.ArgumentParser, d: "EngineArgs") -> None:
-    g = parser.add_argument_group("parallelism")
+def add_parallel_cli_args(parser: argparse.ArgumentParser, d: "EngineArgs", skip: tuple[str, ...] = (),
+                          only_when_given: bool = False) -> None:
+    g = _FlagGroup(parser.add_argument_group("parallelism"), skip, only_when_given)
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.tensor_parallel_size,
                    help="Devices per model replica: attention heads, MLPs and the vocabulary split over them "
                         "(one process each; NCCL on GPUs, gloo on CPU).")

@@ -26,24 +26,8 @@ from ernieserve.bench.datasets import (
 from ernieserve.engine.step_stats import report_step_stats
 from ernieserve.sampling_params import SamplingParams
 
-# (flag, type); store_true flags have type None. Each reaches LLM(...) only when given.
-_ENGINE_FLAGS: list[tuple[str, type | None]] = [
-    ("--max-num-seqs", int),
-    ("--max-num-batched-tokens", int),
-    ("--max-model-len", int),
-    ("--device", str),
-    ("--dtype", str),
-    ("--load-format", str),
-    ("--gpu-memory-utilization", float),
-    ("--block-size", int),
-    ("--num-gpu-blocks-override", int),
-    ("--tensor-parallel-size", int),
-    ("--enable-expert-parallel", None),
-    ("--quantization", str),
-    ("--quantization-config", str),
-    ("--kv-cache-ratio", float),
-    ("--enforce-eager", None),
-]
+# the benchmark's own flags of the same names: --model (required here) and --seed (the dataset's)
+_OWN_FLAGS = ("--model", "--seed")
 
 
 class OfflineLLM(Protocol):
@@ -55,23 +39,23 @@ class OfflineLLM(Protocol):
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("engine (passed to LLM(...) when given)")
-    for flag, kind in _ENGINE_FLAGS:
-        if kind is None:
-            group.add_argument(flag, action="store_true", default=None)
-        else:
-            group.add_argument(flag, type=kind, default=None)
+    """Every engine flag the server takes (EngineArgs), as in `vllm bench`; each reaches LLM(...)
+    only when given."""
+    from ernieserve.config import EngineArgs
+
+    EngineArgs.add_cli_args(parser, skip=_OWN_FLAGS, only_when_given=True,
+                            title="engine (the server's engine flags, passed to LLM(...) when given)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The engine flags the user gave, as LLM keyword arguments."""
-    kwargs: dict[str, Any] = {}
-    for flag, _ in _ENGINE_FLAGS:
-        name = flag.lstrip("-").replace("-", "_")
-        value = getattr(args, name, None)
-        if value is not None:
-            kwargs[name] = value
-    return kwargs
+    import dataclasses
+
+    from ernieserve.config import EngineArgs
+
+    own = {f.lstrip("-").replace("-", "_") for f in _OWN_FLAGS}
+    names = {f.name for f in dataclasses.fields(EngineArgs)} - own
+    return {name: value for name, value in vars(args).items() if name in names}
 
 
 def create_llm(args: argparse.Namespace) -> OfflineLLM:

@@ -114,6 +114,18 @@ def test_engine_flags_pass_through() -> None:
     assert bare.func is latency.main
 
 
+def test_every_server_engine_flag_reaches_the_engine() -> None:
+    """As `vllm bench`: the benchmarks take the server's engine flags (EngineArgs), not a list of
+    their own; --model and --seed stay the benchmark's (the dataset's seed)."""
+    args = _parse(["bench", "throughput", "--model", "/m", "--seed", "7", "-tp", "2", "--swap-space", "2",
+                   "--graph-optimization-config", '{"cudagraph_mixed_steps": false}', "--no-enable-prefix-caching",
+                   "--quantization", "wint8"])
+    assert throughput.engine_kwargs(args) == {
+        "tensor_parallel_size": 2, "swap_space": 2.0, "graph_optimization_config": '{"cudagraph_mixed_steps": false}',
+        "enable_prefix_caching": False, "quantization": "wint8"}
+    assert args.seed == 7
+
+
 def test_throughput_with_fake_llm(tokenizer, tmp_path: Path,
                                   capsys: pytest.CaptureFixture[str]) -> None:
     out_json = tmp_path / "tp.json"
