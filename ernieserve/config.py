@@ -40,12 +40,12 @@ class _FlagGroup:
     def __init__(self, group: Any, skip: tuple[str, ...], only_when_given: bool) -> None:
         self.group, self.skip, self.only_when_given = group, skip, only_when_given
 
-    def add_argument(self, *flags: str, **kwargs: Any) -> None:
+    def add_argument(self, *flags: str, **kwargs: Any) -> argparse.Action | None:
         if any(f in self.skip for f in flags):
-            return
+            return None
         if self.only_when_given:
             kwargs["default"] = argparse.SUPPRESS
-        self.group.add_argument(*flags, **kwargs)
+        return self.group.add_argument(*flags, **kwargs)
 
 
 @dataclass(frozen=True, slots=True)
