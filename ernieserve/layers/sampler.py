@@ -187,7 +187,8 @@ def _sample(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
         return logits.argmax(dim=-1)
     # greedy rows take the argmax of the same logits: min_p, top_k and top_p always keep a row's
     # maximum (and its lowest id among ties)
-    if meta.min_p is not None or meta.top_k is not None or meta.top_p is not None:
+    filtered = meta.min_p is not None or meta.top_k is not None or meta.top_p is not None
+    if filtered:
         apply_temperature(logits, meta.temperature)  # they act on the scaled distribution
     if meta.min_p is not None:
         apply_min_p(logits, meta.min_p)
@@ -195,7 +196,7 @@ def _sample(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
         apply_top_k_top_p(logits, meta.top_k, meta.top_p)
     keys = row_keys(meta.seeds, logits.shape[0])
     temperature = meta.temperature.to(torch.float32)
-    if meta.min_p is not None or meta.top_k is not None or meta.top_p is not None:
+    if filtered:
         # already scaled above: the race divides by 1 (greedy rows keep 0, i.e. plain argmax)
         temperature = torch.where(temperature < _SAMPLING_EPS, 0.0, 1.0)
     if logits.is_cuda:

@@ -11,6 +11,7 @@ slot -1, so it reads and writes nothing.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Callable
 
@@ -45,25 +46,18 @@ class CudaGraphRunner:
         self.device = device
         self.mrope = bool(getattr(model, "uses_mrope", False))  # 3-D rotary: positions [3, bs]
         i32, i64 = dict(dtype=torch.int32, device=device), dict(dtype=torch.int64, device=device)
-        # Per-step inputs are views of two device buffers, one 64-bit and one 32-bit, so that a step
-        # fills them with two host-to-device copies (from rotating pinned host buffers of the same
-        # layout) instead of one per input. The sampling race runs inside the graph too
-        # (kernels/sampling.py): per-row temperature and hash key in, sampled ids out; a batch that
-        # needs the full sampler ignores `sampled`.
-        mb, npos = self.max_bs, 3 * self.max_bs if self.mrope else self.max_bs
-        # "feed": which input ids (row 0) take which of the previous step's sampled ids (row 1)
-        self._layout64 = {"input_ids": (0, mb), "positions": (mb, mb + npos), "slot_mapping": (mb + npos, 2 * mb + npos),
-                          "keys": (2 * mb + npos, 3 * mb + npos), "feed": (3 * mb + npos, 5 * mb + npos)}
-        self._layout32 = {"seq_lens": (0, mb), "temperature": (mb, 2 * mb)}
-        self._dev64 = torch.zeros(5 * mb + npos, **i64)
-        self._dev32 = torch.zeros(2 * mb, **i32)
-        self.input_ids, self.positions, self.slot_mapping, self.keys, self._feed = self._views(self._dev64, self._layout64)
-        self.seq_lens, temperature_bits = self._views(self._dev32, self._layout32)
-        self.temperature = temperature_bits.view(torch.float32)
+        # The sampling race runs inside the graph too (kernels/sampling.py): per-row temperature and
+        # hash key in, sampled ids out; a batch that needs the full sampler ignores `sampled`.
+        # "feed": which input ids (row 0) take which of the previous step's sampled ids (row 1).
+        mb = self.max_bs
+        self.inputs = PackedInputs({
+            "input_ids": ((mb,), torch.int64), "positions": ((3, mb) if self.mrope else (mb,), torch.int64),
+            "slot_mapping": ((mb,), torch.int64), "keys": ((mb,), torch.int64), "feed": ((2, mb), torch.int64),
+            "seq_lens": ((mb,), torch.int32), "temperature": ((mb,), torch.float32)}, device)
+        dev = self.inputs.device_views
+        self.input_ids, self.positions, self.slot_mapping = dev["input_ids"], dev["positions"], dev["slot_mapping"]
+        self.keys, self._feed, self.seq_lens, self.temperature = dev["keys"], dev["feed"], dev["seq_lens"], dev["temperature"]
         self.slot_mapping.fill_(-1)
-        pinned = device.type == "cuda"
-        self._staging = [_Staging(self, pinned) for _ in range(3)]
-        self._next_staging = 0
         self.query_start_loc = torch.arange(self.max_bs + 1, **i32)  # one token per request, always
         self.block_tables = torch.zeros(self.max_bs, self.max_blocks, **i32)
         self.sampled = torch.zeros(self.max_bs, **i64)
@@ -73,14 +67,6 @@ class CudaGraphRunner:
         # sum(sizes) * vocab values (about 0.9 GB for ERNIE's 103k vocabulary at 256 sequences)
         self.logits: torch.Tensor | None = None
         self._bucket = np.searchsorted  # smallest capture size >= n
-
-    def _views(self, buf: torch.Tensor, layout: dict[str, tuple[int, int]]) -> list[torch.Tensor]:
-        views = [buf[lo:hi] for lo, hi in layout.values()]
-        if "positions" in layout:
-            views[4] = views[4].view(2, self.max_bs)  # feed
-            if self.mrope:
-                views[1] = views[1].view(3, self.max_bs)
-        return views
 
     def _meta(self, bs: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -124,38 +110,44 @@ class CudaGraphRunner:
         n = len(step.req_ids)
         bs = self.sizes[int(self._bucket(self.sizes, n))]
         width = step.block_table.shape[1]
-        # a host staging buffer the device has finished copying from (three rotate; steps overlap by one)
-        k = self._next_staging
-        self._next_staging = (k + 1) % len(self._staging)
-        stage = self._staging[k]
-        if stage.copied is not None:
-            stage.copied.synchronize()
         # pad on the host so the step costs copies only, no fill kernels: a padded row's slot is -1
         # and its context length 0 (its other inputs keep earlier, valid values)
-        stage.ids[:n] = step.input_ids
-        stage.pos[..., :n] = step.mrope_positions if self.mrope else step.positions
-        stage.slots[:n] = step.slot_mapping
-        stage.slots[n:bs] = -1
-        stage.seq_lens[:n] = step.seq_lens
-        stage.seq_lens[n:bs] = 0
-        if sampling is not None:
-            stage.temperature[:n] = sampling[0]
-            stage.keys[:n] = sampling[1]
-        num_fed = len(step.inflight_pos)
-        if num_fed:
-            stage.feed[0, :num_fed] = step.inflight_pos
-            stage.feed[1, :num_fed] = step.inflight_src
-        self._dev64.copy_(stage.host64, non_blocking=True)
-        self._dev32.copy_(stage.host32, non_blocking=True)
-        if self.device.type == "cuda":
-            stage.copied = torch.cuda.Event()
-            stage.copied.record()
+        host = self.inputs.next_host()
+        host["input_ids"][:n] = step.input_ids
+        host["positions"][..., :n] = step.mrope_positions if self.mrope else step.positions
+        host["slot_mapping"][:n] = step.slot_mapping
+        host["slot_mapping"][n:bs] = -1
+        host["seq_lens"][:n] = step.seq_lens
+        host["seq_lens"][n:bs] = 0
+        num_fed = stage_sampling_and_feed(host, step, sampling, n)
+        self.inputs.upload()
         self.block_tables[:n, :width].copy_(torch.from_numpy(step.block_table), non_blocking=True)
-        if num_fed:
-            assert prev_sampled is not None
-            self.input_ids.index_copy_(0, self._feed[0, :num_fed], prev_sampled.index_select(0, self._feed[1, :num_fed]))
+        feed_inflight(self.input_ids, self._feed, prev_sampled, num_fed)
         self.graphs[bs].replay()
         return self.logits[:n]
+
+
+def stage_sampling_and_feed(host: dict[str, np.ndarray], step: StepInputs,
+                            sampling: tuple[np.ndarray, np.ndarray] | None, rows: int) -> int:
+    """Into a graph's host inputs: the race's per-row (temperature, key) of the first `rows`
+    sampling rows, and the feed (which input ids take which of the previous step's sampled ids).
+    Returns the number of fed ids."""
+    if sampling is not None:
+        host["temperature"][:rows] = sampling[0]
+        host["keys"][:rows] = sampling[1]
+    num_fed = len(step.inflight_pos)
+    if num_fed:
+        host["feed"][0, :num_fed] = step.inflight_pos
+        host["feed"][1, :num_fed] = step.inflight_src
+    return num_fed
+
+
+def feed_inflight(input_ids: torch.Tensor, feed: torch.Tensor, prev_sampled: torch.Tensor | None,
+                  num_fed: int) -> None:
+    """On the device: the fed input ids from the previous step's sampled ids (feed uploaded)."""
+    if num_fed:
+        assert prev_sampled is not None
+        input_ids.index_copy_(0, feed[0, :num_fed], prev_sampled.index_select(0, feed[1, :num_fed]))
 
 
 @torch.inference_mode()
@@ -180,18 +172,61 @@ def capture_graphs(sizes: list[int], forward: Callable[[int], None], device: tor
     return graphs
 
 
-class _Staging:
-    """One host copy of the graphs' packed inputs (pinned on CUDA), with numpy views of its parts,
-    and the event behind the last copy out of it."""
+class PackedInputs:
+    """A graph's per-step inputs as views of two device buffers, one of 64-bit and one of 32-bit
+    words, so that a step fills them with two host-to-device copies instead of one per input. The
+    host side rotates over three buffers of the same layout (pinned on CUDA): a step writes one
+    that the device has finished copying from (steps overlap by one), through numpy views."""
 
-    def __init__(self, owner: CudaGraphRunner, pinned: bool) -> None:
-        self.host64 = torch.zeros(owner._dev64.numel(), dtype=torch.int64, pin_memory=pinned)
-        self.host32 = torch.zeros(owner._dev32.numel(), dtype=torch.int32, pin_memory=pinned)
-        self.ids, self.pos, self.slots, self.keys, self.feed = (v.numpy() for v in owner._views(self.host64,
-                                                                                               owner._layout64))
-        seq_lens, temperature_bits = owner._views(self.host32, owner._layout32)
-        self.seq_lens, self.temperature = seq_lens.numpy(), temperature_bits.view(torch.float32).numpy()
-        self.copied: torch.cuda.Event | None = None
+    _WIDE = (torch.int64,)
+    _COPIES = 3
+
+    def __init__(self, fields: dict[str, tuple[tuple[int, ...], torch.dtype]], device: torch.device) -> None:
+        self._fields = fields
+        self._offsets: dict[str, int] = {}
+        size = {True: 0, False: 0}
+        for name, (shape, dtype) in fields.items():
+            wide = dtype in self._WIDE
+            self._offsets[name] = size[wide]
+            size[wide] += math.prod(shape)
+        self._dev64 = torch.zeros(size[True], dtype=torch.int64, device=device)
+        self._dev32 = torch.zeros(size[False], dtype=torch.int32, device=device)
+        self.device_views = self._views(self._dev64, self._dev32)
+        pinned = device.type == "cuda"
+        self._hosts = []
+        for _ in range(self._COPIES):
+            h64 = torch.zeros(size[True], dtype=torch.int64, pin_memory=pinned)
+            h32 = torch.zeros(size[False], dtype=torch.int32, pin_memory=pinned)
+            self._hosts.append((h64, h32, {k: v.numpy() for k, v in self._views(h64, h32).items()}))
+        self._events: list[torch.cuda.Event | None] = [None] * self._COPIES
+        self._next = 0
+
+    def _views(self, buf64: torch.Tensor, buf32: torch.Tensor) -> dict[str, torch.Tensor]:
+        views = {}
+        for name, (shape, dtype) in self._fields.items():
+            buf = buf64 if dtype in self._WIDE else buf32
+            lo = self._offsets[name]
+            view = buf[lo:lo + math.prod(shape)].view(shape)
+            views[name] = view.view(dtype) if view.dtype != dtype else view  # float32 shares the 32-bit words
+        return views
+
+    def next_host(self) -> dict[str, np.ndarray]:
+        """The next host buffer's numpy views, once the device has finished copying from it."""
+        event = self._events[self._next]
+        if event is not None:
+            event.synchronize()
+        return self._hosts[self._next][2]
+
+    def upload(self) -> None:
+        """Copy the buffer `next_host` returned to the device (two copies), then rotate."""
+        h64, h32, _ = self._hosts[self._next]
+        self._dev64.copy_(h64, non_blocking=True)
+        self._dev32.copy_(h32, non_blocking=True)
+        if self._dev64.is_cuda:
+            event = torch.cuda.Event()
+            event.record()
+            self._events[self._next] = event
+        self._next = (self._next + 1) % self._COPIES
 
 
 def _ranges(sizes: list[int]) -> str:

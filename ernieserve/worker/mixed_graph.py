@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from ernieserve.attention.base import AttentionBackend, AttentionMetadata
-from ernieserve.worker.cuda_graph import capture_graphs, race_kernel
+from ernieserve.worker.cuda_graph import (PackedInputs, capture_graphs, feed_inflight, race_kernel,
+                                          stage_sampling_and_feed)
 from ernieserve.worker.input_batch import StepInputs
 
 logger = logging.getLogger(__name__)
@@ -50,15 +51,19 @@ class MixedGraphRunner:
         self.device = device
         i32, i64 = dict(dtype=torch.int32, device=device), dict(dtype=torch.int64, device=device)
         t, r = self.max_tokens, max_reqs
-        self.input_ids = torch.zeros(t, **i64)
-        self.positions = torch.zeros(t, **i64)
-        self.slot_mapping = torch.full((t,), -1, **i64)
-        self.query_start_loc = torch.zeros(r + 1, **i32)
-        self.seq_lens = torch.zeros(r, **i32)
+        # sample_index: the token row of each sampling request, in sampling order; feed: which input
+        # ids (row 0) take which of the previous step's sampled ids (row 1)
+        self.inputs = PackedInputs({
+            "input_ids": ((t,), torch.int64), "positions": ((t,), torch.int64), "slot_mapping": ((t,), torch.int64),
+            "sample_index": ((r,), torch.int64), "keys": ((r,), torch.int64), "feed": ((2, r), torch.int64),
+            "query_start_loc": ((r + 1,), torch.int32), "seq_lens": ((r,), torch.int32),
+            "temperature": ((r,), torch.float32)}, device)
+        dev = self.inputs.device_views
+        self.input_ids, self.positions, self.slot_mapping = dev["input_ids"], dev["positions"], dev["slot_mapping"]
+        self.sample_index, self.keys, self._feed = dev["sample_index"], dev["keys"], dev["feed"]
+        self.query_start_loc, self.seq_lens, self.temperature = dev["query_start_loc"], dev["seq_lens"], dev["temperature"]
+        self.slot_mapping.fill_(-1)
         self.block_tables = torch.zeros(r, self.max_blocks, **i32)
-        self.sample_index = torch.zeros(r, **i64)  # the token row of each sampling request, in sampling order
-        self.temperature = torch.zeros(r, dtype=torch.float32, device=device)
-        self.keys = torch.zeros(r, **i64)
         self.sampled = torch.zeros(r, **i64)
         self.logits: torch.Tensor | None = None  # [max_reqs, vocab], shared by every graph
         self._race = race_kernel()
@@ -104,29 +109,22 @@ class MixedGraphRunner:
         n_tok, n_req, n_smp = int(step.query_start_loc[-1]), len(step.req_ids), len(step.sample_rows)
         tokens = self.sizes[int(np.searchsorted(self.sizes, n_tok))]
         # padded tokens: slot -1, no request; padded requests: empty query range, no context
-        slots = np.full(tokens, -1, dtype=np.int64)
-        slots[:n_tok] = step.slot_mapping
-        qsl = np.full(self.max_reqs + 1, n_tok, dtype=np.int32)
-        qsl[: n_req + 1] = step.query_start_loc
-        seq_lens = np.zeros(self.max_reqs, dtype=np.int32)
-        seq_lens[:n_req] = step.seq_lens
-        rows = np.zeros(self.max_reqs, dtype=np.int64)
-        rows[:n_smp] = step.query_start_loc[1:][step.sample_rows] - 1
-        self.input_ids[:n_tok].copy_(torch.from_numpy(step.input_ids), non_blocking=True)
-        self.positions[:n_tok].copy_(torch.from_numpy(step.positions), non_blocking=True)
-        self.slot_mapping[:tokens].copy_(torch.from_numpy(slots), non_blocking=True)
-        self.query_start_loc.copy_(torch.from_numpy(qsl), non_blocking=True)
-        self.seq_lens.copy_(torch.from_numpy(seq_lens), non_blocking=True)
+        host = self.inputs.next_host()
+        host["input_ids"][:n_tok] = step.input_ids
+        host["positions"][:n_tok] = step.positions
+        host["slot_mapping"][:n_tok] = step.slot_mapping
+        host["slot_mapping"][n_tok:tokens] = -1
+        host["query_start_loc"][: n_req + 1] = step.query_start_loc
+        host["query_start_loc"][n_req + 1:] = n_tok
+        host["seq_lens"][:n_req] = step.seq_lens
+        host["seq_lens"][n_req:] = 0
+        host["sample_index"][:n_smp] = step.query_start_loc[1:][step.sample_rows] - 1
+        host["sample_index"][n_smp:] = 0
+        num_fed = stage_sampling_and_feed(host, step, sampling, n_smp)
+        self.inputs.upload()
         self.block_tables[:n_req, : step.block_table.shape[1]].copy_(torch.from_numpy(step.block_table),
                                                                      non_blocking=True)
-        self.sample_index.copy_(torch.from_numpy(rows), non_blocking=True)
-        if sampling is not None:
-            self.temperature[:n_smp].copy_(torch.from_numpy(sampling[0]), non_blocking=True)
-            self.keys[:n_smp].copy_(torch.from_numpy(sampling[1]), non_blocking=True)
-        if step.inflight_pos:
-            assert prev_sampled is not None
-            idx = torch.tensor([step.inflight_pos, step.inflight_src], dtype=torch.int64).to(self.device, non_blocking=True)
-            self.input_ids.index_copy_(0, idx[0], prev_sampled.index_select(0, idx[1]))
+        feed_inflight(self.input_ids, self._feed, prev_sampled, num_fed)
         self.graphs[tokens].replay()
         assert self.logits is not None
         return self.logits[:n_smp] if n_smp else None

@@ -9,22 +9,13 @@ does, so bit-exactness in bf16 is checked only in tests/gpu/test_fused_elementwi
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
-# Interpreter vs compiled code is fixed when triton is first imported (see test_paged_attention).
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-triton = pytest.importorskip("triton")
+from interpreter import require_interpreter  # noqa: E402 (tests/kernels)
 
-if "Interpreted" not in type(triton.language.cdiv).__name__:
-    pytest.skip(
-        "triton was imported without TRITON_INTERPRET=1 (by an earlier test module, or on a GPU machine); "
-        "run with TRITON_INTERPRET=1, or set it in tests/conftest.py",
-        allow_module_level=True,
-    )
+triton = require_interpreter()
 
 from ernieserve.kernels.activation import BLOCK as SILU_BLOCK  # noqa: E402
 from ernieserve.kernels.activation import silu_and_mul  # noqa: E402

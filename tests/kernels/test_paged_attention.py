@@ -8,30 +8,13 @@ GQA 1/2/4/8, head_dim 64/128 and non-powers of two, decode splits that end up em
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
-# Triton picks interpreter vs GPU code when @triton.jit decorates a function, triton.language's
-# own helpers (tl.cdiv, tl.max, ...) included, so the flag must be set before triton is first
-# imported. Off-GPU nothing but the interpreter can run the kernels, so setting it process-wide
-# is harmless there; on a GPU machine these tests run only if the caller asked for the interpreter.
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-triton = pytest.importorskip("triton")
+from interpreter import interpreted as _interpreted, require_interpreter  # noqa: E402 (tests/kernels)
 
-
-def _interpreted(fn: object) -> bool:
-    return "Interpreted" in type(fn).__name__
-
-
-if not _interpreted(triton.language.cdiv):
-    pytest.skip(
-        "triton was imported without TRITON_INTERPRET=1 (by an earlier test module, or on a GPU machine); "
-        "run with TRITON_INTERPRET=1, or set it in tests/conftest.py",
-        allow_module_level=True,
-    )
+triton = require_interpreter()
 
 from ernieserve.attention import triton_attn
 from ernieserve.attention.base import AttentionMetadata

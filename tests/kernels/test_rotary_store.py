@@ -7,18 +7,13 @@ power of two, padding rows (slot -1) and tokens landing in several cache blocks.
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-triton = pytest.importorskip("triton")
+from interpreter import require_interpreter  # noqa: E402 (tests/kernels)
 
-if "Interpreted" not in type(triton.language.cdiv).__name__:
-    pytest.skip("triton was imported without TRITON_INTERPRET=1 (by an earlier test module, or on a GPU machine)",
-                allow_module_level=True)
+triton = require_interpreter()
 
 from ernieserve.attention.torch_ref import store_kv  # noqa: E402
 from ernieserve.kernels.rotary import apply_rotary_and_store_kv_  # noqa: E402

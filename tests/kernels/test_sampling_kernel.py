@@ -9,18 +9,13 @@ ulps (never at these seeds).
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-triton = pytest.importorskip("triton")
+from interpreter import require_interpreter  # noqa: E402 (tests/kernels)
 
-if "Interpreted" not in type(triton.language.cdiv).__name__:
-    pytest.skip("triton was imported without TRITON_INTERPRET=1 (by an earlier test module, or on a GPU machine)",
-                allow_module_level=True)
+triton = require_interpreter()
 
 from ernieserve.kernels import sampling  # noqa: E402
 from ernieserve.layers.sampler import gumbel_race_reference, hashed_uniform  # noqa: E402
