@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device session's measurements, stage by stage, each under its own time limit, logs to $OUT.
-dense|dense|densemixed|mixedprof|decodeprof|serve|moe|moegemv|sampling|quant|quantprof ...
+# stages: tests dense densemixed mixedprof decodeprof serve moe moegemv sampling quant quantprof ...
 # Every figure in docs/performance.md names the stage that produced it.
 # QUANT_METHODS (quant, quantprof stages): the --quantization methods to run, "none" = bf16
 #   (default "none wint8 wint4"; e.g. QUANT_METHODS="fp8 block_wise_fp8" on Hopper).

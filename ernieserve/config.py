@@ -279,8 +279,7 @@ class EngineArgs:
         g.add_argument("--graph-optimization-config", type=str, default=None,
                        help='JSON, e.g. \'{"use_cudagraph": true, "cudagraph_capture_sizes": [1, 2, 4, 8]}\'; '
                             '"cudagraph_mixed_steps" also captures mixed prefill+decode steps per token count '
-                            '(default: on for dense text models, off for MoE models until verified on a GPU; '
-                            'false runs them eagerly).')
+                            '(default: on for text models; false runs them eagerly).')
         g.add_argument("--limit-mm-per-prompt", type=str, default=None,
                        help='Most images/videos in one prompt, JSON: \'{"image": 10, "video": 3}\' (default: '
                             'FastDeploy\'s 1 image and 1 video; more in one request is a 400).')

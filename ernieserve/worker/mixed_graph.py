@@ -1,4 +1,4 @@
-"""CUDA graphs for mixed steps: prefill chunks and decodes together (on by default for dense models).
+"""CUDA graphs for mixed steps: prefill chunks and decodes together (on by default for text models).
 
 Run eagerly, a mixed step is a few hundred launches at ~34 µs each on an H100, 8-9 ms for
 ERNIE-4.5-0.3B whatever the token count. These graphs capture the whole step (model, the LM head
@@ -10,9 +10,9 @@ tokens have slot -1 and belong to no request (their attention output is zero).
 
 Token buckets: 16, 32, 64, 128, 256, then every 256 up to max_num_batched_tokens, so padding
 wastes at most 256 tokens of compute. Steps that need every token's hidden state (prompt logprobs)
-or multimodal embeddings stay eager. MoE models run mixed steps eagerly unless
-`--graph-optimization-config '{"cudagraph_mixed_steps": true}'`: their GPU equality test has not
-finished yet (tests/gpu/test_engine_gpu.py). `'{"cudagraph_mixed_steps": false}'` turns them off. Measured on an H100 (docs/performance.md, 2026-11-22 14:54): the 0.3B offline
+or multimodal embeddings stay eager. Dense and MoE text models alike (their GPU token-equality
+tests: tests/gpu/test_engine_gpu.py); `--graph-optimization-config '{"cudagraph_mixed_steps": false}'`
+turns them off. Measured on an H100 (docs/performance.md, 2026-11-22 14:54): the 0.3B offline
 workload ran at 48,944 output tok/s with them, 19,637 without.
 """
 

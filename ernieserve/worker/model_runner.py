@@ -162,17 +162,12 @@ class ModelRunner:
             self.mixed_graphs = MixedGraphRunner(self.model, self.backend, sched.max_num_batched_tokens,
                                                  sched.max_num_seqs, sched.max_model_len, self.block_size, self.device)
             self.mixed_graphs.capture()
-        elif self.config.device.cudagraph_mixed_steps is None and self.config.model.is_moe:
-            logger.info("Mixed prefill+decode steps run eagerly on MoE models unless --graph-optimization-config "
-                        "'{\"cudagraph_mixed_steps\": true}' (not yet verified on a GPU for MoE)")
 
     def _mixed_graphs_wanted(self) -> bool:
         """--graph-optimization-config cudagraph_mixed_steps, on a text model (multimodal steps
         splice encoder rows into the embeddings on the host's schedule)."""
         want = self.config.device.cudagraph_mixed_steps
-        if want is None:  # default: dense text models (MoE under these graphs is not GPU-verified yet)
-            want = not self.config.model.is_moe
-        return (want and not self.supports_multimodal
+        return (want is not False and not self.supports_multimodal
                 and not self.config.device.enforce_eager and self.backend.supports_cuda_graph())
 
     @torch.inference_mode()

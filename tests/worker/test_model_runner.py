@@ -9,11 +9,11 @@ from ernieserve.config import EngineArgs
 
 
 @pytest.mark.parametrize("flag, preset, wanted", [
-    (None, "tiny-ernie-4.5", True), (None, "tiny-ernie-4.5-moe", False),
-    ('{"cudagraph_mixed_steps": true}', "tiny-ernie-4.5-moe", True),
+    (None, "tiny-ernie-4.5", True), (None, "tiny-ernie-4.5-moe", True),
+    ('{"cudagraph_mixed_steps": false}', "tiny-ernie-4.5-moe", False),
     ('{"cudagraph_mixed_steps": false}', "tiny-ernie-4.5", False)])
-def test_mixed_step_graphs_default_to_dense_models(checkpoint_factory, flag, preset, wanted):
-    """On by default for dense text models; MoE models until their GPU test passes need the flag."""
+def test_mixed_step_graphs_default_to_text_models(checkpoint_factory, flag, preset, wanted):
+    """On by default for dense and MoE text models (both GPU-verified); false turns them off."""
     from types import SimpleNamespace
 
     from ernieserve.worker.model_runner import ModelRunner
