@@ -306,7 +306,7 @@ def _decode_split_kernel(
     stride_pr, stride_ph, stride_ps,  # part_out [num_reqs, num_heads, num_splits, head_dim]
     stride_lr, stride_lh,  # part_lse [num_reqs, num_heads, num_splits] (split stride 1)
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WRITE_FINAL: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_PAD: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     # Decode-only steps: request r's single new token is query row r.
@@ -314,80 +314,82 @@ def _decode_split_kernel(
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + req)  # the new token sees all seq_len keys, itself included
-    # each request cuts its own context into num_splits BLOCK_N-aligned ranges
-    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-    n_begin = split * split_len
-    n_end = tl.minimum(n_begin + split_len, seq_len)
+    # each request cuts its own context into BLOCK_N-aligned ranges of split_len keys; only the
+    # first `used` splits hold keys (a CUDA graph fixes num_splits for the longest context, most
+    # steps' contexts are shorter): the others do nothing, and one used split writes the output
+    # itself. Split 0 always runs, so a padded request (seq_len 0) gets a zero row.
+    split_len = tl.maximum(tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N, BLOCK_N)
+    used = tl.maximum(tl.cdiv(seq_len, split_len), 1)
+    if split < used:
+        n_begin = split * split_len
+        n_end = tl.minimum(n_begin + split_len, seq_len)
 
-    offs_g = tl.arange(0, GROUP_PAD)  # [GROUP_PAD] rows: query heads of this kv head (padded for tl.dot)
-    head = kvh * GROUP + offs_g
-    g_ok = offs_g < GROUP
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    row = req.to(tl.int64)
-    q = tl.load(
-        q_ptr + row * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
-        mask=g_ok[:, None] & d_ok[None, :], other=0.0,
-    )  # [GROUP_PAD, BLOCK_D]
-    if DOT_FP32:
-        q = q.to(tl.float32)
+        offs_g = tl.arange(0, GROUP_PAD)  # [GROUP_PAD] rows: query heads of this kv head (padded for tl.dot)
+        head = kvh * GROUP + offs_g
+        g_ok = offs_g < GROUP
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < HEAD_DIM
+        mask = g_ok[:, None] & d_ok[None, :]
+        row = req.to(tl.int64)
+        q = tl.load(q_ptr + row * stride_qt + head[:, None] * stride_qh + offs_d[None, :], mask=mask,
+                    other=0.0)  # [GROUP_PAD, BLOCK_D]
+        if DOT_FP32:
+            q = q.to(tl.float32)
 
-    m_i = tl.full([GROUP_PAD], -1.0e30, dtype=tl.float32)
-    l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
-    acc = tl.zeros([GROUP_PAD, BLOCK_D], dtype=tl.float32)
-    # every key of the split is visible to the new token: only the split's ragged last tile is masked
-    q_pos = tl.full([GROUP_PAD], 0, tl.int32) + (seq_len - 1)
-    full_end = n_begin + tl.maximum(n_end - n_begin, 0) // BLOCK_N * BLOCK_N
-    bt_row = block_tables_ptr + row * stride_bt
-    kv_head_off = kvh * stride_ch
-    for n0 in range(n_begin, full_end, BLOCK_N):
-        acc, m_i, l_i = _attend_kv_tile(
-            q, acc, m_i, l_i, n0, n_end, q_pos, k_cache_ptr, v_cache_ptr, bt_row, kv_head_off, qk_scale,
-            stride_cb, stride_cs, HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D, False, DOT_PRECISION,
-        )
-    for n0 in range(full_end, n_end, BLOCK_N):
-        acc, m_i, l_i = _attend_kv_tile(
-            q, acc, m_i, l_i, n0, n_end, q_pos, k_cache_ptr, v_cache_ptr, bt_row, kv_head_off, qk_scale,
-            stride_cb, stride_cs, HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D, True, DOT_PRECISION,
-        )
+        m_i = tl.full([GROUP_PAD], -1.0e30, dtype=tl.float32)
+        l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
+        acc = tl.zeros([GROUP_PAD, BLOCK_D], dtype=tl.float32)
+        # every key of the split is visible to the new token: only the split's ragged last tile is masked
+        q_pos = tl.full([GROUP_PAD], 0, tl.int32) + (seq_len - 1)
+        full_end = n_begin + tl.maximum(n_end - n_begin, 0) // BLOCK_N * BLOCK_N
+        bt_row = block_tables_ptr + row * stride_bt
+        kv_head_off = kvh * stride_ch
+        for n0 in range(n_begin, full_end, BLOCK_N):
+            acc, m_i, l_i = _attend_kv_tile(
+                q, acc, m_i, l_i, n0, n_end, q_pos, k_cache_ptr, v_cache_ptr, bt_row, kv_head_off, qk_scale,
+                stride_cb, stride_cs, HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D, False, DOT_PRECISION,
+            )
+        for n0 in range(full_end, n_end, BLOCK_N):
+            acc, m_i, l_i = _attend_kv_tile(
+                q, acc, m_i, l_i, n0, n_end, q_pos, k_cache_ptr, v_cache_ptr, bt_row, kv_head_off, qk_scale,
+                stride_cb, stride_cs, HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D, True, DOT_PRECISION,
+            )
 
-    has_keys = l_i > 0.0  # False for an empty split (short context) or a padded request (seq_len 0)
-    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    mask = g_ok[:, None] & d_ok[None, :]
-    if WRITE_FINAL:
-        tl.store(
-            out_ptr + row * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
-            out.to(out_ptr.dtype.element_ty), mask=mask,
-        )
-    else:
-        tl.store(
-            part_out_ptr + row * stride_pr + head[:, None] * stride_ph + split * stride_ps + offs_d[None, :],
-            out, mask=mask,
-        )
-        lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))  # base 2
-        tl.store(part_lse_ptr + row * stride_lr + head * stride_lh + split, lse, mask=g_ok)
-        # the last split of this (request, kv head) to finish combines all of them (kernels/split_k.py
-        # has the ticket scheme): weights exp2(lse_s - max lse), normalised; no second launch
-        tl.debug_barrier()  # every thread's partial is written before one thread takes the ticket
-        ticket = tl.atomic_add(counter_ptr + req * tl.num_programs(1) + kvh, 1, sem="acq_rel")
-        if ticket == num_splits - 1:
-            lse_base = part_lse_ptr + row * stride_lr + head * stride_lh
-            lse_max = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
-            for s in range(0, num_splits):
-                lse_max = tl.maximum(lse_max, tl.load(lse_base + s, mask=g_ok, other=float("-inf"),
-                                                      cache_modifier=".cg"))
-            lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)  # every split empty: zeros
-            total = tl.zeros([GROUP_PAD, BLOCK_D], dtype=tl.float32)
-            w_sum = tl.zeros([GROUP_PAD], dtype=tl.float32)
+        has_keys = l_i > 0.0  # False for a padded request (seq_len 0)
+        out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+        out_ptrs = out_ptr + row * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
+        if used == 1:
+            tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
+        else:
             part_base = part_out_ptr + row * stride_pr + head[:, None] * stride_ph + offs_d[None, :]
-            for s in range(0, num_splits):
-                w = tl.exp2(tl.load(lse_base + s, mask=g_ok, other=float("-inf"), cache_modifier=".cg") - lse_max)
-                total += w[:, None] * tl.load(part_base + s * stride_ps, mask=mask, other=0.0, cache_modifier=".cg")
-                w_sum += w
-            final = total / tl.where(w_sum > 0.0, w_sum, 1.0)[:, None]
-            tl.store(out_ptr + row * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
-                     final.to(out_ptr.dtype.element_ty), mask=mask)
-            tl.atomic_xchg(counter_ptr + req * tl.num_programs(1) + kvh, 0)
+            lse_base = part_lse_ptr + row * stride_lr + head * stride_lh
+            tl.store(part_base + split * stride_ps, out, mask=mask)
+            lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))  # base 2
+            tl.store(lse_base + split, lse, mask=g_ok)
+            # the last used split of this (request, kv head) to finish combines them (kernels/split_k.py
+            # has the ticket scheme): weights exp2(lse_s - max lse), normalised; no second launch
+            tl.debug_barrier()  # every thread's partial is written before one thread takes the ticket
+            ticket = tl.atomic_add(counter_ptr + req * tl.num_programs(1) + kvh, 1, sem="acq_rel")
+            if ticket == used - 1:
+                # all splits' lse in one load, the partials four splits at a time: a load per split
+                # in a loop waits out one L2 round trip each (64 splits cost 36 µs that way)
+                offs_s = tl.arange(0, SPLIT_PAD)
+                lse_all = tl.load(lse_base[:, None] + offs_s[None, :], mask=g_ok[:, None] & (offs_s < used)[None, :],
+                                  other=float("-inf"), cache_modifier=".cg")  # [GROUP_PAD, SPLIT_PAD]
+                lse_max = tl.max(lse_all, axis=1)
+                lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)  # every split empty: zeros
+                w_sum = tl.sum(tl.exp2(lse_all - lse_max[:, None]), axis=1)
+                total = tl.zeros([GROUP_PAD, BLOCK_D], dtype=tl.float32)
+                for s0 in range(0, used, 4):
+                    for i in tl.static_range(4):
+                        row_ok = g_ok & (tl.full([GROUP_PAD], s0 + i, tl.int32) < used)
+                        lse_s = tl.load(lse_base + s0 + i, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
+                        part = tl.load(part_base + (s0 + i) * stride_ps, mask=row_ok[:, None] & d_ok[None, :],
+                                       other=0.0, cache_modifier=".cg")
+                        total += tl.exp2(lse_s - lse_max)[:, None] * part
+                final = total / tl.where(w_sum > 0.0, w_sum, 1.0)[:, None]
+                tl.store(out_ptrs, final.to(out_ptr.dtype.element_ty), mask=mask)
+                tl.atomic_xchg(counter_ptr + req * tl.num_programs(1) + kvh, 0)
 
 
 def choose_num_splits(num_reqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
@@ -419,9 +421,10 @@ def paged_attention_decode(
     scratch: torch.Tensor | None = None,  # flat fp32, >= num_reqs * num_heads * num_splits * (head_dim + 1)
     block_n: int | None = None,
 ) -> torch.Tensor:
-    """Split-K decode attention. Grid (num_reqs, num_kv_heads, num_splits); the last split of each
-    (request, kv head) to finish combines the splits by log-sum-exp in the same launch. With
-    num_splits == 1 each program writes the output directly. Capturable: with `out` and `scratch`
+    """Split-K decode attention. Grid (num_reqs, num_kv_heads, num_splits); each request uses as
+    many of the splits as its context fills, and the last of them to finish combines them by
+    log-sum-exp in the same launch. A request whose context fits one split (always, with
+    num_splits == 1) is written directly. Capturable: with `out` and `scratch`
     given it allocates nothing (the split counters are allocated once per device).
     """
     num_tokens, num_heads, head_dim = query.shape
@@ -453,7 +456,7 @@ def paged_attention_decode(
     l_strides = part_lse.stride()[:2] if num_splits > 1 else (0, 0)
 
     counters = split_k.tile_counters(query.device) if num_splits > 1 else out
-    assert num_reqs * num_kv_heads <= split_k.MAX_TILES
+    assert num_reqs * num_kv_heads <= split_k.MAX_TILES and 1 <= num_splits <= MAX_DECODE_SPLITS
     _decode_split_kernel[(num_reqs, num_kv_heads, num_splits)](
         query, k_cache, v_cache, out, part_out, part_lse, counters,
         seq_lens, block_tables,
@@ -462,7 +465,7 @@ def paged_attention_decode(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         *p_strides, *l_strides,
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        BLOCK_N=block_n, BLOCK_D=block_d, WRITE_FINAL=num_splits == 1,
+        BLOCK_N=block_n, BLOCK_D=block_d, SPLIT_PAD=triton.next_power_of_2(MAX_DECODE_SPLITS),
         DOT_PRECISION=_dot_precision(query.dtype), DOT_FP32=_dot_in_fp32(query),
         num_warps=4, num_stages=3,
     )

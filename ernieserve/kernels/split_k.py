@@ -62,9 +62,14 @@ if HAS_TRITON:
             tl.debug_barrier()  # every thread's partial is written before one thread takes the ticket
             ticket = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel")
             if ticket == num_splits - 1:
+                # four splits' loads in flight at a time, added in order: a load per loop step waits
+                # out one L2 round trip each
                 total = tl.zeros_like(acc)
-                for s in range(0, num_splits):
-                    total += tl.load(ws_ptr + s * M * N + part, mask=mask, other=0.0, cache_modifier=".cg")
+                for s0 in range(0, num_splits, 4):
+                    for i in tl.static_range(4):
+                        live = (rm < M) & (tl.full(rm.shape, s0 + i, tl.int32) < num_splits)
+                        total += tl.load(ws_ptr + (s0 + i) * M * N + part, mask=live[:, None] & (rn < N)[None, :],
+                                         other=0.0, cache_modifier=".cg")
                 if HAS_BIAS:
                     total += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
                 tl.store(out, total.to(out_ptr.dtype.element_ty), mask=mask)

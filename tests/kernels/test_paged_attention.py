@@ -151,6 +151,7 @@ DECODE_CASES = [
     (8, 2, 128, 64, torch.float32, 4),
     (16, 2, 128, 64, torch.bfloat16, 8),  # ERNIE-4.5-0.3B head layout, many empty splits
     (4, 1, 96, 16, torch.float16, 2),
+    (4, 2, 64, 16, torch.float32, 64),  # a graph's split count: 1..10 used per request, the rest idle
 ]
 
 

@@ -159,7 +159,7 @@ def test_split_k_tiles_are_reduced_in_the_launch_and_leave_the_counters_clean():
     w, x = torch.randn(70, 200, generator=gen), torch.randn(5, 200, generator=gen)
     bias = torch.randn(70, generator=gen)
     q, s = qm.quantize_int8(w, 0)
-    tiles = GemmTiles(16, 32, 32, 4, 4, 1)  # 3 N tiles x 4 splits
+    tiles = GemmTiles(16, 32, 32, 7, 4, 1)  # 3 N tiles x 7 splits (added four at a time: 4 + 3)
     first = qm.weight_only_matmul(x, q, s, 8, 0, bias, tiles)
     assert not split_k.tile_counters(x.device).any()
     assert torch.equal(qm.weight_only_matmul(x, q, s, 8, 0, bias, tiles), first)
