@@ -442,6 +442,9 @@ def paged_attention_decode(
     assert query.stride(-1) == 1 and out.stride(-1) == 1 and k_cache.stride(-1) == 1
     assert k_cache.stride() == v_cache.stride()
 
+    # int32 tile counters (kernels/split_k.py); the kernel's combine branch is compiled whatever the
+    # split count, so every pointer keeps its type: one variant for all steps
+    counters = split_k.tile_counters(query.device)
     if num_splits > 1:
         need = num_reqs * num_heads * num_splits * (head_dim + 1)
         if scratch is None:
@@ -450,12 +453,11 @@ def paged_attention_decode(
         n_out = num_reqs * num_heads * num_splits * head_dim
         part_out = scratch[:n_out].view(num_reqs, num_heads, num_splits, head_dim)
         part_lse = scratch[n_out:need].view(num_reqs, num_heads, num_splits)
-    else:  # the kernel writes `out` directly; the partial pointers are never read
-        part_out = part_lse = out
-    p_strides = part_out.stride()[:3] if num_splits > 1 else (0, 0, 0)
-    l_strides = part_lse.stride()[:2] if num_splits > 1 else (0, 0)
+        p_strides, l_strides = part_out.stride()[:3], part_lse.stride()[:2]
+    else:  # every request fits its one split and writes `out` directly: fp32 stand-ins, never read
+        part_out = part_lse = counters.view(torch.float32)
+        p_strides, l_strides = (0, 0, 0), (0, 0)
 
-    counters = split_k.tile_counters(query.device) if num_splits > 1 else out
     assert num_reqs * num_kv_heads <= split_k.MAX_TILES and 1 <= num_splits <= MAX_DECODE_SPLITS
     _decode_split_kernel[(num_reqs, num_kv_heads, num_splits)](
         query, k_cache, v_cache, out, part_out, part_lse, counters,
