@@ -1,0 +1,560 @@
+#!/usr/bin/env python3
+"""Compile every Triton kernel the project launches for Hopper (sm_90), ahead of time, on a CPU.
+
+The CPU test suite runs the kernels in Triton's interpreter, which accepts programs the real
+compiler refuses (`tl.atomic_xchg` on a bf16 pointer passed there and failed on the H100 with
+"atomic_xchg does not support bf16"). This script runs the compiler itself, the whole way to a
+cubin (ptxas included), for the argument types production passes, with no GPU:
+
+1. Record. Every @triton.jit function of the project's kernel modules is replaced by a recorder
+   whose ``[grid](*args, **kwargs)`` notes the launch instead of running it. The project's own
+   Python wrappers are then called with small CPU tensors of the dtypes serving uses (bf16
+   activations, int8 / packed uint8 weights, float8_e4m3fn, int32 counters...), at the model
+   shapes and tile policies of an H100 (132 SMs), so each kernel is launched the way it is there.
+2. Build each launch's signature from its arguments, as Triton's launcher does (its own
+   `native_specialize_impl`): tensors become typed pointers (with the launcher's 16-byte alignment
+   attribute, from the real data pointer), ``tl.constexpr`` parameters and None arguments
+   constexprs, Python ints i32 / i64 *without* value specialisation (so branches that only some
+   values take are compiled too), floats fp32, bools u1. ``num_warps``, ``num_stages``,
+   ``enable_fp_fusion``... are compile options. Identical (kernel, signature, constexprs,
+   alignment, options) launches are compiled once.
+3. Compile each with ``triton.compile(..., target=GPUTarget("cuda", 90, 32))`` and check that its
+   shared memory fits an H100 (what Triton checks at the first launch). One line per variant;
+   the exit status is 1 if any failed.
+
+On CPU tensors the wrappers pick a few constexprs for the interpreter (fp32 dot operands, no
+libdevice); `_CUDA_VALUES` puts back the values the same wrappers pass for CUDA tensors, so the
+compiled programs are the ones an H100 runs. Run without TRITON_INTERPRET:
+
+    python3 tests/kernels/compile_sm90.py [-v] [-j JOBS] [--only SUBSTRING] [--as-recorded]
+
+tests/kernels/test_compile_sm90.py runs it in the CPU test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import functools
+import importlib
+import os
+import sys
+import time
+import traceback
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+EXIT_FAILED = 1
+EXIT_UNAVAILABLE = 77  # the test skips on this: no triton, no nvidia backend or ptxas, or interpreter mode
+
+ARCH = 90  # Hopper
+H100_SMS = 132
+H100_MAX_SHARED = 232448  # bytes per block (opt-in), what Triton checks at the first launch on an H100
+
+
+def environment_problem() -> str | None:
+    """Why this machine cannot compile for sm_90, or None."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return f"triton is not installed ({exc})"
+    from triton import knobs
+    from triton.backends import backends
+
+    if knobs.runtime.interpret:
+        return "TRITON_INTERPRET is set: @triton.jit functions are interpreted, not compilable; unset it"
+    if "nvidia" not in backends:
+        return f"triton has no nvidia backend (backends: {sorted(backends)})"
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        get_ptxas(ARCH).path
+    except Exception as exc:  # noqa: BLE001 - any failure to find ptxas means: cannot compile here
+        return f"triton's nvidia backend has no ptxas for sm_{ARCH} ({exc})"
+    return None
+
+
+# ---- recording -------------------------------------------------------------------------------------
+
+# Constexprs the wrappers derive from the tensors' device, and their value for CUDA tensors:
+# DOT_FP32 upcasts dot operands (the interpreter multiplies bf16 as raw bits and has no fp8 dot),
+# LIBDEVICE_EXP picks libdevice's expf (the interpreter has no libdevice). Where DOT_FP32 was on,
+# the weight-only and quantized-MoE wrappers also chose "ieee" precision for the fp32 dot; with
+# bf16 activations (all of this script's) they choose "tf32" on CUDA. A new device-dependent
+# constexpr in a wrapper needs an entry here.
+_CUDA_VALUES = {"DOT_FP32": False, "LIBDEVICE_EXP": True}
+_PRECISION_PARAMS = ("PRECISION", "DOT_PRECISION")
+
+
+@dataclasses.dataclass
+class Launch:
+    case: str  # which wrapper call launched it
+    fn: Any  # the JITFunction
+    signature: dict[str, str]
+    constexprs: dict[tuple[int, ...], Any]
+    attrs: dict[tuple[int, ...], Any]
+    options: dict[str, Any]
+    rewrites: list[str]  # constexprs set to their CUDA value
+
+    @property
+    def name(self) -> str:
+        return f"{self.fn.module}.{self.fn.__name__}"
+
+    def key(self) -> tuple:
+        def items(d: dict) -> tuple:
+            return tuple(sorted((k, repr(v)) for k, v in d.items()))
+
+        return (self.name, tuple(self.signature.items()), items(self.constexprs), items(self.attrs), items(self.options))
+
+    def describe(self) -> str:
+        consts = ", ".join(f"{self.fn.arg_names[k[0]]}={v!r}" for k, v in sorted(self.constexprs.items())
+                           if self.fn.params[k[0]].is_constexpr)
+        nones = [self.fn.arg_names[k[0]] for k, v in self.constexprs.items() if not self.fn.params[k[0]].is_constexpr]
+        ptrs = ", ".join(f"{n}:{t}" for n, t in self.signature.items() if t.startswith("*"))
+        opts = ", ".join(f"{k}={v}" for k, v in sorted(self.options.items()))
+        extra = f"; None: {', '.join(nones)}" if nones else ""
+        return f"[{consts}{extra}] ({ptrs}) {{{opts}}}"
+
+
+class Recorder:
+    """Stands in for a JITFunction: ``kernel[grid](*args, **kwargs)`` records the launch."""
+
+    def __init__(self, fn: Any, session: "Session") -> None:
+        self.fn = fn
+        self.session = session
+
+    def __getitem__(self, grid: Any) -> Callable[..., None]:
+        def launch(*args: Any, **kwargs: Any) -> None:
+            self.session.record(self.fn, args, kwargs)
+
+        return launch
+
+    def __getattr__(self, name: str) -> Any:  # arg_names, __name__, ... of the kernel
+        return getattr(self.fn, name)
+
+
+class Session:
+    def __init__(self, as_recorded: bool) -> None:
+        from triton.backends.nvidia.compiler import CUDAOptions
+        from triton.compiler.compiler import make_backend
+
+        self.backend = make_backend(_target())
+        self.option_names = set(CUDAOptions.__dataclass_fields__)
+        self.as_recorded = as_recorded
+        self.case = "?"
+        self.launches: list[Launch] = []
+        self.case_errors: list[tuple[str, str]] = []
+
+    @contextlib.contextmanager
+    def in_case(self, label: str) -> Iterator[None]:
+        self.case = label
+        try:
+            yield
+        except Exception:  # noqa: BLE001 - a wrapper that cannot be called is reported, the rest go on
+            self.case_errors.append((label, traceback.format_exc()))
+        finally:
+            self.case = "?"
+
+    def record(self, fn: Any, args: tuple, kwargs: dict) -> None:
+        self.launches.append(self.build(fn, args, kwargs))
+
+    def build(self, fn: Any, args: tuple, kwargs: dict) -> Launch:
+        import torch
+        from triton._C.libtriton import native_specialize_impl
+
+        arg_kwargs = {k: v for k, v in kwargs.items() if k in fn.arg_names}
+        options = {k: v for k, v in kwargs.items() if k not in fn.arg_names}
+        unknown = sorted(set(options) - self.option_names)
+        if unknown:
+            raise TypeError(f"{fn.__name__}: {unknown} are neither parameters nor compile options")
+        bound = fn.signature.bind(*args, **arg_kwargs)
+        bound.apply_defaults()
+        backend_cls = type(self.backend)
+        signature: dict[str, str] = {}
+        constexprs: dict[tuple[int, ...], Any] = {}
+        attrs: dict[tuple[int, ...], Any] = {}
+        for kp, value in zip(fn.params, bound.arguments.values()):
+            path = (kp.num,)
+            if kp.is_constexpr or value is None:
+                signature[kp.name] = "constexpr"
+                constexprs[path] = value
+                continue
+            if isinstance(value, torch.Tensor):
+                # the launcher's own type and 16-byte alignment specialisation of a pointer
+                ty, attr = native_specialize_impl(backend_cls, value, kp.is_const, not kp.do_not_specialize,
+                                                  not kp.do_not_specialize_on_alignment)
+            elif isinstance(value, (bool, int, float)):
+                # scalars: typed by value range only, never specialised on their value
+                ty, attr = native_specialize_impl(backend_cls, value, kp.is_const, False, False)
+            else:
+                raise TypeError(f"{fn.__name__}: argument {kp.name} is a {type(value).__name__}, "
+                                "which a launch cannot take unless the parameter is tl.constexpr")
+            signature[kp.name] = ty
+            if isinstance(attr, str):
+                attrs[path] = self.backend.parse_attr(attr)
+        rewrites: list[str] = []
+        if not self.as_recorded:
+            rewrites = self._cuda_values(fn, constexprs)
+        return Launch(self.case, fn, signature, constexprs, attrs, options, rewrites)
+
+    @staticmethod
+    def _cuda_values(fn: Any, constexprs: dict[tuple[int, ...], Any]) -> list[str]:
+        index = {name: (i,) for i, name in enumerate(fn.arg_names)}
+        done = []
+        for name, cuda_value in _CUDA_VALUES.items():
+            if name in index and constexprs.get(index[name]) != cuda_value:
+                done.append(f"{name}={constexprs[index[name]]!r}->{cuda_value!r}")
+                constexprs[index[name]] = cuda_value
+        if "DOT_FP32" in index and any(d.startswith("DOT_FP32=True") for d in done):
+            for name in _PRECISION_PARAMS:
+                if name in index and constexprs.get(index[name]) == "ieee":
+                    done.append(f"{name}='ieee'->'tf32'")
+                    constexprs[index[name]] = "tf32"
+        return done
+
+
+def kernel_modules() -> list[Any]:
+    """Every ernieserve module that defines @triton.jit functions, imported."""
+    names = []
+    for path in sorted((REPO / "ernieserve").rglob("*.py")):
+        if "@triton.jit" in path.read_text(encoding="utf-8"):
+            rel = path.relative_to(REPO).with_suffix("")
+            names.append(".".join(rel.parts))
+    return [importlib.import_module(n) for n in names]
+
+
+@contextlib.contextmanager
+def recording(session: Session, modules: list[Any]) -> Iterator[dict[str, Any]]:
+    """Every JITFunction attribute of these modules replaced by a Recorder; put back on exit (the
+    compiler resolves a kernel's helpers through its module's globals, so this must end first)."""
+    from triton.runtime.jit import JITFunction
+
+    saved: list[tuple[Any, str, Any]] = []
+    found: dict[str, Any] = {}
+    for mod in modules:
+        for attr, value in list(vars(mod).items()):
+            if isinstance(value, JITFunction):
+                saved.append((mod, attr, value))
+                found[f"{value.module}.{value.__name__}"] = value
+                setattr(mod, attr, Recorder(value, session))
+    try:
+        yield found
+    finally:
+        for mod, attr, value in saved:
+            setattr(mod, attr, value)
+
+
+# ---- the wrapper calls -------------------------------------------------------------------------------
+
+def run_cases(s: Session) -> None:
+    import torch
+
+    from ernieserve.kernels import activation, fp8_matmul as f8, fused_norm, paged_attention as pa
+    from ernieserve.kernels import quant_matmul as qm, rotary, sampling
+    from ernieserve.layers.moe import fused_moe as fm, fused_moe_quant as fmq, moe_gemv
+    from ernieserve.layers.moe.router import RouterConfig
+
+    bf16, cpu, cuda = torch.bfloat16, torch.device("cpu"), torch.device("cuda")
+
+    # The tile policies size split K from the SM count (torch.cuda.get_device_properties, no GPU
+    # here): they are asked for an H100's tiles (132 SMs, device "cuda"), and the tiles are passed
+    # to the wrappers explicitly. moe_gemv imported fmq's helper by name, so it is patched there too.
+    for mod in (qm, fmq, moe_gemv):
+        mod._num_sms = lambda _index: H100_SMS
+
+    def zeros(*shape: int, dtype: torch.dtype = bf16) -> torch.Tensor:
+        return torch.zeros(*shape, dtype=dtype)
+
+    # ---- attention: ERNIE-4.5-0.3B (16 heads, 2 KV heads) and 21B-A3B (20, 4); head_dim 128,
+    # KV cache blocks of 64 tokens (CacheConfig's default), bf16 cache as the model dtype
+    head_dim, block_size, num_blocks = 128, 64, 32
+    for num_heads, num_kv in ((16, 2), (20, 4)):
+        tag = f"h{num_heads}/kv{num_kv}"
+        tokens = 40
+        # q, k, v are views of the fused qkv projection's output, as in the decoder
+        qkv = zeros(tokens, (num_heads + 2 * num_kv) * head_dim).view(tokens, -1, head_dim)
+        q, k, v = qkv.split([num_heads, num_kv, num_kv], dim=1)
+        k_cache, v_cache = zeros(2, num_blocks, block_size, num_kv, head_dim).unbind(0)
+        slots = torch.arange(tokens, dtype=torch.int64)
+        cos_sin = torch.zeros(4096, head_dim // 2)  # fp32 tables
+        positions = torch.arange(tokens, dtype=torch.int64)
+        with s.in_case(f"store_kv_triton {tag}"):
+            pa.store_kv_triton(k, v, k_cache, v_cache, slots)
+        for interleaved in (False, True):
+            style = "interleaved" if interleaved else "neox"
+            with s.in_case(f"apply_rotary_ {style} {tag}"):
+                rotary.apply_rotary_(positions, q, k, cos_sin, cos_sin, interleaved)
+            with s.in_case(f"apply_rotary_and_store_kv_ {style} {tag}"):
+                rotary.apply_rotary_and_store_kv_(positions, q, k, v, cos_sin, cos_sin, interleaved,
+                                                  k_cache, v_cache, slots)
+        num_reqs = 3
+        block_tables = torch.zeros(num_reqs, 8, dtype=torch.int32)
+        seq_lens = torch.tensor([100, 20, 300], dtype=torch.int32)
+        qsl = torch.tensor([0, 30, 35, tokens], dtype=torch.int32)
+        query = q.contiguous()  # the backend makes the query contiguous
+        with s.in_case(f"paged_attention_unified {tag}"):
+            pa.paged_attention_unified(query, k_cache, v_cache, qsl, seq_lens, block_tables, 0.088,
+                                       out=torch.zeros_like(query))
+        dq = query[:num_reqs]
+        for splits, scratch in ((1, None), (8, None), (8, torch.empty(4096 * 64, dtype=torch.float32))):
+            label = f"paged_attention_decode num_splits={splits} scratch={'given' if scratch is not None else 'none'}"
+            with s.in_case(f"{label} {tag}"):
+                pa.paged_attention_decode(dq, k_cache, v_cache, seq_lens, block_tables, 0.088, splits,
+                                          out=torch.zeros_like(dq), scratch=scratch)
+
+    # ---- elementwise: hidden 2560 (21B-A3B) and 1024 (0.3B), per-head q/k norm over head_dim 128
+    for hidden in (1024, 2560):
+        x = zeros(6, hidden)
+        w = zeros(hidden)
+        with s.in_case(f"rms_norm hidden={hidden}"):
+            fused_norm.rms_norm(x, w, 1e-5)
+        with s.in_case(f"rms_norm +residual hidden={hidden}"):
+            fused_norm.rms_norm(x, w, 1e-5, residual=zeros(6, hidden))
+    qkv = zeros(6, 24 * 128).view(6, 24, 128)
+    with s.in_case("rms_norm per-head view [T, H, 128]"):
+        fused_norm.rms_norm(qkv[:, :16], zeros(128), 1e-6)
+    with s.in_case("silu_and_mul"):
+        activation.silu_and_mul(zeros(6, 2 * 3072))
+
+    # ---- sampling: the LM head's bf16 logits (graph path) and fp32 (eager, after processing)
+    for dtype in (bf16, torch.float32):
+        for rows in (1, 64):
+            with s.in_case(f"gumbel_race {str(dtype)[6:]} rows={rows}"):
+                sampling.gumbel_race(zeros(rows, 103424, dtype=dtype), torch.zeros(rows, dtype=torch.int64),
+                                     torch.ones(rows))
+
+    # ---- weight-only GEMM: int8 / int4, per channel and group 128; decode tiles with split K 1 and
+    # 4 (and the policy's own split at this shape), and the prefill tiles
+    n, k = 256, 2560
+    for bits in (8, 4):
+        for group in (0, 128):
+            qw = zeros(n, k if bits == 8 else k // 2, dtype=torch.int8 if bits == 8 else torch.uint8)
+            sc = torch.zeros(n, qm.num_groups(k, group))
+            bias = zeros(n)
+            decode = qm.choose_tiles(1, n, k, group, cuda)
+            tiles = {f"decode split_k={t}": dataclasses.replace(decode, split_k=t) for t in (1, 4)}
+            tiles[f"decode policy split_k={decode.split_k}"] = decode
+            tiles["prefill"] = qm.choose_tiles(512, n, k, group, cuda)
+            for label, t in tiles.items():
+                m = 1 if label.startswith("decode") else 512
+                with s.in_case(f"weight_only_matmul int{bits} g{group} {label}"):
+                    qm.weight_only_matmul(zeros(m, k), qw, sc, bits, group, None, t)
+                with s.in_case(f"weight_only_matmul int{bits} g{group} {label} +bias"):
+                    qm.weight_only_matmul(zeros(m, k), qw, sc, bits, group, bias, t)
+
+    # ---- fp8 (e4m3) W8A8: activation quantization, block-wise and per-channel GEMMs
+    fp8 = f8.FP8_DTYPE
+    for kk in (1536, 2560):
+        for group in (0, f8.SCALE_BLOCK):
+            with s.in_case(f"quant_fp8_per_token_group K={kk} group={group}"):
+                f8.quant_fp8_per_token_group(zeros(4, kk), group)
+    for block_wise in (True, False):
+        kind = "block-wise" if block_wise else "per-channel"
+        wq = zeros(n, k, dtype=fp8)
+        ws = torch.zeros(n // 128, k // 128) if block_wise else torch.zeros(n, 1)
+        for m in (1, 512):
+            xq = zeros(m, k, dtype=fp8)
+            xs = torch.zeros(m, k // 128) if block_wise else torch.zeros(m, 1)
+            t = f8.fp8_tiles(m, n, k, cuda)  # what the fp8 linear method passes
+            variants = {f"m={m} policy split_k={t.split_k}": t}
+            if m == 1:
+                variants["m=1 split_k=1"] = dataclasses.replace(t, split_k=1)
+            for label, tt in variants.items():
+                with s.in_case(f"fp8_matmul {kind} {label}"):
+                    f8.fp8_matmul(xq, xs, wq, ws, block_wise, bf16, None, tt)
+                with s.in_case(f"fp8_matmul {kind} {label} +bias"):
+                    f8.fp8_matmul(xq, xs, wq, ws, block_wise, bf16, zeros(n), tt)
+
+    # ---- MoE: ERNIE-4.5-21B-A3B's experts (64, top-6, hidden 2560, inter 1536); weights are empty
+    # tensors (never read: nothing runs). Decode (1 token) and prefill (4096 tokens) tile policies.
+    E, top_k, H, I = 64, 6, 2560, 1536
+    router = RouterConfig(E, top_k, True, 1e-12, True, True)
+    for tokens, num_shared in ((1, 0), (64, 2), (4096, 0)):
+        with s.in_case(f"triton_select_experts T={tokens} shared={num_shared}"):
+            fm.triton_select_experts(torch.zeros(tokens, E), router, torch.zeros(E), num_shared)
+
+    def routing(tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = (torch.arange(tokens * top_k, dtype=torch.int32) % E).view(tokens, top_k)  # int32, as the router
+        return torch.zeros(tokens, top_k), ids
+
+    w13 = torch.empty(E, 2 * I, H, dtype=bf16)
+    w2 = torch.empty(E, H, I, dtype=bf16)
+    for tokens in (1, 256, 1024, 4096):  # 1, 24, 96, 384 rows per expert: choose_tile_config's four tile sets
+        weights, ids = routing(tokens)
+        with s.in_case(f"fused_moe_triton bf16 T={tokens}"):
+            fm.fused_moe_triton(zeros(tokens, H), w13, w2, weights, ids)
+    weights, ids = routing(4)
+    with s.in_case("fused_moe_triton bf16 foreign_experts"):
+        fm.fused_moe_triton(zeros(4, H), w13, w2, weights, ids, foreign_experts=True)
+
+    S = fmq.ExpertScheme
+    for scheme, group in ((S.WINT8, 0), (S.WINT8, 128), (S.WINT4, 0), (S.WINT4, 128), (S.FP8, 0), (S.BLOCK_FP8, 0)):
+        experts = fmq.QuantizedExperts.empty(scheme, group, E, H, I, cpu)
+        tag = f"{scheme.value} g{group}"
+        for tokens in (1, 4096):
+            weights, ids = routing(tokens)
+            x = zeros(tokens, H)
+            t = fmq.choose_quant_tiles(tokens * top_k, E, experts, cuda)
+            variants = {f"T={tokens} policy down_split={t.down_split}": t}
+            if t.down_split > 1:
+                variants[f"T={tokens} down_split=1"] = dataclasses.replace(t, down_split=1)
+            for label, tt in variants.items():
+                with s.in_case(f"fused_moe_quant_triton fused {tag} {label}"):
+                    fmq.fused_moe_quant_triton(x, experts, weights, ids, tt, path=fmq.QuantMoEPath.FUSED)
+            if scheme.is_fp8:
+                # On CUDA tensors the fused path quantizes x [T, H] and the activation [N, I] with
+                # fp8_matmul's Triton kernel; on CPU it takes the torch reference: launch it here.
+                group_a = fmq._activation_group(scheme)
+                with s.in_case(f"fused_moe_quant_triton fused {tag} T={tokens} activation quant"):
+                    f8.quant_fp8_per_token_group(x, group_a)
+                    f8.quant_fp8_per_token_group(zeros(tokens * top_k, I), group_a)
+            elif tokens > 1:
+                with s.in_case(f"fused_moe_quant_triton dequant {tag} T={tokens}"):
+                    fmq.fused_moe_quant_triton(x, experts, weights, ids, scratch=fmq.DequantScratch(),
+                                               path=fmq.QuantMoEPath.DEQUANT)
+            else:
+                gt = moe_gemv.choose_gemv_tiles(tokens, top_k, experts, cuda)
+                with s.in_case(f"fused_moe_quant_triton gemv {tag} T={tokens} down_split={gt.down_split}"):
+                    fmq.fused_moe_quant_triton(x, experts, weights, ids, gt, path=fmq.QuantMoEPath.GEMV)
+
+
+# ---- compiling -------------------------------------------------------------------------------------
+
+_TO_COMPILE: list[Launch] = []  # read by the (forked) compile workers
+
+
+def compile_one(index: int) -> tuple[bool, str, float]:
+    """(ok, message, seconds) for _TO_COMPILE[index]."""
+    import triton
+    from triton.compiler import ASTSource
+
+    # the launcher compiles with the same default; this only silences Triton 3.9's notice about it
+    warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
+    launch = _TO_COMPILE[index]
+    start = time.perf_counter()
+    try:
+        src = ASTSource(launch.fn, launch.signature, constexprs=launch.constexprs, attrs=launch.attrs)
+        kernel = triton.compile(src, target=_target(), options=launch.options)
+        if "cubin" not in kernel.asm:
+            return False, "no cubin produced", time.perf_counter() - start
+        shared = kernel.metadata.shared
+        if shared > H100_MAX_SHARED:
+            return (False, f"needs {shared} bytes of shared memory; an H100 block has {H100_MAX_SHARED} "
+                    "(out of resource at launch)", time.perf_counter() - start)
+        return True, f"shared={shared}", time.perf_counter() - start
+    except Exception as exc:  # noqa: BLE001 - every compiler error is a result to report
+        text = "".join(traceback.format_exception_only(type(exc), exc)).rstrip()
+        lines = [ln for ln in text.splitlines() if ln.strip()]
+        if len(lines) > 12:  # the first line names the error and its place, the last ones show it
+            lines = lines[:1] + ["..."] + lines[-10:]
+        return False, "\n".join(lines), time.perf_counter() - start
+
+
+@functools.cache
+def _target() -> Any:
+    from triton.backends.compiler import GPUTarget
+
+    return GPUTarget("cuda", ARCH, 32)
+
+
+def helper_names(found: dict[str, Any]) -> set[str]:
+    """JIT functions called from another JIT function's source: helpers, not launched on their own."""
+    helpers = set()
+    for name, fn in found.items():
+        short = fn.__name__
+        for other_name, other in found.items():
+            if other_name != name and f"{short}(" in other.src:
+                helpers.add(name)
+    return helpers
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("-j", "--jobs", type=int, default=min(8, os.cpu_count() or 1), help="parallel compiles")
+    parser.add_argument("-v", "--verbose", action="store_true", help="print each variant's constexprs and options")
+    parser.add_argument("--only", default="", help="compile only kernels whose name contains this")
+    parser.add_argument("--as-recorded", action="store_true",
+                        help="keep the CPU (interpreter) values of DOT_FP32 / LIBDEVICE_EXP / precision")
+    args = parser.parse_args(argv)
+
+    problem = environment_problem()
+    if problem:
+        print(f"UNAVAILABLE: {problem}")
+        return EXIT_UNAVAILABLE
+
+    start = time.perf_counter()
+    session = Session(as_recorded=args.as_recorded)
+    modules = kernel_modules()
+    with recording(session, modules) as found:
+        run_cases(session)
+    record_s = time.perf_counter() - start
+
+    unique: dict[tuple, Launch] = {}
+    cases_of: dict[tuple, list[str]] = {}
+    for launch in session.launches:
+        if args.only and args.only not in launch.name:
+            continue
+        key = launch.key()
+        unique.setdefault(key, launch)
+        cases_of.setdefault(key, []).append(launch.case)
+    _TO_COMPILE[:] = list(unique.values())
+    keys = list(unique)
+    print(f"recorded {len(session.launches)} launches of {len({x.name for x in session.launches})} kernels "
+          f"in {record_s:.1f} s: {len(_TO_COMPILE)} distinct variants to compile for sm_{ARCH}", flush=True)
+
+    failures: list[str] = []
+    jobs = max(1, min(args.jobs, len(_TO_COMPILE)))
+    if jobs > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork"))
+        results = pool.map(compile_one, range(len(_TO_COMPILE)))
+    else:
+        pool = None
+        results = map(compile_one, range(len(_TO_COMPILE)))
+    try:
+        for i, (ok, message, seconds) in enumerate(results):
+            launch = _TO_COMPILE[i]
+            cases = cases_of[keys[i]]
+            where = cases[0] + (f" (+{len(cases) - 1} more)" if len(cases) > 1 else "")
+            status = "ok  " if ok else "FAIL"
+            print(f"{status} {seconds:5.1f}s  {launch.name}  <- {where}", flush=True)
+            if args.verbose or not ok:
+                print(f"        {launch.describe()}")
+                if launch.rewrites:
+                    print(f"        CUDA values: {', '.join(launch.rewrites)}")
+            if not ok:
+                failures.append(f"{launch.name}  <- {where}")
+                print("        " + message.replace("\n", "\n        "), flush=True)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+
+    for label, tb in session.case_errors:
+        failures.append(f"wrapper call {label!r}")
+        lines = [ln for ln in tb.rstrip().splitlines() if ln.strip()]
+        print(f"FAIL wrapper call {label!r} raised:\n        " + "\n        ".join(lines[-8:]))
+
+    launched = {x.name for x in session.launches}
+    helpers = helper_names(found)
+    missing = sorted(set(found) - launched - helpers)
+    if missing and not args.only:
+        print(f"note: never launched by the calls above (not covered): {', '.join(missing)}")
+
+    total = time.perf_counter() - start
+    print(f"{len(_TO_COMPILE)} variants compiled for sm_{ARCH}, {len(failures)} failures, {total:.1f} s")
+    for failure in failures:
+        print(f"  FAILED {failure}")
+    return EXIT_FAILED if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
