@@ -215,7 +215,7 @@ def main() -> None:
             ratio = f"{us / bf16_us[t]:.2f}x" if t in bf16_us else "-"
             label = method.name
             if method.scheme is not None:
-                taken = path if path is not QuantMoEPath.AUTO else fmq.choose_path(t, method.scheme, scratch)
+                taken = path if path is not QuantMoEPath.AUTO else fmq.choose_path(t, method.scheme, scratch, grouped=layers[0].scale_group > 0)
                 label = f"{method.name} ({taken.value})"
             results[(t, method.name)] = (
                 f"| {t} | {label} | {us:.1f} | {ratio} | {touched} | {touched * per_expert / 1e6:.1f} | "

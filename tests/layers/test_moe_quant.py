@@ -642,10 +642,13 @@ def test_gemv_path_rejects_fp8_and_bad_tiles() -> None:
         _gemv(torch.randn(2, 64), wint4, weights, ids, QuantMoETiles(1, GemmTile(16, 32, 4, 1), GemmTile(16, 24, 4, 1)))
 
 
-def test_auto_never_takes_gemv_until_a_threshold_is_set(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_takes_gemv_where_measured_faster(monkeypatch: pytest.MonkeyPatch) -> None:
     scratch = DequantScratch()
-    for scheme in ExpertScheme:  # the default: 0 = never, so AUTO keeps today's choice
-        assert fmq.GEMV_MAX_TOKENS[scheme] == 0
+    # the measured policy (H100): per-channel wint4 at one token only; grouped scales never
+    assert fmq.choose_path(1, ExpertScheme.WINT4, scratch) is QuantMoEPath.GEMV
+    assert fmq.choose_path(1, ExpertScheme.WINT4, scratch, grouped=True) is QuantMoEPath.FUSED
+    assert fmq.choose_path(2, ExpertScheme.WINT4, scratch) is QuantMoEPath.FUSED
+    for scheme in (ExpertScheme.WINT8, ExpertScheme.FP8, ExpertScheme.BLOCK_FP8):
         assert all(fmq.choose_path(t, scheme, scratch) is not QuantMoEPath.GEMV for t in (0, 1, 8, 64))
     monkeypatch.setitem(fmq.GEMV_MAX_TOKENS, ExpertScheme.WINT4, 16)
     assert fmq.choose_path(1, ExpertScheme.WINT4, scratch) is QuantMoEPath.GEMV

@@ -35,7 +35,7 @@ routing-dependent allocation: capturable in CUDA graphs.
 
 Decode path (`QuantMoEPath.GEMV`, wint8 / wint4; `moe_gemv.py`): no tensor-core dot, each weight
 tile dequantized in registers and multiplied into at most 8 rows per expert in fp32. Taken up to
-`GEMV_MAX_TOKENS` (0: never, until measured).
+`GEMV_MAX_TOKENS` (measured: wint4 with per-channel scales at one token).
 
 Prefill path (`QuantMoEPath.DEQUANT`, wint8 / wint4): the fused GEMMs dequantize each weight tile
 once per BLOCK_M rows of its expert, which at thousands of tokens costs more than the matmul. From
@@ -302,21 +302,23 @@ DEQUANT_MIN_TOKENS: dict[ExpertScheme, int | None] = {
     ExpertScheme.WINT4: 1024, ExpertScheme.WINT8: None, ExpertScheme.FP8: None, ExpertScheme.BLOCK_FP8: None}
 
 
-# Token counts up to which AUTO takes the gemv path (moe_gemv.py); 0 = never, the value for every
-# scheme until it is measured. The gemv kernels read each weight byte once per block of at most 8
-# rows of an expert and multiply in fp32 CUDA cores, no tensor cores: at 1-8 tokens they should sit
-# near the weight-read time, and from some tens of tokens on the fused kernels' dots win. fp8
-# schemes have no gemv kernels (keep 0).
-# TODO(lead, GPU): `benchmarks/bench_moe_quant.py --path gemv` vs `--path fused` at 1..64 tokens
-# gives the crossover; set it here (e.g. WINT4: 16), and AUTO follows.
+# Token counts up to which AUTO takes the gemv path (moe_gemv.py) for per-channel scales; 0 = never.
+# The gemv kernels read each weight byte once per block of at most 8 rows of an expert and multiply
+# in fp32 CUDA cores, no tensor cores. Measured on an H100 (docs/performance.md, 2026-11-22 16:37,
+# `benchmarks/bench_moe_quant.py --path gemv|fused`, 21B-A3B layer shapes, us per layer):
+#   wint4:      1 token 71.2 gemv vs 82.8 fused; 8 tokens 455.5 vs 282.0  -> gemv at 1 token only
+#   wint8:      1 token 78.0 gemv vs 43.3 fused                           -> never
+#   wint4-g128: 1 token 101.0 gemv vs 88.2 fused                          -> never (grouped scales)
+# fp8 schemes have no gemv kernels.
 GEMV_MAX_TOKENS: dict[ExpertScheme, int] = {
-    ExpertScheme.WINT4: 0, ExpertScheme.WINT8: 0, ExpertScheme.FP8: 0, ExpertScheme.BLOCK_FP8: 0}
+    ExpertScheme.WINT4: 1, ExpertScheme.WINT8: 0, ExpertScheme.FP8: 0, ExpertScheme.BLOCK_FP8: 0}
 
 
-def choose_path(num_tokens: int, scheme: ExpertScheme, scratch: DequantScratch | None) -> QuantMoEPath:
-    """GEMV for decode-sized batches up to `GEMV_MAX_TOKENS` (0: never); DEQUANT for prefill-sized
-    batches of the schemes that have a threshold, when a scratch exists; else FUSED."""
-    if 0 < num_tokens <= GEMV_MAX_TOKENS[scheme]:
+def choose_path(num_tokens: int, scheme: ExpertScheme, scratch: DequantScratch | None,
+                grouped: bool = False) -> QuantMoEPath:
+    """GEMV for decode-sized batches up to `GEMV_MAX_TOKENS` (per-channel scales only); DEQUANT for
+    prefill-sized batches of the schemes that have a threshold, when a scratch exists; else FUSED."""
+    if not grouped and 0 < num_tokens <= GEMV_MAX_TOKENS[scheme]:
         return QuantMoEPath.GEMV
     threshold = DEQUANT_MIN_TOKENS[scheme]
     if scratch is None or threshold is None or num_tokens < threshold:
@@ -606,7 +608,7 @@ def fused_moe_quant_triton(
     """
     assert HAS_TRITON, "triton is not installed"
     if path is QuantMoEPath.AUTO:
-        path = choose_path(x.shape[0], experts.scheme, scratch)
+        path = choose_path(x.shape[0], experts.scheme, scratch, grouped=experts.scale_group > 0)
     if path is QuantMoEPath.DEQUANT:
         scratch = scratch if scratch is not None else DequantScratch()
         return _dequant_path(x, experts, topk_weights, topk_ids, scratch, tiles, foreign_experts)

@@ -22,7 +22,8 @@ fixed order (no atomics). The same align kernel and sorted ids as the fused path
 no host sync and no routing-dependent allocation: capturable in CUDA graphs.
 
 `fused_moe_quant_triton(..., path=QuantMoEPath.GEMV)` runs it; `GEMV_MAX_TOKENS` (fused_moe_quant.py)
-is the token count up to which AUTO would pick it, 0 (never) until measured on the GPU.
+is the token count up to which AUTO picks it: one token for per-channel wint4, never otherwise
+(measured on an H100; the numbers are beside it).
 """
 
 from __future__ import annotations
