@@ -256,10 +256,10 @@ def choose_quant_tiles(num_assignments: int, num_experts: int, experts: Quantize
     group = experts.scale_group
     if rows <= 16 and experts.scheme is ExpertScheme.WINT4:
         # 128 packed bytes (one cache line) per weight row per K step. The dequantized B tile goes
-        # through shared memory on its way to the dot (bf16 [256, BLOCK_N]: 16 KiB per 32 columns),
-        # so BLOCK_N stays small enough for 2-3 programs per SM: gate/up 2 x 16 KiB + 3 stages of
-        # (2 x 4 KiB bytes + 8 KiB A), down 32 KiB + 3 x 8 KiB; 128 values per thread either way.
-        gate_up, down = GemmTile(32, 256, 4, 3), GemmTile(64, 256, 4, 3)
+        # through shared memory on its way to the dot (bf16 [256, BLOCK_N]: 16 KiB per 32 columns).
+        # gate/up N64: the tile search on an H100 (docs/performance.md, 2026-11-22 17:00) measured
+        # 248.9 us per 21B layer at 8 tokens against N32's 280.3 (one token takes the gemv path).
+        gate_up, down = GemmTile(64, 256, 4, 3), GemmTile(64, 256, 4, 3)
     elif rows <= 16:
         gate_up, down = GemmTile(32, 256, 4, 3), GemmTile(128, 128, 4, 4)
     else:
