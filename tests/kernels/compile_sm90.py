@@ -379,6 +379,15 @@ def run_cases(s: Session) -> None:
     for tokens, num_shared in ((1, 0), (64, 2), (4096, 0)):
         with s.in_case(f"triton_select_experts T={tokens} shared={num_shared}"):
             fm.triton_select_experts(torch.zeros(tokens, E), router, torch.zeros(E), num_shared)
+    # decode-sized batches route in one launch from bf16 x and the fp32 gate (ERNIE); Qwen3-30B-A3B's
+    # gate (128 experts, hidden 2048, top-8) is in the model dtype
+    for tokens in (1, 16):
+        for bias in (torch.zeros(E), None):
+            with s.in_case(f"triton_route T={tokens} bias={bias is not None} shared=2"):
+                fm.triton_route(zeros(tokens, H), torch.zeros(E, H), router, bias, 2)
+    qwen_router = RouterConfig(128, 8, True, 0.0, False, False)
+    with s.in_case("triton_route qwen3 bf16 gate T=1"):
+        fm.triton_route(zeros(1, 2048), zeros(128, 2048), qwen_router, None, 0)
 
     def routing(tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         ids = (torch.arange(tokens * top_k, dtype=torch.int32) % E).view(tokens, top_k)  # int32, as the router

@@ -24,6 +24,10 @@ Blocks past the padded total exit at once, so the grid is sized from the bound, 
 
 Quantized experts (wint8, wint4, fp8, block_wise_fp8) run the same align kernel and block walk in
 `fused_moe_quant.py`, whose GEMMs load the stored weight tiles and dequantize them in the K loop.
+
+The routing that precedes them (router.py) is also here: `triton_select_experts` routes given
+logits; `triton_route`, for decode-sized batches, computes the gate's logits split over ~256
+programs and routes them in the same launch (the split-K ticket of kernels/split_k.py).
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+
+from ernieserve.kernels import split_k
 
 if TYPE_CHECKING:
     from ernieserve.layers.moe.router import RouterConfig
@@ -137,21 +143,17 @@ def padded_capacity(num_assignments: int, num_experts: int, block_m: int) -> int
 
 if HAS_TRITON:
 
-    # Counts that change from step to step are not specialised: Triton would otherwise compile
-    # a variant for each of their classes (1, a multiple of 16, other) at first use, mid-serving.
-    @triton.jit(do_not_specialize=["T"])
-    def _topk_softmax_kernel(
-        logits_ptr, bias_ptr, weights_ptr, ids_ptr,
-        T, E, stride_t, norm_min,
+    @triton.jit
+    def _topk_rows(
+        lg, rows, row_ok, bias_ptr, weights_ptr, ids_ptr, E, norm_min,
         TOP_K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
         HAS_BIAS: tl.constexpr, RENORM: tl.constexpr, N_SHARED: tl.constexpr,
     ):
-        rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        """Routes the rows of float32 logits `lg` [BLOCK_T, E_PAD] (columns >= E ignored): softmax,
+        top-k of softmax (+ bias), renormalisation, folded shared experts; stores rows < T of the
+        weights and ids [T, TOP_K + N_SHARED]. Shared by both router kernels, so they route alike."""
         cols = tl.arange(0, E_PAD)
-        row_ok = rows < T
         col_ok = cols < E
-        lg = tl.load(logits_ptr + rows[:, None].to(tl.int64) * stride_t + cols[None, :],
-                     mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
         lg = tl.where(col_ok[None, :], lg, float("-inf"))  # [BLOCK_T, E_PAD]
         ex = tl.exp(lg - tl.max(lg, axis=1)[:, None])
         probs = ex / tl.sum(ex, axis=1)[:, None]
@@ -179,6 +181,80 @@ if HAS_TRITON:
         mask = row_ok[:, None] & (kcols[None, :] < TOP_K + N_SHARED)
         tl.store(weights_ptr + out, w_tile, mask=mask)
         tl.store(ids_ptr + out, id_tile, mask=mask)
+
+    # Counts that change from step to step are not specialised: Triton would otherwise compile
+    # a variant for each of their classes (1, a multiple of 16, other) at first use, mid-serving.
+    @triton.jit(do_not_specialize=["T"])
+    def _topk_softmax_kernel(
+        logits_ptr, bias_ptr, weights_ptr, ids_ptr,
+        T, E, stride_t, norm_min,
+        TOP_K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+        HAS_BIAS: tl.constexpr, RENORM: tl.constexpr, N_SHARED: tl.constexpr,
+    ):
+        rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        cols = tl.arange(0, E_PAD)
+        row_ok = rows < T
+        lg = tl.load(logits_ptr + rows[:, None].to(tl.int64) * stride_t + cols[None, :],
+                     mask=row_ok[:, None] & (cols < E)[None, :], other=0.0).to(tl.float32)
+        _topk_rows(lg, rows, row_ok, bias_ptr, weights_ptr, ids_ptr, E, norm_min,
+                   TOP_K, K_PAD, E_PAD, BLOCK_T, HAS_BIAS, RENORM, N_SHARED)
+
+    @triton.jit(do_not_specialize=["T"])
+    def _route_kernel(
+        x_ptr, w_ptr, bias_ptr, ws_ptr, counter_ptr, weights_ptr, ids_ptr,
+        T, E, H, split_len, stride_xt, stride_we, norm_min,
+        TOP_K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+        BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, SPLITS: tl.constexpr, RELOAD: tl.constexpr,
+        HAS_BIAS: tl.constexpr, RENORM: tl.constexpr, N_SHARED: tl.constexpr,
+    ):
+        # Grid (E blocks, SPLITS): program (pe, s) computes the partial logits of all T <= BLOCK_T
+        # tokens for experts [pe * BLOCK_E, +BLOCK_E) over hidden range [s * split_len, +split_len).
+        rows = tl.arange(0, BLOCK_T)
+        row_ok = rows < T
+        experts = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+        e_ok = experts < E
+        split = tl.program_id(1)
+        h_begin = split * split_len
+        h_end = tl.minimum(h_begin + split_len, H)
+        offs_h = tl.arange(0, BLOCK_H)
+        x_rows = x_ptr + rows[:, None].to(tl.int64) * stride_xt
+        w_rows = w_ptr + experts[:, None].to(tl.int64) * stride_we
+        acc = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
+        for h0 in range(h_begin, h_end, BLOCK_H):  # one step at decode sizes (route_tiles)
+            hh = h0 + offs_h
+            h_ok = hh < h_end
+            # x in its own dtype (bf16), the gate in its stored one (fp32 for ERNIE), both to fp32 here
+            x = tl.load(x_rows + hh[None, :], mask=row_ok[:, None] & h_ok[None, :], other=0.0).to(tl.float32)
+            w = tl.load(w_rows + hh[None, :], mask=e_ok[:, None] & h_ok[None, :], other=0.0).to(tl.float32)
+            acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)  # [BLOCK_T, BLOCK_E]
+        # the split-K ticket (kernels/split_k.py): partials to the workspace [SPLITS + 1, T, E], and
+        # the last program of the whole grid adds them and routes
+        part = rows[:, None] * E + experts[None, :]
+        tl.store(ws_ptr + split * T * E + part, acc, mask=row_ok[:, None] & e_ok[None, :])
+        tl.debug_barrier()  # every thread's partial is written before one thread takes the ticket
+        ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
+        if ticket == tl.num_programs(0) * SPLITS - 1:
+            # every split's partial of every row in one load (past L1), added by one tl.sum: its
+            # order is fixed by the compiled layout, so results do not depend on scheduling. A load
+            # per split in a loop would wait out one L2 round trip each.
+            splits = tl.arange(0, SPLITS)
+            cols = tl.arange(0, E_PAD)
+            ptrs = ws_ptr + splits[:, None, None] * (T * E) + rows[None, :, None] * E + cols[None, None, :]
+            mask = row_ok[None, :, None] & (cols < E)[None, None, :]
+            lg = tl.sum(tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg"), axis=0)  # [BLOCK_T, E_PAD]
+            if RELOAD:
+                # The sum comes out in a slice of the 3-D load's layout, on which the top-k's row
+                # reductions got slow with the rows (H100: 1 us at one row, 24 us at 16). Through
+                # the workspace's last slot and back as a plain 2-D load they cost ~1.4 us more at
+                # one row but ~20 us less at 16, so from 4 rows up (route_tiles).
+                lg_ptrs = ws_ptr + SPLITS * T * E + rows[:, None] * E + cols[None, :]
+                lg_mask = row_ok[:, None] & (cols < E)[None, :]
+                tl.store(lg_ptrs, lg, mask=lg_mask)
+                tl.debug_barrier()  # the block's global writes are visible to all its threads after it
+                lg = tl.load(lg_ptrs, mask=lg_mask, other=0.0, cache_modifier=".cg")
+            _topk_rows(lg, rows, row_ok, bias_ptr, weights_ptr, ids_ptr, E, norm_min,
+                       TOP_K, K_PAD, E_PAD, BLOCK_T, HAS_BIAS, RENORM, N_SHARED)
+            tl.atomic_xchg(counter_ptr, 0)  # clean for the next launch (and CUDA graph replay)
 
     @triton.jit(do_not_specialize=["N"])
     def _moe_align_kernel(
@@ -327,6 +403,97 @@ def triton_select_experts(
         TOP_K=cfg.top_k, K_PAD=triton.next_power_of_2(out_k), E_PAD=e_pad, BLOCK_T=block_t,
         HAS_BIAS=score_bias is not None, RENORM=cfg.renormalize, N_SHARED=num_shared,
         num_warps=1 if block_t * e_pad <= 256 else 4)
+    return weights, ids
+
+
+# Token counts up to this take `triton_route` (gate GEMV and routing in one launch); more take
+# `logits()` then `triton_select_experts`. H100, 27 ERNIE-21B routers in a CUDA graph, us per router,
+# old path -> triton_route: 1 token 9.7 -> 5.8, 2: 15.2 -> 6.4, 4: 16.0 -> 6.9, 8: 16.4 -> 8.4,
+# 16: 15.4 -> 14.6. Past 16 the partials [splits, T, E] that one program adds outgrow the gain.
+ROUTE_MAX_TOKENS = 16
+# Programs of a routing launch: about two per SM of an H100 (132), each streaming a few KiB of the
+# gate (the ERNIE-21B gate is 64 x 2560 fp32 = 640 KiB, which one program alone reads far too slowly).
+# H100, 27 routers in a CUDA graph, ERNIE-21B: 256 programs of 4 experts beat 128 of 8 and 64 of 8
+# by 1-3 us per router from 4 tokens up, and tie at one token.
+_ROUTE_PROGRAMS = 256
+# The counter of split_k.tile_counters the routing launch takes its tickets from: the last one, away
+# from the low indices the split-K GEMMs and decode attention use. Kernels of one stream run one after
+# another and each leaves its counters at zero, so this is only a margin, not a requirement.
+_ROUTE_COUNTER = -1
+
+
+@dataclass(frozen=True, slots=True)
+class RouteTiles:
+    block_t: int  # token rows, padded (next power of two of T)
+    block_e: int  # experts per program
+    splits: int  # hidden-dimension splits (a power of two: the combine loads them as one tensor axis)
+    split_len: int  # hidden elements per split, a multiple of 16 (aligned, vectorised loads)
+    block_h: int  # hidden elements per loop step; >= split_len at decode sizes, so one step
+    reload: bool  # the summed logits go through the workspace before the top-k (see _route_kernel)
+    num_warps: int
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << (max(1, n).bit_length() - 1)
+
+
+def route_tiles(num_tokens: int, num_experts: int, hidden: int) -> RouteTiles:
+    """The routing launch's grid: (ceil(E / block_e), splits), about _ROUTE_PROGRAMS programs.
+
+    ERNIE-21B (E 64, H 2560): 16 expert blocks x 16 splits of 160, each program 2.5 KiB of the fp32
+    gate in one loop step up to T 8 (two steps of 128 at T 16, where the [T, 4, step] product would
+    not fit the registers). The combining program reads splits x T x E partials at once: capped at
+    16 Ki floats (128 per thread)."""
+    block_t = triton.next_power_of_2(max(1, num_tokens))
+    e_pad = triton.next_power_of_2(num_experts)
+    block_e = min(4, e_pad)
+    splits = _pow2_floor(_ROUTE_PROGRAMS // triton.cdiv(num_experts, block_e))
+    splits = min(splits, _pow2_floor(16384 // (block_t * e_pad)), _pow2_floor(triton.cdiv(hidden, 64)))
+    split_len = triton.cdiv(triton.cdiv(hidden, splits), 16) * 16
+    block_h = min(triton.next_power_of_2(split_len), max(16, 8192 // (block_t * block_e)))
+    # measured on an H100 (27 routers in a CUDA graph, ERNIE-21B): the reload costs 1.4 us at 1 and
+    # 2 tokens, saves 2.3 us at 4, 7 at 8 and 22 at 16; 8 warps were slower than 4 at every size
+    return RouteTiles(block_t, block_e, splits, split_len, block_h, reload=block_t >= 4, num_warps=4)
+
+
+def triton_route(
+    x: torch.Tensor,  # [T, H], any float dtype (the model's)
+    weight: torch.Tensor,  # [E, H], the gate as stored: fp32 (ERNIE) or the model dtype (Qwen3)
+    cfg: RouterConfig,
+    score_bias: torch.Tensor | None,  # [E] float32
+    num_shared: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gate GEMV and `triton_select_experts` in one launch, for T <= ROUTE_MAX_TOKENS: (weights
+    f32, ids int32), each [T, top_k + num_shared], as triton_select_experts(logits(x), ...).
+
+    Replaces x.float(), the cuBLAS GEMV (two kernels) and the routing kernel: four launches per MoE
+    layer at decode, mostly fixed cost. The logits are float32 dot products of x and the gate, both
+    converted in registers: ERNIE's reference (fp32 gate, x.float()) differs by summation order only;
+    Qwen3's (a model-dtype linear) also by its rounding of the logits to the model dtype. Capturable:
+    no host sync; the workspace's size depends on the shapes alone."""
+    num_tokens, hidden = x.shape
+    num_experts = weight.shape[0]
+    if num_tokens > ROUTE_MAX_TOKENS:
+        raise ValueError(f"triton_route takes at most {ROUTE_MAX_TOKENS} tokens, got {num_tokens}")
+    assert weight.shape[1] == hidden
+    out_k = cfg.top_k + num_shared
+    weights = torch.empty(num_tokens, out_k, dtype=torch.float32, device=x.device)
+    ids = torch.empty(num_tokens, out_k, dtype=torch.int32, device=x.device)
+    if num_tokens == 0:
+        return weights, ids
+    x = x if x.stride(1) == 1 else x.contiguous()
+    weight = weight if weight.stride(1) == 1 else weight.contiguous()
+    t = route_tiles(num_tokens, num_experts, hidden)
+    # the partial logits [splits, T, E], then one slot for the summed logits (RELOAD)
+    ws = torch.empty((t.splits + 1) * num_tokens * num_experts, dtype=torch.float32, device=x.device)
+    counter = split_k.tile_counters(x.device)[_ROUTE_COUNTER:]  # int32, as atomics need
+    bias = score_bias if score_bias is not None else ws  # unused pointer when HAS_BIAS is off
+    _route_kernel[(triton.cdiv(num_experts, t.block_e), t.splits)](
+        x, weight, bias, ws, counter, weights, ids,
+        num_tokens, num_experts, hidden, t.split_len, x.stride(0), weight.stride(0), float(cfg.norm_min),
+        TOP_K=cfg.top_k, K_PAD=triton.next_power_of_2(out_k), E_PAD=triton.next_power_of_2(num_experts),
+        BLOCK_T=t.block_t, BLOCK_E=t.block_e, BLOCK_H=t.block_h, SPLITS=t.splits, RELOAD=t.reload,
+        HAS_BIAS=score_bias is not None, RENORM=cfg.renormalize, N_SHARED=num_shared, num_warps=t.num_warps)
     return weights, ids
 
 

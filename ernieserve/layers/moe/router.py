@@ -8,8 +8,10 @@ Two semantics, both written to match Hugging Face transformers exactly:
 - Qwen3-MoE (`Qwen3MoeTopKRouter`): logits in the model dtype, softmax in float32, top-k,
   renormalised by the plain sum when `norm_topk_prob`.
 
-`select_experts` is the plain-torch reference; on CUDA the layer calls the fused Triton kernel in
-`fused_moe.py` instead (softmax, bias, top-k and renormalisation in one launch).
+`select_experts` is the plain-torch reference; on CUDA the layer calls the fused Triton kernels in
+`fused_moe.py` instead: up to `ROUTE_MAX_TOKENS` tokens (decode), `triton_route` computes the logits
+(float32, from x and the gate in their stored dtypes) and routes them in one launch; more tokens
+take the gate GEMM, then `triton_select_experts` (softmax, bias, top-k and renormalisation).
 """
 
 from __future__ import annotations
@@ -73,11 +75,13 @@ class TopKRouter(nn.Module):
         """(weights [num_tokens, top_k] float32, ids [num_tokens, top_k] int32 or int64).
         num_shared: append that many always-chosen experts (ids num_experts.., weight 1): the
         shared experts when MoEBlock folded them into the routed ones."""
-        logits = self.logits(x)
-        if logits.is_cuda:
-            from ernieserve.layers.moe.fused_moe import triton_select_experts
+        if x.is_cuda:
+            from ernieserve.layers.moe.fused_moe import ROUTE_MAX_TOKENS, triton_route, triton_select_experts
 
-            return triton_select_experts(logits, self.cfg, self.e_score_correction_bias, num_shared)
+            if x.shape[0] <= ROUTE_MAX_TOKENS:  # decode sizes: GEMV and routing in one launch
+                return triton_route(x, self.weight, self.cfg, self.e_score_correction_bias, num_shared)
+            return triton_select_experts(self.logits(x), self.cfg, self.e_score_correction_bias, num_shared)
+        logits = self.logits(x)
         weights, ids = select_experts(logits, self.cfg, self.e_score_correction_bias)
         if num_shared:
             extra = torch.arange(self.cfg.num_experts, self.cfg.num_experts + num_shared, device=ids.device)
