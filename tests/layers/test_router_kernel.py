@@ -8,32 +8,18 @@ nothing.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-# Triton decides interpreter vs GPU code when a kernel is decorated, so the flag must be set before
-# ernieserve.layers.moe (which defines the kernels) is first imported (as in test_moe.py).
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
+from tests.kernels.interpreter import require_interpreter
+
+# Triton decides interpreter vs GPU code when a kernel is decorated: before ernieserve.layers.moe
+triton = require_interpreter()
 
 from ernieserve.kernels import split_k  # noqa: E402
 from ernieserve.layers.moe import RouterConfig, select_experts  # noqa: E402
 from ernieserve.layers.moe import fused_moe as fm  # noqa: E402
-
-try:
-    import triton
-
-    _INTERPRETED = "Interpreted" in type(fm._route_kernel).__name__
-except ImportError:
-    triton = None
-    _INTERPRETED = False
-
-pytestmark = pytest.mark.skipif(
-    triton is None or not _INTERPRETED,
-    reason="needs triton with TRITON_INTERPRET=1 set before ernieserve.layers.moe was imported")
 
 
 def ernie_cfg(num_experts: int, top_k: int = 6, norm_min: float = 1e-12) -> RouterConfig:
@@ -73,6 +59,20 @@ def counters_clean() -> bool:
     return not split_k.tile_counters(torch.device("cpu")).any()
 
 
+def assert_routes_like_reference(x: torch.Tensor, w: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | None,
+                                 num_shared: int, x_launched: torch.Tensor | None = None) -> torch.Tensor:
+    """triton_route (on x_launched, a view of x's values, if given) picks the reference's ids
+    exactly and its weights to fp32 rounding, and leaves the counters clean; returns the ids."""
+    ref_w, ref_ids = reference(x, w, cfg, bias, num_shared)
+    weights, ids = fm.triton_route(x if x_launched is None else x_launched, w, cfg, bias, num_shared)
+    assert ids.dtype == torch.int32 and weights.dtype == torch.float32
+    assert ids.shape == weights.shape == (x.shape[0], cfg.top_k + num_shared)
+    assert torch.equal(ids.long(), ref_ids)
+    torch.testing.assert_close(weights, ref_w, atol=2e-6, rtol=2e-6)
+    assert counters_clean()
+    return ids
+
+
 @pytest.mark.parametrize("num_experts,hidden", [(64, 2560), (64, 200), (20, 200), (20, 2560)])
 @pytest.mark.parametrize("num_tokens", [1, 3, 16])
 @pytest.mark.parametrize("with_bias,num_shared", [(True, 0), (False, 0), (True, 2)])
@@ -82,13 +82,7 @@ def test_ernie_routing_matches_reference(num_experts: int, hidden: int, num_toke
     x, w = peaked_inputs(num_tokens, num_experts, hidden, torch.bfloat16, torch.float32, seed=num_tokens + hidden)
     g = torch.Generator().manual_seed(7)
     bias = torch.randn(num_experts, generator=g) * 0.02 if with_bias else None
-    ref_w, ref_ids = reference(x, w, cfg, bias, num_shared)
-    weights, ids = fm.triton_route(x, w, cfg, bias, num_shared)
-    assert ids.dtype == torch.int32 and weights.dtype == torch.float32
-    assert ids.shape == weights.shape == (num_tokens, cfg.top_k + num_shared)
-    assert torch.equal(ids.long(), ref_ids)
-    torch.testing.assert_close(weights, ref_w, atol=2e-6, rtol=2e-6)
-    assert counters_clean()
+    assert_routes_like_reference(x, w, cfg, bias, num_shared)
 
 
 def test_bias_changes_the_choice_not_the_weights() -> None:
@@ -97,21 +91,15 @@ def test_bias_changes_the_choice_not_the_weights() -> None:
     x, w = peaked_inputs(3, 64, 200, torch.bfloat16, torch.float32, seed=11)
     bias = torch.zeros(64)
     bias[5] = 10.0
-    ref_w, ref_ids = reference(x, w, cfg, bias, 0)
-    weights, ids = fm.triton_route(x, w, cfg, bias, 0)
+    ids = assert_routes_like_reference(x, w, cfg, bias, 0)
     assert (ids[:, 0] == 5).all()
-    assert torch.equal(ids.long(), ref_ids)
-    torch.testing.assert_close(weights, ref_w, atol=2e-6, rtol=2e-6)
 
 
 def test_norm_min_clamps_the_renormalisation() -> None:
     cfg = ernie_cfg(20, top_k=2, norm_min=5.0)  # the sum of two probabilities is < 5: weights / 5
     x, w = peaked_inputs(3, 20, 200, torch.bfloat16, torch.float32, seed=12)
-    ref_w, ref_ids = reference(x, w, cfg, None, 0)
-    weights, ids = fm.triton_route(x, w, cfg, None, 0)
-    assert torch.equal(ids.long(), ref_ids)
-    torch.testing.assert_close(weights, ref_w, atol=2e-6, rtol=2e-6)
-    assert float(weights.sum(1).max()) < 0.2 + 1e-6
+    assert_routes_like_reference(x, w, cfg, None, 0)
+    assert float(reference(x, w, cfg, None, 0)[0].sum(1).max()) < 0.2 + 1e-6
 
 
 @pytest.mark.parametrize("num_experts,hidden", [(64, 2560), (20, 200)])
@@ -121,11 +109,7 @@ def test_qwen3_routing_matches_reference(num_experts: int, hidden: int, num_toke
     stored values, as the reference on the upcast tensors does."""
     cfg = qwen_cfg(num_experts)
     x, w = peaked_inputs(num_tokens, num_experts, hidden, torch.bfloat16, torch.bfloat16, seed=3 * num_tokens)
-    ref_w, ref_ids = reference(x, w, cfg, None, 0)
-    weights, ids = fm.triton_route(x, w, cfg, None, 0)
-    assert torch.equal(ids.long(), ref_ids)
-    torch.testing.assert_close(weights, ref_w, atol=2e-6, rtol=2e-6)
-    assert counters_clean()
+    assert_routes_like_reference(x, w, cfg, None, 0)
 
 
 def test_float32_activations_and_a_strided_input() -> None:
@@ -134,10 +118,7 @@ def test_float32_activations_and_a_strided_input() -> None:
     x, w = peaked_inputs(5, 64, 200, torch.float32, torch.float32, seed=4)
     wide = torch.zeros(5, 300)
     wide[:, 50:250] = x
-    ref_w, ref_ids = reference(x, w, cfg, None, 1)
-    weights, ids = fm.triton_route(wide[:, 50:250], w, cfg, None, 1)
-    assert torch.equal(ids.long(), ref_ids)
-    torch.testing.assert_close(weights, ref_w, atol=2e-6, rtol=2e-6)
+    assert_routes_like_reference(x, w, cfg, None, 1, x_launched=wide[:, 50:250])
 
 
 def test_counter_is_reset_and_a_second_launch_gives_the_same_bits() -> None:
