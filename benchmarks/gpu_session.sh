@@ -4,8 +4,11 @@
 # Every figure in docs/performance.md names the stage that produced it.
 # QUANT_METHODS (quant, quantprof stages): the --quantization methods to run, "none" = bf16
 #   (default "none wint8 wint4"; e.g. QUANT_METHODS="fp8 block_wise_fp8" on Hopper).
+# Everything printed also goes to $OUT/gpu_session.log: the device tool returns only the last
+# 12,000 characters of output, and a long stage can push an earlier one's summary line out of it.
 set -uo pipefail
 out=${OUT:-/tmp/gpu_out}; mkdir -p "$out"
+exec > >(tee -a "$out/gpu_session.log") 2>&1
 export PYTHONUNBUFFERED=1
 filter() { grep -v -E "it/s\]|B/s\]|s/it\]|graph/s\]|shard/s\]"; }
 for stage in "$@"; do
@@ -65,5 +68,6 @@ for stage in "$@"; do
                 --batch-size 1 --input-len 128 --output-len 64 --num-iters-warmup 1 --num-iters 3 --max-model-len 2048 \
                 --mem-bandwidth-gbs 3000 --max-num-seqs 8 "${extra[@]}" 2>&1 | filter | grep -E -i "decode|prefill|mean|weight|bandwidth|GiB|Peak|Captured|Error|error" | head -20
             done ;;
+    *)      echo "unknown stage '$stage' (the stages are listed at the top of $0)"; exit 2 ;;
   esac
 done
