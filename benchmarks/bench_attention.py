@@ -2,6 +2,10 @@
 
     python benchmarks/bench_attention.py                      # ERNIE-4.5-0.3B layout, 1k context
     python benchmarks/bench_attention.py --context 8192 --batch-sizes 1,8,64
+    # what a captured decode graph runs (splits fixed for the longest context) against fewer
+    # splits, and the floor on keys per used split (kernels/paged_attention.py MIN_KEYS_PER_SPLIT):
+    python benchmarks/bench_attention.py --context 190,1024,8192 --batch-sizes 1,8 --splits graph,policy,1 \
+        --min-split-keys 128,256,512 --skip-ref
 
 Per batch size it times one layer's decode attention (the K/V store excluded) and prints a
 markdown table:
@@ -24,7 +28,7 @@ from triton.testing import do_bench, do_bench_cudagraph
 
 from ernieserve.attention.base import AttentionMetadata
 from ernieserve.attention.torch_ref import paged_attention_ref
-from ernieserve.kernels.paged_attention import choose_num_splits, paged_attention_decode
+from ernieserve.kernels.paged_attention import MIN_KEYS_PER_SPLIT, choose_num_splits, paged_attention_decode
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -80,7 +84,7 @@ def copy_bandwidth_gbs() -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-sizes", default="1,64,256")
-    parser.add_argument("--context", type=int, default=1024)
+    parser.add_argument("--context", default="1024", help="context lengths, comma-separated")
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--kv-heads", type=int, default=2)
     parser.add_argument("--head-dim", type=int, default=128)
@@ -88,6 +92,12 @@ def main() -> None:
     parser.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     parser.add_argument("--peak-gbs", type=float, default=None, help="bandwidth for the floor (default: measured)")
     parser.add_argument("--skip-ref", action="store_true", help="skip the slow per-request torch oracle")
+    parser.add_argument("--splits", default="policy",
+                        help="split counts, comma-separated: 'policy' (choose_num_splits for the context), "
+                             "'graph' (what a CUDA graph captured for --max-model-len fixes), or numbers")
+    parser.add_argument("--max-model-len", type=int, default=131072, help="the context a graph's split count is for")
+    parser.add_argument("--min-split-keys", default=str(MIN_KEYS_PER_SPLIT),
+                        help="floors on keys per used split, comma-separated")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -96,37 +106,46 @@ def main() -> None:
     bw = args.peak_gbs or copy_bandwidth_gbs()
     elt = torch.finfo(DTYPES[args.dtype]).bits // 8
     print(f"# decode attention, {torch.cuda.get_device_name(0)}, {args.dtype}, heads {args.heads}/{args.kv_heads}, "
-          f"head_dim {args.head_dim}, block {args.block_size}, context {args.context}, floor bw {bw:.0f} GB/s\n")
-    print("| batch | splits | triton graph us | triton eager us | achieved GB/s | % of floor | "
-          "gather+SDPA us | torch ref us | floor us |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for batch in (int(x) for x in args.batch_sizes.split(",")):
-        b = make_batch(batch, args.context, args)
-        splits = choose_num_splits(batch, args.kv_heads, args.context, sms)
-        scratch = torch.empty(batch * args.heads * splits * (args.head_dim + 1), device="cuda")
-        out = torch.empty_like(b.query)
+          f"head_dim {args.head_dim}, block {args.block_size}, floor bw {bw:.0f} GB/s\n")
+    print("| batch | context | splits | min keys/split | triton graph us | triton eager us | achieved GB/s | "
+          "% of floor | gather+SDPA us | torch ref us | floor us |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for context in (int(x) for x in args.context.split(",")):
+        for batch in (int(x) for x in args.batch_sizes.split(",")):
+            b = make_batch(batch, context, args)
+            ref = paged_attention_ref(b.query, (b.k_cache, b.v_cache), b.meta, scale)
+            t_sdpa = do_bench(lambda: gather_sdpa(b, scale, context)) * 1e3
+            t_ref = float("nan")
+            if not args.skip_ref:
+                t_ref = do_bench(lambda: paged_attention_ref(b.query, (b.k_cache, b.v_cache), b.meta, scale),
+                                 rep=200) * 1e3
+            kv_bytes = 2 * batch * context * args.kv_heads * args.head_dim * elt
+            io_bytes = 2 * b.query.numel() * elt + b.block_tables.numel() * 4
+            floor = (kv_bytes + io_bytes) / (bw * 1e9) * 1e6
+            for label in args.splits.split(","):
+                if label == "policy":
+                    splits = choose_num_splits(batch, args.kv_heads, context, sms)
+                elif label == "graph":
+                    splits = choose_num_splits(batch, args.kv_heads, args.max_model_len, sms)
+                else:
+                    splits = int(label)
+                for min_keys in (int(x) for x in args.min_split_keys.split(",")):
+                    scratch = torch.empty(batch * args.heads * splits * (args.head_dim + 1), device="cuda")
+                    out = torch.empty_like(b.query)
 
-        def triton_step() -> None:
-            paged_attention_decode(b.query, b.k_cache, b.v_cache, b.seq_lens, b.block_tables, scale, splits,
-                                   out=out, scratch=scratch)
+                    def triton_step() -> None:
+                        paged_attention_decode(b.query, b.k_cache, b.v_cache, b.seq_lens, b.block_tables, scale,
+                                               splits, out=out, scratch=scratch, min_split_keys=min_keys)
 
-        ref = paged_attention_ref(b.query, (b.k_cache, b.v_cache), b.meta, scale)
-        triton_step()
-        torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
-        t_graph = do_bench_cudagraph(triton_step) * 1e3
-        t_eager = do_bench(triton_step) * 1e3
-        t_sdpa = do_bench(lambda: gather_sdpa(b, scale, args.context)) * 1e3
-        t_ref = float("nan")
-        if not args.skip_ref:
-            t_ref = do_bench(lambda: paged_attention_ref(b.query, (b.k_cache, b.v_cache), b.meta, scale), rep=200) * 1e3
-        kv_bytes = 2 * batch * args.context * args.kv_heads * args.head_dim * elt
-        io_bytes = 2 * b.query.numel() * elt + b.block_tables.numel() * 4
-        floor = (kv_bytes + io_bytes) / (bw * 1e9) * 1e6
-        achieved = (kv_bytes + io_bytes) / (t_graph * 1e-6) / 1e9
-        print(f"| {batch} | {splits} | {t_graph:.1f} | {t_eager:.1f} | {achieved:.0f} | {100 * floor / t_graph:.0f}% | "
-              f"{t_sdpa:.1f} | {t_ref:.1f} | {floor:.1f} |")
-        del b, scratch, out
-        torch.cuda.empty_cache()
+                    triton_step()
+                    torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
+                    t_graph = do_bench_cudagraph(triton_step) * 1e3
+                    t_eager = do_bench(triton_step) * 1e3
+                    achieved = (kv_bytes + io_bytes) / (t_graph * 1e-6) / 1e9
+                    print(f"| {batch} | {context} | {splits} ({label}) | {min_keys} | {t_graph:.1f} | {t_eager:.1f} | "
+                          f"{achieved:.0f} | {100 * floor / t_graph:.0f}% | {t_sdpa:.1f} | {t_ref:.1f} | {floor:.1f} |")
+            b = None  # noqa: F841 - frees this shape's caches before the next one's
+            torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

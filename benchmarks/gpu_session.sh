@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device session's measurements, stage by stage, each under its own time limit, logs to $OUT.
-# stages: tests dense densemixed mixedprof decodeprof serve moe moegemv sampling quant quantprof ...
+# stages: tests dense densemixed mixedprof decodeprof serve moe moegemv sampling attn quant quantprof ...
 # Every figure in docs/performance.md names the stage that produced it.
 # QUANT_METHODS (quant, quantprof stages): the --quantization methods to run, "none" = bf16
 #   (default "none wint8 wint4"; e.g. QUANT_METHODS="fp8 block_wise_fp8" on Hopper).
@@ -52,6 +52,12 @@ for stage in "$@"; do
                  --path $path 2>&1 | tail -24
              done ;;
     sampling) timeout 120 python3 benchmarks/bench_sampling.py 2>&1 | tail -8 ;;
+    # decode attention as a captured graph runs it (splits fixed for the longest context) against
+    # fewer splits and higher floors on keys per used split (MIN_KEYS_PER_SPLIT), 0.3B and 21B layouts
+    attn)   for layout in "--heads 16 --kv-heads 2" "--heads 20 --kv-heads 4"; do
+              timeout 150 python3 benchmarks/bench_attention.py $layout --context 190,1024,8192 --batch-sizes 1,8,64 \
+                --splits graph,policy,1 --min-split-keys 128,256,512 --skip-ref 2>&1 | tail -85
+            done ;;
     # torch.profiler over ten batch-1 decode steps of 21B-A3B per method: where quantized decode goes
     quantprof) [ -f /tmp/ckpt-21b/config.json ] || python3 -m ernieserve make-dummy --preset ernie-4.5-21b-a3b /tmp/ckpt-21b
             for q in ${QUANT_METHODS:-none wint8 wint4}; do
