@@ -2,10 +2,8 @@
 
     python benchmarks/bench_attention.py                      # ERNIE-4.5-0.3B layout, 1k context
     python benchmarks/bench_attention.py --context 8192 --batch-sizes 1,8,64
-    # what a captured decode graph runs (splits fixed for the longest context) against fewer
-    # splits, and the floor on keys per used split (kernels/paged_attention.py MIN_KEYS_PER_SPLIT):
-    python benchmarks/bench_attention.py --context 190,1024,8192 --batch-sizes 1,8 --splits graph,policy,1 \
-        --min-split-keys 128,256,512 --skip-ref
+    # what a captured decode graph runs (splits fixed for the longest context) against fewer splits:
+    python benchmarks/bench_attention.py --context 190,1024,8192 --batch-sizes 1,8 --splits graph,policy,1 --skip-ref
 
 Per batch size it times one layer's decode attention (the K/V store excluded) and prints a
 markdown table:
@@ -28,7 +26,7 @@ from triton.testing import do_bench, do_bench_cudagraph
 
 from ernieserve.attention.base import AttentionMetadata
 from ernieserve.attention.torch_ref import paged_attention_ref
-from ernieserve.kernels.paged_attention import MIN_KEYS_PER_SPLIT, choose_num_splits, paged_attention_decode
+from ernieserve.kernels.paged_attention import choose_num_splits, paged_attention_decode
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -96,8 +94,6 @@ def main() -> None:
                         help="split counts, comma-separated: 'policy' (choose_num_splits for the context), "
                              "'graph' (what a CUDA graph captured for --max-model-len fixes), or numbers")
     parser.add_argument("--max-model-len", type=int, default=131072, help="the context a graph's split count is for")
-    parser.add_argument("--min-split-keys", default=str(MIN_KEYS_PER_SPLIT),
-                        help="floors on keys per used split, comma-separated")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -107,9 +103,9 @@ def main() -> None:
     elt = torch.finfo(DTYPES[args.dtype]).bits // 8
     print(f"# decode attention, {torch.cuda.get_device_name(0)}, {args.dtype}, heads {args.heads}/{args.kv_heads}, "
           f"head_dim {args.head_dim}, block {args.block_size}, floor bw {bw:.0f} GB/s\n")
-    print("| batch | context | splits | min keys/split | triton graph us | triton eager us | achieved GB/s | "
+    print("| batch | context | splits | triton graph us | triton eager us | achieved GB/s | "
           "% of floor | gather+SDPA us | torch ref us | floor us |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for context in (int(x) for x in args.context.split(",")):
         for batch in (int(x) for x in args.batch_sizes.split(",")):
             b = make_batch(batch, context, args)
@@ -129,21 +125,20 @@ def main() -> None:
                     splits = choose_num_splits(batch, args.kv_heads, args.max_model_len, sms)
                 else:
                     splits = int(label)
-                for min_keys in (int(x) for x in args.min_split_keys.split(",")):
-                    scratch = torch.empty(batch * args.heads * splits * (args.head_dim + 1), device="cuda")
-                    out = torch.empty_like(b.query)
+                scratch = torch.empty(batch * args.heads * splits * (args.head_dim + 1), device="cuda")
+                out = torch.empty_like(b.query)
 
-                    def triton_step() -> None:
-                        paged_attention_decode(b.query, b.k_cache, b.v_cache, b.seq_lens, b.block_tables, scale,
-                                               splits, out=out, scratch=scratch, min_split_keys=min_keys)
+                def triton_step() -> None:
+                    paged_attention_decode(b.query, b.k_cache, b.v_cache, b.seq_lens, b.block_tables, scale,
+                                           splits, out=out, scratch=scratch)
 
-                    triton_step()
-                    torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
-                    t_graph = do_bench_cudagraph(triton_step) * 1e3
-                    t_eager = do_bench(triton_step) * 1e3
-                    achieved = (kv_bytes + io_bytes) / (t_graph * 1e-6) / 1e9
-                    print(f"| {batch} | {context} | {splits} ({label}) | {min_keys} | {t_graph:.1f} | {t_eager:.1f} | "
-                          f"{achieved:.0f} | {100 * floor / t_graph:.0f}% | {t_sdpa:.1f} | {t_ref:.1f} | {floor:.1f} |")
+                triton_step()
+                torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
+                t_graph = do_bench_cudagraph(triton_step) * 1e3
+                t_eager = do_bench(triton_step) * 1e3
+                achieved = (kv_bytes + io_bytes) / (t_graph * 1e-6) / 1e9
+                print(f"| {batch} | {context} | {splits} ({label}) | {t_graph:.1f} | {t_eager:.1f} | "
+                      f"{achieved:.0f} | {100 * floor / t_graph:.0f}% | {t_sdpa:.1f} | {t_ref:.1f} | {floor:.1f} |")
             b = None  # noqa: F841 - frees this shape's caches before the next one's
             torch.cuda.empty_cache()
 

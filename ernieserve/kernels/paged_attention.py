@@ -29,8 +29,7 @@ from ernieserve.kernels import split_k
 _LOG2_E = 1.4426950408889634
 
 # Split-K policy for decode (see choose_num_splits).
-MIN_KEYS_PER_SPLIT = 128  # below this a split's fixed cost (Q load, partial write, combine) dominates;
-# also the kernel's floor on keys per used split (benchmarks/bench_attention.py --min-split-keys tunes it)
+MIN_KEYS_PER_SPLIT = 128  # below this a split's fixed cost (Q load, partial write) dominates
 MAX_DECODE_SPLITS = 64
 _WAVES_TARGET = 2  # aim for about this many programs per SM
 
@@ -297,11 +296,11 @@ def paged_attention_unified(
 # --------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["num_splits", "min_split_len"])
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr, counter_ptr,
     seq_lens_ptr, block_tables_ptr,
-    num_splits, min_split_len, qk_scale,
+    num_splits, qk_scale,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cb, stride_cs, stride_ch, stride_bt,
     stride_pr, stride_ph, stride_ps,  # part_out [num_reqs, num_heads, num_splits, head_dim]
@@ -318,9 +317,8 @@ def _decode_split_kernel(
     # each request cuts its own context into BLOCK_N-aligned ranges of split_len keys; only the
     # first `used` splits hold keys (a CUDA graph fixes num_splits for the longest context, most
     # steps' contexts are shorter): the others do nothing, and one used split writes the output
-    # itself. Split 0 always runs, so a padded request (seq_len 0) gets a zero row. A split holds at
-    # least min_split_len keys (a multiple of BLOCK_N): shorter ones cost more to combine than to run.
-    split_len = tl.maximum(tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N, min_split_len)
+    # itself. Split 0 always runs, so a padded request (seq_len 0) gets a zero row.
+    split_len = tl.maximum(tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N, BLOCK_N)
     used = tl.maximum(tl.cdiv(seq_len, split_len), 1)
     if split < used:
         n_begin = split * split_len
@@ -422,12 +420,11 @@ def paged_attention_decode(
     out: torch.Tensor | None = None,  # [num_tokens, num_heads, head_dim]
     scratch: torch.Tensor | None = None,  # flat fp32, >= num_reqs * num_heads * num_splits * (head_dim + 1)
     block_n: int | None = None,
-    min_split_keys: int = MIN_KEYS_PER_SPLIT,
 ) -> torch.Tensor:
     """Split-K decode attention. Grid (num_reqs, num_kv_heads, num_splits); each request uses as
-    many of the splits as its context fills (each at least `min_split_keys` keys, rounded up to the
-    key tile), and the last of them to finish combines them by log-sum-exp in the same launch. A
-    request whose context fits one split (always, with num_splits == 1) is written directly. Capturable: with `out` and `scratch`
+    many of the splits as its context fills, and the last of them to finish combines them by
+    log-sum-exp in the same launch. A request whose context fits one split (always, with
+    num_splits == 1) is written directly. Capturable: with `out` and `scratch`
     given it allocates nothing (the split counters are allocated once per device).
     """
     num_tokens, num_heads, head_dim = query.shape
@@ -462,11 +459,10 @@ def paged_attention_decode(
         p_strides, l_strides = (0, 0, 0), (0, 0)
 
     assert num_reqs * num_kv_heads <= split_k.MAX_TILES and 1 <= num_splits <= MAX_DECODE_SPLITS
-    min_split_len = triton.cdiv(max(1, min_split_keys), block_n) * block_n
     _decode_split_kernel[(num_reqs, num_kv_heads, num_splits)](
         query, k_cache, v_cache, out, part_out, part_lse, counters,
         seq_lens, block_tables,
-        num_splits, min_split_len, scale * _LOG2_E,
+        num_splits, scale * _LOG2_E,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         *p_strides, *l_strides,

@@ -163,7 +163,6 @@ def test_decode_split_k(heads, kv_heads, head_dim, block_size, dtype, num_splits
     ref = paged_attention_ref(q, cache, meta, head_dim**-0.5)
     out = pa.paged_attention_decode(
         q, cache[0], cache[1], meta.seq_lens, meta.block_tables, head_dim**-0.5, num_splits, block_n=16,
-        min_split_keys=16,  # splits of one 16-key tile: many used splits, the combine at work
     )
     torch.testing.assert_close(out.float(), ref.float(), **TOL[dtype])
     # the last split of each (request, kv head) combined them and put its counter back for the next launch
@@ -172,32 +171,8 @@ def test_decode_split_k(heads, kv_heads, head_dim, block_size, dtype, num_splits
     assert not split_k.tile_counters(q.device).any()
     again = pa.paged_attention_decode(
         q, cache[0], cache[1], meta.seq_lens, meta.block_tables, head_dim**-0.5, num_splits, block_n=16,
-        min_split_keys=16,  # splits of one 16-key tile: many used splits, the combine at work
     )
     assert torch.equal(again, out)
-
-
-@pytest.mark.parametrize("min_split_keys,used", [(16, (5, 3)), (40, (4, 1)), (64, (3, 1)), (1000, (1, 1))])
-def test_decode_min_split_keys_bounds_the_used_splits(min_split_keys: int, used: tuple[int, int]) -> None:
-    """Splits hold at least min_split_keys keys, rounded up to the 16-key tile. Contexts of 151 and
-    38 keys cut for 8 splits: 32-key splits (5 and 3 used) at a floor of 16, 48 at 40 (4 and 1),
-    64 at 64 (3 and 1), 1008 at 1000 (1 and 1). Only used splits write partials (a request that
-    uses one writes its output directly), the output is the reference's, the counters end clean."""
-    q, k, v, cache, meta = make_step([150, 37], [1, 1], 4, 2, 64, 16, torch.float32)
-    store_kv(k, v, cache, meta.slot_mapping)
-    ref = paged_attention_ref(q, cache, meta, 0.125)
-    splits, heads = 8, 4
-    scratch = torch.full((2 * heads * splits * 65,), float("nan"))
-    out = pa.paged_attention_decode(q, cache[0], cache[1], meta.seq_lens, meta.block_tables, 0.125, splits,
-                                    scratch=scratch, block_n=16, min_split_keys=min_split_keys)
-    torch.testing.assert_close(out, ref, **TOL[torch.float32])
-    part_lse = scratch[2 * heads * splits * 64:].view(2, heads, splits)
-    written = (~part_lse.isnan()).sum(-1)  # [request, head]: splits that wrote a partial
-    for r in range(2):
-        assert (written[r] == (used[r] if used[r] > 1 else 0)).all(), (r, written[r])
-    from ernieserve.kernels import split_k
-
-    assert not split_k.tile_counters(q.device).any()
 
 
 def test_decode_padded_request_gives_zeros_and_uses_given_scratch() -> None:
