@@ -32,6 +32,7 @@ programs and routes them in the same launch (the split-K ticket of kernels/split
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -437,6 +438,7 @@ def _pow2_floor(n: int) -> int:
     return 1 << (max(1, n).bit_length() - 1)
 
 
+@functools.cache  # the same few shapes every MoE layer of every step: computed once each
 def route_tiles(num_tokens: int, num_experts: int, hidden: int) -> RouteTiles:
     """The routing launch's grid: (ceil(E / block_e), splits), about _ROUTE_PROGRAMS programs.
 
