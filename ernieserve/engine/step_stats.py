@@ -12,7 +12,8 @@ host-bound. The summary groups steps by kind:
 - ``idle``: nothing scheduled (only the previous step's ids are read).
 
 `ERNIESERVE_PROFILE_STEPS=START:COUNT` additionally runs torch.profiler over COUNT steps from the
-START-th and logs the kernels that took the most device time and the kernel launches per step.
+START-th and logs the kernels that took the most device time (`ERNIESERVE_PROFILE_ROWS` of them,
+20 unless set) and the kernel launches per step.
 """
 
 from __future__ import annotations
@@ -156,7 +157,8 @@ class StepProfiler:
             return events.table(sort_by="self_cpu_time_total", row_limit=20)
         launches = sum(e.count for e in device)
         busy_us = sum(e.self_device_time_total for e in device)
-        top = sorted(device, key=lambda e: -e.self_device_time_total)[:20]
+        rows = int(os.environ.get("ERNIESERVE_PROFILE_ROWS", "20"))
+        top = sorted(device, key=lambda e: -e.self_device_time_total)[:rows]
         lines = [f"{launches / self.count:.0f} kernels and {busy_us / self.count / 1e3:.3f} ms of device time per step"]
         lines += [f"  {e.self_device_time_total / self.count / 1e3:8.3f} ms/step {e.count / self.count:7.1f}x  {e.key[:90]}"
                   for e in top]
