@@ -13,6 +13,11 @@ reduction there), which moves rsqrt's input by an ulp or so of fp32 and the bf16
 Rows are addressed as (outer, inner) pairs with two strides, so both a [tokens, hidden] matrix
 and a strided [tokens, heads, head_dim] view of the fused qkv output (Qwen3's per-head q/k norm)
 are read in place, without a copy. Outputs are new contiguous tensors (or the caller's `out`).
+
+With a residual, x may also be [tokens, slots, hidden]: partial sums (a MoE layer's weighted expert
+outputs, one per routed slot, see layers/moe/layer.py) that the kernel adds first, in fp32 and in
+slot order, rounding once, as torch's ``x.sum(dim=1)`` does. That saves the MoE layer a reduction
+launch per step; the slots are loaded side by side, so the sum costs the norm no extra latency.
 """
 
 from __future__ import annotations
@@ -26,9 +31,10 @@ import triton.language as tl
 def _rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
     n_cols, inv_n_cols, n_inner,
-    stride_x_outer, stride_x_inner, stride_r_outer, stride_r_inner,
+    stride_x_outer, stride_x_inner, stride_r_outer, stride_r_inner, stride_x_slot,
     eps,
     HAS_RESIDUAL: tl.constexpr,
+    SLOTS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -38,7 +44,14 @@ def _rms_norm_kernel(
     mask = cols < n_cols
     in_dtype = x_ptr.dtype.element_ty
 
-    x = tl.load(x_ptr + outer * stride_x_outer + inner * stride_x_inner + cols, mask=mask, other=0.0)
+    x_row = x_ptr + outer * stride_x_outer + inner * stride_x_inner
+    if SLOTS > 1:  # partial sums to add first: fp32, in slot order, one rounding (torch's sum(dim=1))
+        xs = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+        for s in tl.static_range(1, SLOTS):
+            xs += tl.load(x_row + s * stride_x_slot + cols, mask=mask, other=0.0).to(tl.float32)
+        x = xs.to(in_dtype)
+    else:
+        x = tl.load(x_row + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + outer * stride_r_outer + inner * stride_r_inner + cols, mask=mask, other=0.0)
         x = (x.to(tl.float32) + r.to(tl.float32)).to(in_dtype)
@@ -82,10 +95,20 @@ def rms_norm(
     """norm(x) * weight, or with a residual (norm(x + residual) * weight, x + residual).
 
     x, residual: [..., hidden] (same shape and dtype; the last dim contiguous, other strides free).
-    weight: [hidden]. Outputs have x's shape and are contiguous; `out` and `residual_out` may be
-    preallocated by the caller (e.g. persistent buffers under a CUDA graph).
+    With a residual [tokens, hidden], x may be [tokens, slots, hidden]: partials summed first (the
+    module docstring). weight: [hidden]. Outputs have the residual's shape (else x's) and are
+    contiguous; `out` and `residual_out` may be preallocated by the caller (e.g. persistent buffers
+    under a CUDA graph).
     """
     hidden = x.shape[-1]
+    slots, stride_slot = 1, 0
+    if residual is not None and x.dim() == 3 and residual.dim() == 2:
+        assert x.shape[0] == residual.shape[0] and x.shape[2] == residual.shape[1], \
+            f"slot partials {tuple(x.shape)} do not match the residual {tuple(residual.shape)}"
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        slots, stride_slot = x.shape[1], x.stride(1)
+        x = x[:, 0]  # rows addressed through slot 0; the kernel steps to the others
     assert weight.shape == (hidden,) and weight.is_contiguous(), "weight must be a contiguous [hidden]"
     out_dtype = torch.promote_types(weight.dtype, x.dtype)  # what `weight * y` gives in torch
     if out is None:
@@ -103,8 +126,8 @@ def rms_norm(
     if rows > 0:
         block = triton.next_power_of_2(hidden)
         _rms_norm_kernel[(rows,)](
-            xv, rv, weight, out, residual_out, hidden, 1.0 / hidden, n_inner, sxo, sxi, sro, sri, eps,
-            HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=_num_warps(block),
+            xv, rv, weight, out, residual_out, hidden, 1.0 / hidden, n_inner, sxo, sxi, sro, sri, stride_slot, eps,
+            HAS_RESIDUAL=residual is not None, SLOTS=slots, BLOCK=block, num_warps=_num_warps(block),
             enable_fp_fusion=False,  # products rounded on their own, as in torch
         )
     return out if residual is None else (out, residual_out)

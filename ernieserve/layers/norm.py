@@ -46,7 +46,10 @@ class RMSNorm(nn.Module):
         self.use_triton = triton_elementwise_enabled()
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Without residual: norm(x). With residual: (norm(x + residual), x + residual)."""
+        """Without residual: norm(x). With residual: (norm(x + residual), x + residual).
+
+        With a residual [tokens, hidden], x may be [tokens, slots, hidden]: partial sums added up
+        first (x.sum(dim=1)), as a MoE layer returns its per-slot expert outputs (layers/moe/layer.py)."""
         if self.use_triton and x.is_cuda and (residual is None or residual.dtype == x.dtype):
             kernels = load_elementwise_kernel("fused_norm")
             if kernels is not None:
@@ -56,6 +59,8 @@ class RMSNorm(nn.Module):
     def forward_torch(self, x: torch.Tensor,
                       residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The reference: plain torch, any device."""
+        if residual is not None and x.dim() == residual.dim() + 1:
+            x = x.sum(dim=1)  # slot partials: fp32 accumulation, one rounding
         if residual is not None:
             x = x + residual
             residual = x

@@ -20,6 +20,7 @@ from ernieserve.layers.activation import SiluAndMul
 from ernieserve.layers.attention import Attention
 from ernieserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from ernieserve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from ernieserve.layers.moe.layer import MoEBlock
 from ernieserve.layers.norm import RMSNorm
 from ernieserve.layers.quantization import scoped_linear_method
 from ernieserve.layers.rotary import RotaryEmbedding
@@ -133,6 +134,11 @@ class DecoderModel(nn.Module):
             DecoderLayer(cfg, spec, backend, dtype, tp, rotary, make_mlp(i) if make_mlp else None)
             for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        # Every MLP output goes straight into the next norm's residual add (forward below), which
+        # can add up a MoE layer's per-slot expert outputs itself.
+        for layer in self.layers:
+            if isinstance(layer.mlp, MoEBlock):
+                layer.mlp.return_slot_partials = True
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # [num_tokens, hidden]

@@ -317,6 +317,8 @@ def run_cases(s: Session) -> None:
             fused_norm.rms_norm(x, w, 1e-5)
         with s.in_case(f"rms_norm +residual hidden={hidden}"):
             fused_norm.rms_norm(x, w, 1e-5, residual=zeros(6, hidden))
+    with s.in_case("rms_norm +residual, 8 MoE slot partials, hidden=2560"):
+        fused_norm.rms_norm(zeros(6, 8, 2560), zeros(2560), 1e-5, residual=zeros(6, 2560))
     qkv = zeros(6, 24 * 128).view(6, 24, 128)
     with s.in_case("rms_norm per-head view [T, H, 128]"):
         fused_norm.rms_norm(qkv[:, :16], zeros(128), 1e-6)

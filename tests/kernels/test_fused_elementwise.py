@@ -67,6 +67,31 @@ def test_rms_norm_with_residual_matches_torch(dtype: torch.dtype, hidden: int) -
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("slots", [1, 3, 8])
+def test_rms_norm_adds_slot_partials_first(dtype: torch.dtype, slots: int) -> None:
+    """x [tokens, slots, hidden] with a residual [tokens, hidden] (a MoE layer's per-slot expert
+    outputs): the kernel's sum of the slots is torch's x.sum(dim=1), then the usual residual norm."""
+    hidden = 100
+    layer = _norm_layer(hidden, dtype)
+    g = torch.Generator().manual_seed(slots)
+    parts = torch.randn(5, slots, hidden, generator=g).to(dtype)
+    residual = torch.randn(5, hidden, generator=g).to(dtype)
+    out, res_out = rms_norm(parts, layer.weight, layer.eps, residual)
+    ref_out, ref_res = layer.forward_torch(parts.sum(dim=1), residual)
+    assert out.shape == residual.shape and res_out.shape == residual.shape
+    torch.testing.assert_close(res_out, ref_res, **TOL[dtype])
+    torch.testing.assert_close(out, ref_out, **TOL[dtype])
+    # the torch reference takes the same input form
+    torch.testing.assert_close(layer.forward_torch(parts, residual)[1], ref_res, atol=0, rtol=0)
+    # a slot view with a row stride larger than slots * hidden (every other row of a bigger buffer)
+    wide = torch.zeros(10, slots, hidden, dtype=dtype)
+    wide[::2] = parts
+    out2, res2 = rms_norm(wide[::2], layer.weight, layer.eps, residual)
+    torch.testing.assert_close(res2, res_out, atol=0, rtol=0)
+    torch.testing.assert_close(out2, out, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_rms_norm_per_head_on_strided_qkv_view(dtype: torch.dtype) -> None:
     """Qwen3's q/k norm: [T, heads, head_dim] views of the fused qkv output, read without a copy."""
     tokens, heads, kv_heads, head_dim = 4, 3, 1, 32

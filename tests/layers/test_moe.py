@@ -212,6 +212,19 @@ def test_fused_matches_reference(num_tokens, num_experts, top_k, hidden, inter, 
 
 
 @needs_interpreter
+def test_fused_returns_unsummed_slots_on_request() -> None:
+    """sum_slots=False gives the weighted per-slot outputs [T, K, H], whose sum is the usual output
+    (the next RMSNorm adds them: kernels/fused_norm.py)."""
+    w13, w2 = make_experts(8, 32, 48, torch.bfloat16)
+    x = torch.randn(6, 32).to(torch.bfloat16)
+    weights, ids = make_routing(6, 8, 3)
+    summed = fm.fused_moe_triton(x, w13, w2, weights, ids)
+    slots = fm.fused_moe_triton(x, w13, w2, weights, ids, sum_slots=False)
+    assert slots.shape == (6, 3, 32) and slots.dtype == torch.bfloat16
+    torch.testing.assert_close(slots.sum(dim=1), summed, atol=0, rtol=0)
+
+
+@needs_interpreter
 def test_fused_bf16_matches_float32_reference() -> None:
     w13, w2 = make_experts(8, 32, 32, torch.bfloat16)
     x = torch.randn(9, 32).to(torch.bfloat16)

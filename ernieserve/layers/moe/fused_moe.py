@@ -18,7 +18,9 @@ whose size depends on the routing, so it can be captured in a CUDA graph:
 3. `_down_kernel`: the same block walk over `inter` and w2, scaled by the routing weight in the
    epilogue, stored per assignment: `[N, H]`.
 4. `.view(T, top_k, H).sum(1)`: the weighted combine in token order, in a fixed order (no atomics,
-   so results do not depend on the batch's other tokens' scheduling).
+   so results do not depend on the batch's other tokens' scheduling). Or not here: with
+   `sum_slots=False` the per-slot view goes to the next RMSNorm, which adds the slots as it loads
+   its row (kernels/fused_norm.py), one launch fewer per MoE layer.
 
 Blocks past the padded total exit at once, so the grid is sized from the bound, not the routing.
 
@@ -522,9 +524,12 @@ def fused_moe_triton(
     topk_ids: torch.Tensor,  # [T, K]
     tiles: MoETileConfig | None = None,
     foreign_experts: bool = False,
-) -> torch.Tensor:  # [T, H]
+    sum_slots: bool = True,
+) -> torch.Tensor:  # [T, H], or [T, K, H] with sum_slots=False
     """foreign_experts: some ids equal E, experts held by another rank (expert parallelism); the
-    align kernel leaves them out (the spare bin) and their output rows stay zero."""
+    align kernel leaves them out (the spare bin) and their output rows stay zero.
+    sum_slots=False: the weighted per-slot outputs [T, K, H], for a consumer that adds them up
+    itself (the next RMSNorm: layers/moe/layer.py), which saves the reduction's launch."""
     num_tokens, hidden = x.shape
     num_experts, inter = w13.shape[0], w2.shape[2]
     top_k = topk_ids.shape[1]
@@ -558,4 +563,11 @@ def fused_moe_triton(
         n, hidden, inter, num_pid_m, w2.stride(0), w2.stride(1),
         BLOCK_M=bm, BLOCK_N=t2.block_n, BLOCK_K=t2.block_k, GROUP_M=tiles.group_m,
         DOT_PRECISION=precision, DOT_FP32=dot_fp32, num_warps=t2.num_warps, num_stages=t2.num_stages)
-    return per_slot.view(num_tokens, top_k, hidden).sum(dim=1)
+    return combine_slots(per_slot, num_tokens, top_k, sum_slots)
+
+
+def combine_slots(per_slot: torch.Tensor, num_tokens: int, top_k: int, sum_slots: bool) -> torch.Tensor:
+    """[N, H] weighted per-assignment outputs -> their fixed-order sum per token [T, H], or the
+    [T, K, H] view of them for a consumer that adds them up itself."""
+    slots = per_slot.view(num_tokens, top_k, per_slot.shape[-1])
+    return slots.sum(dim=1) if sum_slots else slots

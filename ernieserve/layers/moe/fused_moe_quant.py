@@ -596,6 +596,7 @@ def fused_moe_quant_triton(
     foreign_experts: bool = False,
     scratch: DequantScratch | None = None,
     path: QuantMoEPath = QuantMoEPath.AUTO,
+    sum_slots: bool = True,
 ) -> torch.Tensor:  # [T, H]
     """The routed experts on quantized weights, by the path `choose_path` picks (or `path`: FUSED,
     DEQUANT, or GEMV, the decode kernels of moe_gemv.py, wint8 / wint4 only; `tiles` then are
@@ -605,18 +606,20 @@ def fused_moe_quant_triton(
     kernel leaves them out and their rows of the per-assignment output stay zero.
     scratch: the model's shared buffer for the dequant path (AUTO never takes that path without
     one; a forced DEQUANT without one allocates a temporary buffer).
+    sum_slots=False: the per-slot outputs [T, K, H] unsummed where a path has them in the model
+    dtype (fused_moe.combine_slots); paths whose down GEMM splits K still return the sum [T, H].
     """
     assert HAS_TRITON, "triton is not installed"
     if path is QuantMoEPath.AUTO:
         path = choose_path(x.shape[0], experts.scheme, scratch, grouped=experts.scale_group > 0)
     if path is QuantMoEPath.DEQUANT:
         scratch = scratch if scratch is not None else DequantScratch()
-        return _dequant_path(x, experts, topk_weights, topk_ids, scratch, tiles, foreign_experts)
+        return _dequant_path(x, experts, topk_weights, topk_ids, scratch, tiles, foreign_experts, sum_slots)
     if path is QuantMoEPath.GEMV:
         from ernieserve.layers.moe import moe_gemv  # it imports this module's kernels and types
 
-        return moe_gemv.gemv_path(x, experts, topk_weights, topk_ids, tiles, foreign_experts)
-    return _fused_path(x, experts, topk_weights, topk_ids, tiles, foreign_experts)
+        return moe_gemv.gemv_path(x, experts, topk_weights, topk_ids, tiles, foreign_experts, sum_slots)
+    return _fused_path(x, experts, topk_weights, topk_ids, tiles, foreign_experts, sum_slots)
 
 
 def _fused_path(
@@ -626,6 +629,7 @@ def _fused_path(
     topk_ids: torch.Tensor,  # [T, K]
     tiles: QuantMoETiles | None,
     foreign_experts: bool,
+    sum_slots: bool = True,
 ) -> torch.Tensor:  # [T, H]
     """Weight tiles dequantized inside the grouped GEMMs: no scratch, graph-capturable."""
     num_tokens, hidden = x.shape
@@ -679,7 +683,7 @@ def _fused_path(
         BLOCK_M=t.block_m, BLOCK_N=d.block_n, BLOCK_K=d.block_k, GROUP_M=t.group_m,
         DOT_FP32=dot_fp32, PRECISION=precision, num_warps=d.num_warps, num_stages=d.num_stages)
     if split == 1:
-        return per_slot.view(num_tokens, top_k, hidden).sum(dim=1)
+        return fm.combine_slots(per_slot, num_tokens, top_k, sum_slots)
     # K splits and top-k slots in one fixed-order reduction
     return per_slot.view(split, num_tokens, top_k, hidden).sum(dim=(0, 2)).to(x.dtype)
 
@@ -710,6 +714,7 @@ def _dequant_path(
     scratch: DequantScratch,
     tiles: QuantMoETiles | None,
     foreign_experts: bool,
+    sum_slots: bool = True,
 ) -> torch.Tensor:  # [T, H]
     """Dequantize w13 of the touched experts into the scratch, run fused_moe.py's gate/up GEMM,
     dequantize w2 into the same scratch, run its down GEMM, combine. No host sync."""
@@ -754,4 +759,4 @@ def _dequant_path(
         n, hidden, inter, num_pid_m, w2.stride(0), w2.stride(1),
         BLOCK_M=t.block_m, BLOCK_N=d.block_n, BLOCK_K=d.block_k, GROUP_M=t.group_m,
         DOT_PRECISION=precision, DOT_FP32=dot_fp32, num_warps=d.num_warps, num_stages=d.num_stages)
-    return per_slot.view(num_tokens, top_k, hidden).sum(dim=1)
+    return fm.combine_slots(per_slot, num_tokens, top_k, sum_slots)

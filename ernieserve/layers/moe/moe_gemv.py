@@ -218,6 +218,7 @@ def gemv_path(
     topk_ids: torch.Tensor,  # [T, K]
     tiles: QuantMoETiles | None,
     foreign_experts: bool,
+    sum_slots: bool = True,
 ) -> torch.Tensor:  # [T, H]
     """The align kernel at BLOCK_M, the gate/up GEMV, the down GEMV, the fixed-order combine."""
     if experts.scheme not in (ExpertScheme.WINT4, ExpertScheme.WINT8):
@@ -266,6 +267,6 @@ def gemv_path(
         KIND=kind, SCALE_GROUP=group, BLOCK_M=t.block_m, BLOCK_N=d.block_n, BLOCK_K=d.block_k,
         GROUP_M=t.group_m, num_warps=d.num_warps, num_stages=d.num_stages)
     if split == 1:
-        return per_slot.view(num_tokens, top_k, hidden).sum(dim=1)
+        return fm.combine_slots(per_slot, num_tokens, top_k, sum_slots)
     # K splits and top-k slots in one fixed-order reduction
     return per_slot.view(split, num_tokens, top_k, hidden).sum(dim=(0, 2)).to(x.dtype)

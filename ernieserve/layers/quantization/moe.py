@@ -57,8 +57,12 @@ class MoEMethod(ABC):
 
     @abstractmethod
     def apply(self, layer: FusedMoE, x: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor) -> torch.Tensor:
-        """x [T, H], routing [T, top_k] (ids of other ranks' experts = num_experts) -> [T, H]."""
+              topk_ids: torch.Tensor, sum_slots: bool = True) -> torch.Tensor:
+        """x [T, H], routing [T, top_k] (ids of other ranks' experts = num_experts) -> [T, H].
+
+        sum_slots=False lets the method return its weighted per-slot outputs [T, top_k, H] unsummed
+        where it has them (the caller's next RMSNorm adds them up: layers/moe/layer.py); [T, H] is
+        always a valid answer."""
 
     def process_weights_after_loading(self, layer: FusedMoE) -> None:
         """Hook called by the loader once the checkpoint has streamed past."""
@@ -90,10 +94,10 @@ class UnquantizedMoEMethod(MoEMethod):
         dst.copy_(rows)
 
     def apply(self, layer: FusedMoE, x: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor) -> torch.Tensor:
+              topk_ids: torch.Tensor, sum_slots: bool = True) -> torch.Tensor:
         if x.is_cuda:
             return fm.fused_moe_triton(x, layer.w13, layer.w2, topk_weights, topk_ids,
-                                       foreign_experts=layer.expert_parallel)
+                                       foreign_experts=layer.expert_parallel, sum_slots=sum_slots)
         return fm.fused_moe_ref(x, layer.w13, layer.w2, topk_weights, topk_ids)
 
 
@@ -195,13 +199,14 @@ class QuantizedMoEMethod(MoEMethod, StreamingQuantMethod):
                          f"(e.g. {missing[:3]}); they cannot be quantized from a partial checkpoint.")
 
     def apply(self, layer: FusedMoE, x: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor) -> torch.Tensor:
+              topk_ids: torch.Tensor, sum_slots: bool = True) -> torch.Tensor:
         state: ExpertQuantState = layer.expert_quant
         if state.triton:
             # prefill-sized batches of wint4 take the dequant path (one pass into the shared
             # scratch, then the bf16 kernels); decode streams the quantized weights (fused_moe_quant.py)
             return fmq.fused_moe_quant_triton(x, state.experts, topk_weights, topk_ids,
-                                              foreign_experts=layer.expert_parallel, scratch=state.scratch)
+                                              foreign_experts=layer.expert_parallel, scratch=state.scratch,
+                                              sum_slots=sum_slots)
         return fmq.fused_moe_quant_ref(x, state.experts, topk_weights, topk_ids)
 
 
