@@ -8,7 +8,6 @@ so the checkpoint loader never needs to know about sharding.
 
 from __future__ import annotations
 
-import functools
 from abc import ABC, abstractmethod
 from typing import Callable
 
@@ -39,21 +38,7 @@ class UnquantizedLinearMethod(LinearMethod):
         layer.weight.weight_loader = layer.weight_loader  # type: ignore[attr-defined]
 
     def apply(self, layer: "LinearBase", x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if x.is_cuda and x.dtype != torch.float32 and 0 < x.numel() <= _gemv_max_tokens() * x.shape[-1]:
-            from ernieserve.kernels.gemv import gemv  # Triton; imported only on CUDA
-
-            return gemv(x, layer.weight, bias)  # decode sizes: every SM streams (kernels/gemv.py)
         return nn.functional.linear(x, layer.weight, bias)
-
-
-@functools.cache
-def _gemv_max_tokens() -> int:
-    """Decode row counts that take kernels/gemv.py (CUDA only: triton is imported on first use)."""
-    try:
-        from ernieserve.kernels.gemv import gemv_max_tokens
-    except ImportError:  # no triton
-        return 0
-    return gemv_max_tokens()
 
 
 def _divide(n: int, d: int, what: str) -> int:

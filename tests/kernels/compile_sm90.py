@@ -322,14 +322,6 @@ def run_cases(s: Session) -> None:
     qkv = zeros(6, 24 * 128).view(6, 24, 128)
     with s.in_case("rms_norm per-head view [T, H, 128]"):
         fused_norm.rms_norm(qkv[:, :16], zeros(128), 1e-6)
-    # dense decode GEMV (kernels/gemv.py) at the 21B-A3B attention projections and 0.3B's MLP
-    from ernieserve.kernels import gemv as dense_gemv
-    for m in (1, 2, 4, 8):
-        for n, k in ((3584, 2560), (2560, 2560), (6144, 1024)):
-            with s.in_case(f"gemv M={m} N={n} K={k}"):
-                dense_gemv.gemv(zeros(m, k), zeros(n, k))
-    with s.in_case("gemv bias"):
-        dense_gemv.gemv(zeros(1, 1024), zeros(1024, 1024), zeros(1024))
     with s.in_case("silu_and_mul"):
         activation.silu_and_mul(zeros(6, 2 * 3072))
 
