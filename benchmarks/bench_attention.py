@@ -18,6 +18,7 @@ markdown table:
 from __future__ import annotations
 
 import argparse
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -94,6 +95,8 @@ def main() -> None:
                         help="split counts, comma-separated: 'policy' (choose_num_splits for the context), "
                              "'graph' (what a CUDA graph captured for --max-model-len fixes), or numbers")
     parser.add_argument("--max-model-len", type=int, default=131072, help="the context a graph's split count is for")
+    parser.add_argument("--block-n", default="default",
+                        help="keys per tile, comma-separated: 'default' (the wrapper's choice) and/or numbers")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -118,7 +121,8 @@ def main() -> None:
             kv_bytes = 2 * batch * context * args.kv_heads * args.head_dim * elt
             io_bytes = 2 * b.query.numel() * elt + b.block_tables.numel() * 4
             floor = (kv_bytes + io_bytes) / (bw * 1e9) * 1e6
-            for label in args.splits.split(","):
+            for label, block_n in itertools.product(args.splits.split(","), args.block_n.split(",")):
+                bn = None if block_n == "default" else int(block_n)
                 if label == "policy":
                     splits = choose_num_splits(batch, args.kv_heads, context, sms)
                 elif label == "graph":
@@ -130,14 +134,15 @@ def main() -> None:
 
                 def triton_step() -> None:
                     paged_attention_decode(b.query, b.k_cache, b.v_cache, b.seq_lens, b.block_tables, scale,
-                                           splits, out=out, scratch=scratch)
+                                           splits, out=out, scratch=scratch, block_n=bn)
 
                 triton_step()
                 torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
                 t_graph = do_bench_cudagraph(triton_step) * 1e3
                 t_eager = do_bench(triton_step) * 1e3
                 achieved = (kv_bytes + io_bytes) / (t_graph * 1e-6) / 1e9
-                print(f"| {batch} | {context} | {splits} ({label}) | {t_graph:.1f} | {t_eager:.1f} | "
+                tile = "" if bn is None else f", {bn} keys/tile"
+                print(f"| {batch} | {context} | {splits} ({label}{tile}) | {t_graph:.1f} | {t_eager:.1f} | "
                       f"{achieved:.0f} | {100 * floor / t_graph:.0f}% | {t_sdpa:.1f} | {t_ref:.1f} | {floor:.1f} |")
             b = None  # noqa: F841 - frees this shape's caches before the next one's
             torch.cuda.empty_cache()

@@ -122,7 +122,7 @@ def main() -> None:
               f"{nbytes / (us * 1e-6) / 1e12:>6.2f}  {tiles}")
 
     print(f"\n{'tokens':>7} {'ms':>8} {'TFLOP/s':>8} {'of peak':>7}  tiles")
-    for t in [int(v) for v in args.prefill_tokens.split(",")]:
+    for t in [int(v) for v in args.prefill_tokens.split(",") if v]:
         x = torch.randn(t, hidden, device="cuda").bfloat16()
         weights, ids = routing(t, num_experts, top_k)
         ms, tiles = best_time(x, layers, weights, ids, args.sweep)
