@@ -90,11 +90,12 @@ def environment_problem() -> str | None:
 
 # Constexprs the wrappers derive from the tensors' device, and their value for CUDA tensors:
 # DOT_FP32 upcasts dot operands (the interpreter multiplies bf16 as raw bits and has no fp8 dot),
-# LIBDEVICE_EXP picks libdevice's expf (the interpreter has no libdevice). Where DOT_FP32 was on,
+# LIBDEVICE_EXP picks libdevice's expf (the interpreter has no libdevice), INLINE_ASM the int4
+# kernels' inline PTX (the interpreter cannot run it). Where DOT_FP32 was on,
 # the weight-only and quantized-MoE wrappers also chose "ieee" precision for the fp32 dot; with
 # bf16 activations (all of this script's) they choose "tf32" on CUDA. A new device-dependent
 # constexpr in a wrapper needs an entry here.
-_CUDA_VALUES = {"DOT_FP32": False, "LIBDEVICE_EXP": True}
+_CUDA_VALUES = {"DOT_FP32": False, "LIBDEVICE_EXP": True, "INLINE_ASM": True}
 _PRECISION_PARAMS = ("PRECISION", "DOT_PRECISION")
 
 
