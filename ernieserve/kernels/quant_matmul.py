@@ -200,15 +200,15 @@ if HAS_TRITON:
     # ($2, pack=4) and takes 4 half values back in two registers ($0, $1; two lanes each). PRMT
     # spreads bytes 0, 1 (2, 3) into the low byte of the two 16-bit lanes, one LOP3 keeps the
     # nibble and ORs in the magic exponent: 2 PRMT + 2 LOP3 per 4 bytes for the low nibbles; the
-    # high ones shift the 4 bytes right by 4 first (1 SHF + 2 PRMT + 2 LOP3).
+    # high ones shift the spread lanes right by 4 (2 SHF + 2 LOP3: ptxas shares the PRMTs of the
+    # two asm blocks; shifting the 4 bytes before their own PRMTs measured 25 instructions more
+    # per gate/up K step, static SASS).
     # Done in Triton ops instead, the values are 16-bit elements and every AND / OR / shift is a
     # 32-bit op on one of them, plus PRMTs to unpack and repack the lanes.
     def _nibble_asm(high: bool, magic: int) -> str:
-        src = "s" if high else "$2"
-        shift = "shr.u32 s, $2, 4;\n    " if high else ""  # each byte's high nibble into its low bits
-        return ("{\n    .reg .b32 s, t<2>;\n    " + shift
-                + f"prmt.b32 t0, {src}, 0, 0x4140;\n    prmt.b32 t1, {src}, 0, 0x4342;\n    "
-                f"lop3.b32 $0, t0, 0x000F000F, {magic:#x}, 0xEA;\n    "
+        shift = "shr.u32 t0, t0, 4;\n    shr.u32 t1, t1, 4;\n    " if high else ""
+        return ("{\n    .reg .b32 t<2>;\n    prmt.b32 t0, $2, 0, 0x4140;\n    prmt.b32 t1, $2, 0, 0x4342;\n    "
+                f"{shift}lop3.b32 $0, t0, 0x000F000F, {magic:#x}, 0xEA;\n    "
                 f"lop3.b32 $1, t1, 0x000F000F, {magic:#x}, 0xEA;\n}}")
 
     # magic powers, twice (two 16-bit lanes): 128.0 in bf16 (its step in [128, 256) is 1), 1024.0 in fp16
