@@ -14,8 +14,13 @@ Kernel (`_weight_only_gemm_kernel`): grid (M tiles, N tiles, K splits). Each pro
 range in BLOCK_K steps, loads the x tile and the int8 (or packed int4) weight tile, converts the
 weight to x's dtype (exact: |q| <= 127) and accumulates ``x @ q^T`` in fp32. A group-wise scale
 multiplies each step's partial product (BLOCK_K divides group_size, so a step never straddles two
-groups); a per-channel scale multiplies the accumulator once at the end. int4 splits x into its
-even and odd columns, so the low and high nibbles go to two dots without any interleave.
+groups); a per-channel scale multiplies the accumulator once at the end. int4 loads x contiguously
+and splits it in registers into its even and odd columns, so the low and high nibbles go to two
+dots without any interleave. Nibbles become values by bit tricks (`int4_values`, shared with the
+quantized MoE kernels), on GPUs in inline PTX over 4 packed bytes per 32-bit register. When
+BLOCK_K divides K (EVEN_K) no load is masked along K, so the weight tile moves in 16-byte pieces
+(cp.async) instead of one byte per load; weight loads never take an `other` value (a masked byte
+only meets a zero activation or an output that is not stored).
 
 Two tile policies (`choose_tiles`): decode (M <= 32, memory bound, GEMV-like) uses BLOCK_M = 16 and
 splits K until the grid has about two programs per SM; the partial sums land in a
@@ -191,6 +196,75 @@ def choose_tiles(m: int, n: int, k: int, group_size: int, device: torch.device) 
 
 if HAS_TRITON:
 
+    # Inline PTX for the half types (INLINE_ASM): Triton hands it 4 packed bytes per 32-bit register
+    # ($2, pack=4) and takes 4 half values back in two registers ($0, $1; two lanes each). PRMT
+    # spreads bytes 0, 1 (2, 3) into the low byte of the two 16-bit lanes, one LOP3 keeps the
+    # nibble and ORs in the magic exponent: 2 PRMT + 2 LOP3 per 4 bytes for the low nibbles; the
+    # high ones shift the spread lanes right by 4 (2 SHF + 2 LOP3: ptxas shares the PRMTs of the
+    # two asm blocks; shifting the 4 bytes before their own PRMTs measured 25 instructions more
+    # per gate/up K step, static SASS).
+    # Done in Triton ops instead, the values are 16-bit elements and every AND / OR / shift is a
+    # 32-bit op on one of them, plus PRMTs to unpack and repack the lanes.
+    def _nibble_asm(high: bool, magic: int) -> str:
+        shift = "shr.u32 t0, t0, 4;\n    shr.u32 t1, t1, 4;\n    " if high else ""
+        return ("{\n    .reg .b32 t<2>;\n    prmt.b32 t0, $2, 0, 0x4140;\n    prmt.b32 t1, $2, 0, 0x4342;\n    "
+                f"{shift}lop3.b32 $0, t0, 0x000F000F, {magic:#x}, 0xEA;\n    "
+                f"lop3.b32 $1, t1, 0x000F000F, {magic:#x}, 0xEA;\n}}")
+
+    # magic powers, twice (two 16-bit lanes): 128.0 in bf16 (its step in [128, 256) is 1), 1024.0 in fp16
+    _ASM_LOW_BF16 = tl.constexpr(_nibble_asm(False, 0x43004300))
+    _ASM_HIGH_BF16 = tl.constexpr(_nibble_asm(True, 0x43004300))
+    _ASM_LOW_FP16 = tl.constexpr(_nibble_asm(False, 0x64006400))
+    _ASM_HIGH_FP16 = tl.constexpr(_nibble_asm(True, 0x64006400))
+
+    @triton.jit
+    def int4_biased(byte, DTYPE: tl.constexpr, INLINE_ASM: tl.constexpr = False):
+        """Packed bytes (uint8, q + 8 per nibble) -> (low, high) nibbles as MAGIC + q + 8 in DTYPE,
+        exactly (MAGIC 128 for bf16, 1024 for fp16, 2^23 for fp32).
+
+        No int -> float converts (a quarter-rate instruction). INLINE_ASM (half types, compiled
+        code only: the interpreter cannot run inline asm) works on 4 packed bytes per 32-bit
+        register; without it the same bit trick runs as Triton ops, per element.
+        """
+        if DTYPE == tl.float32:
+            b = byte.to(tl.int32)
+            low = ((b & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
+            high = ((b >> 4) | 0x4B000000).to(tl.float32, bitcast=True)
+        elif INLINE_ASM:
+            if DTYPE == tl.float16:
+                low = tl.inline_asm_elementwise(_ASM_LOW_FP16, "=r,=r,r", [byte], dtype=tl.float16, is_pure=True,
+                                                pack=4)
+                high = tl.inline_asm_elementwise(_ASM_HIGH_FP16, "=r,=r,r", [byte], dtype=tl.float16, is_pure=True,
+                                                 pack=4)
+            else:
+                low = tl.inline_asm_elementwise(_ASM_LOW_BF16, "=r,=r,r", [byte], dtype=tl.bfloat16, is_pure=True,
+                                                pack=4)
+                high = tl.inline_asm_elementwise(_ASM_HIGH_BF16, "=r,=r,r", [byte], dtype=tl.bfloat16,
+                                                 is_pure=True, pack=4)
+        elif DTYPE == tl.float16:
+            b = byte.to(tl.int16)
+            low = ((b & 0xF) | 0x6400).to(tl.float16, bitcast=True)
+            high = ((b >> 4) | 0x6400).to(tl.float16, bitcast=True)
+        else:  # bfloat16
+            b = byte.to(tl.int16)
+            low = ((b & 0xF) | 0x4300).to(tl.bfloat16, bitcast=True)
+            high = ((b >> 4) | 0x4300).to(tl.bfloat16, bitcast=True)
+        return low, high
+
+    @triton.jit
+    def int4_values(byte, DTYPE: tl.constexpr, INLINE_ASM: tl.constexpr = False):
+        """Packed bytes (uint8, q + 8 per nibble) -> (low, high) nibbles as q in DTYPE, exactly:
+        `int4_biased` minus its offset, the magic power plus 8 (half types: one packed HADD2 per
+        two values; the literal keeps the subtraction in DTYPE)."""
+        low, high = int4_biased(byte, DTYPE, INLINE_ASM)
+        if DTYPE == tl.float32:
+            low, high = low - 8388616.0, high - 8388616.0
+        elif DTYPE == tl.float16:
+            low, high = low - 1032.0, high - 1032.0
+        else:
+            low, high = low - 136.0, high - 136.0
+        return low, high
+
     # Counts that change from step to step are not specialised: Triton would otherwise compile
     # a variant for each of their classes (1, a multiple of 16, other) at first use, mid-serving.
     @triton.jit(do_not_specialize=["M"])
@@ -200,7 +274,7 @@ if HAS_TRITON:
         stride_xm, stride_wn, stride_sn, stride_om,
         INT4: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        SPLIT: tl.constexpr,
+        SPLIT: tl.constexpr, EVEN_K: tl.constexpr = False, INLINE_ASM: tl.constexpr = False,
     ):
         pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -213,24 +287,35 @@ if HAS_TRITON:
         k_begin = pid_k * k_per_split
         k_end = tl.minimum(k_begin + k_per_split, K)
         for k0 in range(k_begin, k_end, BLOCK_K):
+            # EVEN_K (K % BLOCK_K == 0): no mask along K, so the loads vectorise (a mask on k = 2j < K
+            # varies byte by byte: one-byte loads). Weights take no `other`: a masked one only meets
+            # a zero activation (k >= K) or feeds an output column that is not stored (n >= N), and
+            # any stored byte is a finite value; a non-zero `other` costs a select per byte.
+            kk = k0 + tl.arange(0, BLOCK_K)
+            if EVEN_K:
+                x_ok = m_ok[:, None]
+            else:
+                x_ok = m_ok[:, None] & (kk < K)[None, :]
+            xt = tl.load(x_rows + kk[None, :], mask=x_ok, other=0.0).to(dot_ty)  # [BLOCK_M, BLOCK_K]
             if INT4:
                 j = tl.arange(0, BLOCK_K // 2)
-                k_even = k0 + 2 * j  # [BLOCK_K / 2]
-                x_even = tl.load(x_rows + k_even[None, :], mask=m_ok[:, None] & (k_even < K)[None, :], other=0.0)
-                x_odd = tl.load(x_rows + k_even[None, :] + 1, mask=m_ok[:, None] & (k_even + 1 < K)[None, :],
-                                other=0.0)
-                byte = tl.load(w_rows + (k0 // 2 + j)[None, :], mask=n_ok[:, None] & (k_even < K)[None, :],
-                               other=0x88)  # [BLOCK_N, BLOCK_K / 2] uint8; nibbles hold q + 8
-                w_low = ((byte & 0xF).to(tl.int32) - 8).to(dot_ty)
-                w_high = ((byte >> 4).to(tl.int32) - 8).to(dot_ty)
-                part = tl.dot(x_even.to(dot_ty), tl.trans(w_low), input_precision=PRECISION)
-                part = tl.dot(x_odd.to(dot_ty), tl.trans(w_high), acc=part, input_precision=PRECISION)
+                if EVEN_K:
+                    w_ok = n_ok[:, None]
+                else:
+                    w_ok = n_ok[:, None] & (k0 + 2 * j < K)[None, :]
+                byte = tl.load(w_rows + (k0 // 2 + j)[None, :], mask=w_ok)  # [BLOCK_N, BLOCK_K / 2] uint8
+                # x's even and odd columns, split in registers: the partners of the low and high nibbles
+                x_even, x_odd = tl.split(tl.reshape(xt, [BLOCK_M, BLOCK_K // 2, 2]))
+                w_low, w_high = int4_values(byte, dot_ty, INLINE_ASM)
+                part = tl.dot(x_even, tl.trans(w_low), input_precision=PRECISION)
+                part = tl.dot(x_odd, tl.trans(w_high), acc=part, input_precision=PRECISION)
             else:
-                kk = k0 + tl.arange(0, BLOCK_K)
-                k_ok = (kk < K)[None, :]
-                xt = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok, other=0.0)
-                wq = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & k_ok, other=0)  # [BLOCK_N, BLOCK_K]
-                part = tl.dot(xt.to(dot_ty), tl.trans(wq.to(dot_ty)), input_precision=PRECISION)
+                if EVEN_K:
+                    w_ok = n_ok[:, None]
+                else:
+                    w_ok = n_ok[:, None] & (kk < K)[None, :]
+                wq = tl.load(w_rows + kk[None, :], mask=w_ok)  # [BLOCK_N, BLOCK_K] int8
+                part = tl.dot(xt, tl.trans(wq.to(dot_ty)), input_precision=PRECISION)
             if GROUP_SIZE > 0:
                 scale = tl.load(s_ptr + rn * stride_sn + k0 // GROUP_SIZE, mask=n_ok, other=0.0)
                 acc += part * scale[None, :]
@@ -281,6 +366,7 @@ def weight_only_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
         x2.stride(0), qweight.stride(0), scales.stride(0), n,
         INT4=bits == 4, GROUP_SIZE=group_size, HAS_BIAS=bias is not None, DOT_FP32=dot_fp32,
         PRECISION=precision, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, SPLIT=split > 1,
+        EVEN_K=k % t.block_k == 0, INLINE_ASM=x2.is_cuda,  # inline PTX: compiled code only
         num_warps=t.num_warps, num_stages=t.num_stages,
     )
     return out.view(*x.shape[:-1], n)

@@ -40,6 +40,8 @@ SCHEMES = [(ExpertScheme.WINT8, 0), (ExpertScheme.WINT4, 0), (ExpertScheme.WINT4
            pytest.param(ExpertScheme.FP8, 0, marks=pytest.mark.skipif(not HOPPER, reason="fp8 needs sm90+")),
            pytest.param(ExpertScheme.BLOCK_FP8, 0, marks=pytest.mark.skipif(not HOPPER, reason="fp8 needs sm90+"))]
 SCHEME_IDS = ["wint8", "wint4", "wint4-g128", "wint8-g128", "fp8", "block_wise_fp8"]
+WINT_ODD = [(ExpertScheme.WINT4, 0), (ExpertScheme.WINT4, 128), (ExpertScheme.WINT8, 0)]
+WINT_ODD_IDS = ["wint4", "wint4-g128", "wint8"]
 TOKENS = [1, 7, 64, 300, 4096]  # decode (split K), small batches, prefill; 7 and 300 not tile multiples
 
 # Kernel vs reference on the same quantized weights: both accumulate in fp32 and round the
@@ -100,6 +102,29 @@ def test_fused_matches_reference(bf16_experts, scheme: ExpertScheme, group: int,
     w13, w2 = bf16_experts
     unquantized = fm.fused_moe_ref(x.float(), w13.float(), w2.float(), weights, ids)
     assert rel_err(out, unquantized) < SCHEME_TOL[scheme]
+
+
+@pytest.mark.parametrize("scheme,group", WINT_ODD, ids=WINT_ODD_IDS)
+@pytest.mark.parametrize("num_tokens", [1, 7, 300])
+def test_fused_odd_shapes(scheme: ExpertScheme, group: int, num_tokens: int) -> None:
+    """H and I not multiples of BLOCK_K (masked last K steps: the weight loads that cannot
+    vectorise, through the same inline-PTX conversion) nor of BLOCK_N, an odd I (int4 pads the
+    last byte of each down row) and, grouped, a partial last group."""
+    e, h, i = 8, 1000, 333
+    g = torch.Generator(device="cuda").manual_seed(5)
+    w13 = (torch.randn(e, 2 * i, h, device="cuda", generator=g) / h**0.5).bfloat16()
+    w2 = (torch.randn(e, h, i, device="cuda", generator=g) / i**0.5).bfloat16()
+    experts = QuantizedExperts.empty(scheme, group, e, h, i, torch.device("cuda"))
+    for ex in range(e):
+        for proj, w in (("gate", w13[ex, :i]), ("up", w13[ex, i:]), ("down", w2[ex])):
+            experts.store(ex, proj, *fmq.quantize_rows(w, scheme, group))
+    x = torch.randn(num_tokens, h, device="cuda").bfloat16()
+    logits = torch.randn(num_tokens, e, device="cuda", generator=g)
+    from ernieserve.layers.moe import RouterConfig
+
+    weights, ids = fm.triton_select_experts(logits, RouterConfig(e, 2, True, 1e-12, True, False), None)
+    out = fmq.fused_moe_quant_triton(x, experts, weights, ids, path=fmq.QuantMoEPath.FUSED)
+    assert rel_err(out, fmq.fused_moe_quant_ref(x, experts, weights, ids)) < KERNEL_TOL[False]
 
 
 @pytest.mark.parametrize("scheme,group", SCHEMES, ids=SCHEME_IDS)
@@ -168,20 +193,21 @@ if CUDA:
     import triton.language as tl
 
     @triton.jit
-    def _int4_values_probe(byte_ptr, like_ptr, out_ptr):
+    def _int4_values_probe(byte_ptr, like_ptr, out_ptr, INLINE_ASM: tl.constexpr):
         j = tl.arange(0, 256)
-        low, high = fmq._int4_values(tl.load(byte_ptr + j), tl.load(like_ptr + j).dtype)
+        low, high = fmq._int4_values(tl.load(byte_ptr + j), tl.load(like_ptr + j).dtype, INLINE_ASM)
         tl.store(out_ptr + j, low)
         tl.store(out_ptr + 256 + j, high)
 
 
+@pytest.mark.parametrize("inline_asm", [True, False], ids=["ptx", "triton-ops"])  # the kernels' PTX path
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
-def test_int4_values_exact_for_every_byte(dtype: torch.dtype) -> None:
+def test_int4_values_exact_for_every_byte(dtype: torch.dtype, inline_asm: bool) -> None:
     from ernieserve.kernels.quant_matmul import unpack_int4
 
     byte = torch.arange(256, dtype=torch.int32, device="cuda").to(torch.uint8)
     out = torch.empty(512, dtype=dtype, device="cuda")
-    _int4_values_probe[(1,)](byte, torch.zeros(256, dtype=dtype, device="cuda"), out)
+    _int4_values_probe[(1,)](byte, torch.zeros(256, dtype=dtype, device="cuda"), out, inline_asm)
     q = unpack_int4(byte[:, None], 2)  # [256, 2]: low nibble, high nibble as q
     assert torch.equal(out.float(), torch.cat([q[:, 0], q[:, 1]]).float())
 

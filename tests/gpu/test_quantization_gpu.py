@@ -66,6 +66,19 @@ def test_weight_only_kernel_vs_reference(bits, group, shape, m):
     assert rel_err(out, ref) < KERNEL_TOL
 
 
+@pytest.mark.parametrize("bits,group", [(4, 0), (4, 128), (8, 0)])
+@pytest.mark.parametrize("shape", [(1000, 999), (333, 1000)], ids=str)
+@pytest.mark.parametrize("m", [1, 7, 300])
+def test_weight_only_kernel_odd_shapes(bits, group, shape, m):
+    """N and K not tile multiples: masked last K steps (loads that cannot vectorise), an odd K
+    (int4 pads each row's last byte) and, grouped, a partial last group."""
+    n, k = shape
+    q, s = (qm.quantize_int8 if bits == 8 else qm.quantize_int4)(_weights(n, k, seed=3), group)
+    x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+    out = qm.weight_only_matmul(x, q, s, bits, group)
+    assert rel_err(out, qm.weight_only_matmul_ref(x, q, s, bits, group)) < KERNEL_TOL
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("m", [1, 16, 512])
 def test_torch_builtin_backends_vs_reference(bits, m):

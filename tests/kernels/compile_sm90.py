@@ -26,7 +26,12 @@ On CPU tensors the wrappers pick a few constexprs for the interpreter (fp32 dot 
 libdevice); `_CUDA_VALUES` puts back the values the same wrappers pass for CUDA tensors, so the
 compiled programs are the ones an H100 runs. Run without TRITON_INTERPRET:
 
-    python3 tests/kernels/compile_sm90.py [-v] [-j JOBS] [--only SUBSTRING] [--as-recorded]
+    python3 tests/kernels/compile_sm90.py [-v] [-j JOBS] [--only SUBSTRING] [--as-recorded] [--dump DIR]
+        [--specialize]
+
+``--dump DIR`` also writes each variant's TTGIR, PTX and SASS there; with ``--specialize`` the
+integer arguments are specialised on their values as the launcher does (strides divisible by 16
+let loads vectorise), which is the code an H100 runs: count instructions on those.
 
 tests/kernels/test_compile_sm90.py runs it in the CPU test suite.
 """
@@ -85,11 +90,12 @@ def environment_problem() -> str | None:
 
 # Constexprs the wrappers derive from the tensors' device, and their value for CUDA tensors:
 # DOT_FP32 upcasts dot operands (the interpreter multiplies bf16 as raw bits and has no fp8 dot),
-# LIBDEVICE_EXP picks libdevice's expf (the interpreter has no libdevice). Where DOT_FP32 was on,
+# LIBDEVICE_EXP picks libdevice's expf (the interpreter has no libdevice), INLINE_ASM the int4
+# kernels' inline PTX (the interpreter cannot run it). Where DOT_FP32 was on,
 # the weight-only and quantized-MoE wrappers also chose "ieee" precision for the fp32 dot; with
 # bf16 activations (all of this script's) they choose "tf32" on CUDA. A new device-dependent
 # constexpr in a wrapper needs an entry here.
-_CUDA_VALUES = {"DOT_FP32": False, "LIBDEVICE_EXP": True}
+_CUDA_VALUES = {"DOT_FP32": False, "LIBDEVICE_EXP": True, "INLINE_ASM": True}
 _PRECISION_PARAMS = ("PRECISION", "DOT_PRECISION")
 
 
@@ -141,13 +147,14 @@ class Recorder:
 
 
 class Session:
-    def __init__(self, as_recorded: bool) -> None:
+    def __init__(self, as_recorded: bool, specialize: bool = False) -> None:
         from triton.backends.nvidia.compiler import CUDAOptions
         from triton.compiler.compiler import make_backend
 
         self.backend = make_backend(_target())
         self.option_names = set(CUDAOptions.__dataclass_fields__)
         self.as_recorded = as_recorded
+        self.specialize = specialize
         self.case = "?"
         self.launches: list[Launch] = []
         self.case_errors: list[tuple[str, str]] = []
@@ -191,8 +198,15 @@ class Session:
                 ty, attr = native_specialize_impl(backend_cls, value, kp.is_const, not kp.do_not_specialize,
                                                   not kp.do_not_specialize_on_alignment)
             elif isinstance(value, (bool, int, float)):
-                # scalars: typed by value range only, never specialised on their value
-                ty, attr = native_specialize_impl(backend_cls, value, kp.is_const, False, False)
+                # scalars: typed by value range only, never specialised on their value (unless
+                # --specialize: then as the launcher does, == 1 and divisible by 16, which is
+                # what the GPU runs and what instruction counts must be taken from)
+                spec = self.specialize and not kp.do_not_specialize
+                ty, attr = native_specialize_impl(backend_cls, value, kp.is_const, spec, spec)
+                if ty == "constexpr":  # the launcher's == 1 case
+                    signature[kp.name] = "constexpr"
+                    constexprs[path] = attr
+                    continue
             else:
                 raise TypeError(f"{fn.__name__}: argument {kp.name} is a {type(value).__name__}, "
                                 "which a launch cannot take unless the parameter is tl.constexpr")
@@ -439,6 +453,7 @@ def run_cases(s: Session) -> None:
 # ---- compiling -------------------------------------------------------------------------------------
 
 _TO_COMPILE: list[Launch] = []  # read by the (forked) compile workers
+_DUMP_DIR: list[Path] = []  # --dump: where each variant's PTX / SASS go (read by the workers)
 
 
 def compile_one(index: int) -> tuple[bool, str, float]:
@@ -456,6 +471,8 @@ def compile_one(index: int) -> tuple[bool, str, float]:
         if "cubin" not in kernel.asm:
             return False, "no cubin produced", time.perf_counter() - start
         shared = kernel.metadata.shared
+        if _DUMP_DIR:
+            _dump(index, launch, kernel, _DUMP_DIR[0])
         if shared > H100_MAX_SHARED:
             return (False, f"needs {shared} bytes of shared memory; an H100 block has {H100_MAX_SHARED} "
                     "(out of resource at launch)", time.perf_counter() - start)
@@ -466,6 +483,26 @@ def compile_one(index: int) -> tuple[bool, str, float]:
         if len(lines) > 12:  # the first line names the error and its place, the last ones show it
             lines = lines[:1] + ["..."] + lines[-10:]
         return False, "\n".join(lines), time.perf_counter() - start
+
+
+def _dump(index: int, launch: Launch, kernel: Any, out: Path) -> None:
+    """<index>_<kernel>.{txt,ttgir,ptx,sass}: the variant's description, its TritonGPU IR, PTX and
+    SASS (cuobjdump of the cubin, from the nvidia backend's own bin/), for reading the compiled code."""
+    import subprocess
+    import tempfile
+
+    import triton
+
+    stem = out / f"{index:03d}_{launch.fn.__name__}"
+    stem.with_suffix(".txt").write_text(f"{launch.name}\n{launch.case}\n{launch.describe()}\n")
+    stem.with_suffix(".ttgir").write_text(kernel.asm.get("ttgir", ""))
+    stem.with_suffix(".ptx").write_text(kernel.asm["ptx"])
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([str(tool), "-sass", f.name], capture_output=True, text=True).stdout
+    stem.with_suffix(".sass").write_text(sass)
 
 
 @functools.cache
@@ -491,6 +528,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-j", "--jobs", type=int, default=min(8, os.cpu_count() or 1), help="parallel compiles")
     parser.add_argument("-v", "--verbose", action="store_true", help="print each variant's constexprs and options")
     parser.add_argument("--only", default="", help="compile only kernels whose name contains this")
+    parser.add_argument("--dump", type=Path, default=None,
+                        help="write each variant's TTGIR, PTX and SASS into this folder (NNN_kernel.*)")
+    parser.add_argument("--specialize", action="store_true",
+                        help="specialise integer arguments on their values as the launcher does (== 1, "
+                        "divisible by 16): the variants the GPU runs, for reading their code")
     parser.add_argument("--as-recorded", action="store_true",
                         help="keep the CPU (interpreter) values of DOT_FP32 / LIBDEVICE_EXP / precision")
     args = parser.parse_args(argv)
@@ -501,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_UNAVAILABLE
 
     start = time.perf_counter()
-    session = Session(as_recorded=args.as_recorded)
+    session = Session(as_recorded=args.as_recorded, specialize=args.specialize)
     modules = kernel_modules()
     with recording(session, modules) as found:
         run_cases(session)
@@ -516,6 +558,9 @@ def main(argv: list[str] | None = None) -> int:
         unique.setdefault(key, launch)
         cases_of.setdefault(key, []).append(launch.case)
     _TO_COMPILE[:] = list(unique.values())
+    if args.dump is not None:
+        args.dump.mkdir(parents=True, exist_ok=True)
+        _DUMP_DIR[:] = [args.dump]
     keys = list(unique)
     print(f"recorded {len(session.launches)} launches of {len({x.name for x in session.launches})} kernels "
           f"in {record_s:.1f} s: {len(_TO_COMPILE)} distinct variants to compile for sm_{ARCH}", flush=True)

@@ -181,7 +181,8 @@ TILES = [QuantMoETiles(16, GemmTile(32, 32, 4, 1), GemmTile(32, 32, 4, 1), 1),
 
 @needs_interpreter
 @pytest.mark.parametrize("scheme,group", SCHEMES, ids=SCHEME_IDS)
-@pytest.mark.parametrize("shape", [(5, 4, 2, 69, 40), (7, 6, 3, 160, 33)], ids=str)  # (T, E, top_k, H, I)
+# (T, E, top_k, H, I): partial last K steps (69, 40, 33) and whole ones in both GEMMs (128, 64: EVEN_K)
+@pytest.mark.parametrize("shape", [(5, 4, 2, 69, 40), (7, 6, 3, 160, 33), (4, 4, 2, 128, 64)], ids=str)
 def test_fused_kernels_match_reference(scheme: ExpertScheme, group: int, shape: tuple[int, ...]) -> None:
     num_tokens, num_experts, top_k, hidden, inter = shape
     w13, w2 = make_weights(num_experts, hidden, inter, seed=hidden)

@@ -28,8 +28,13 @@ token (group) by fp8_matmul's kernel. Per-channel scales multiply the accumulato
 epilogue; group-wise (and fp8 block) scales multiply each K step's partial product (BLOCK_K
 divides the group, so a step never straddles two). int4 loads the activation tile contiguously
 and splits it in registers into its even and odd columns, the partners of the low and high nibbles,
-so the packed bytes feed two dots as they lie; nibbles become values by bit tricks (`_int4_values`),
-not int -> float converts. The down GEMM can split K: its partial sums land in ``[splits, N, H]``
+so the packed bytes feed two dots as they lie; nibbles become values by bit tricks (`_int4_values`,
+quant_matmul's `int4_values`: inline PTX over 4 packed bytes per 32-bit register on GPUs), not
+int -> float converts. When BLOCK_K divides K (EVEN_K, every model shape) the weight loads have no
+K mask, so each tile moves as 16-byte cp.async copies (a mask on k = 2j < K is one-byte loads),
+and they take no `other` (a masked weight only meets a zero activation or an unstored output; a
+non-zero `other` is a select that sends the tile through registers and back to shared memory).
+The down GEMM can split K: its partial sums land in ``[splits, N, H]``
 fp32 and are added together with the top-k combine, in a fixed order. No host sync, no
 routing-dependent allocation: capturable in CUDA graphs.
 
@@ -62,6 +67,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from ernieserve.kernels.quant_matmul import int4_values as _int4_values
     from ernieserve.layers.moe.fused_moe import _block_coords
 
 FP8_BLOCK = f8.SCALE_BLOCK  # 128
@@ -359,30 +365,6 @@ _KIND = {ExpertScheme.WINT8: 8, ExpertScheme.WINT4: 4, ExpertScheme.FP8: 1, Expe
 if HAS_TRITON:
 
     @triton.jit
-    def _int4_values(byte, DTYPE: tl.constexpr):
-        """Packed bytes (uint8, q + 8 per nibble) -> (low, high) nibbles as q in DTYPE, exactly.
-
-        Bit tricks instead of int -> float converts (a quarter-rate instruction, and two of them per
-        weight through int32 was what made wint4 slower than bf16): a nibble ORed into the low
-        mantissa bits of 2^7 (bf16 has 7 mantissa bits, so its step in [128, 256) is 1), 2^10 (fp16)
-        or 2^23 (fp32) reads as that power plus the nibble; subtracting the power plus 8 leaves q.
-        One AND or shift, one OR and one subtraction per weight.
-        """
-        if DTYPE == tl.float32:
-            b = byte.to(tl.int32)
-            low = ((b & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
-            high = ((b >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
-        elif DTYPE == tl.float16:
-            b = byte.to(tl.int16)
-            low = ((b & 0xF) | 0x6400).to(tl.float16, bitcast=True) - 1032.0
-            high = ((b >> 4) | 0x6400).to(tl.float16, bitcast=True) - 1032.0
-        else:  # bfloat16
-            b = byte.to(tl.int16)
-            low = ((b & 0xF) | 0x4300).to(tl.bfloat16, bitcast=True) - 136.0
-            high = ((b >> 4) | 0x4300).to(tl.bfloat16, bitcast=True) - 136.0
-        return low, high
-
-    @triton.jit
     def _load_a(a_rows, k0, K, row_ok, INT4: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
         """One K step of the gathered activation rows, loaded contiguously: [BLOCK_M, BLOCK_K], or (int4
         weights) split in registers into its even and odd columns [BLOCK_M, BLOCK_K / 2] each, the
@@ -398,24 +380,37 @@ if HAS_TRITON:
 
     @triton.jit
     def _dot_q(a0, a1, w_cols, k0, K, n_ok, acc, KIND: tl.constexpr, BLOCK_K: tl.constexpr,
-               DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+               DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr = False,
+               INLINE_ASM: tl.constexpr = False):
         """acc + A @ Q for one K step, Q the stored weight tile [BLOCK_K, BLOCK_N] (scales: caller).
 
-        w_cols: [1, BLOCK_N] pointers to the first stored column of each weight row.
+        w_cols: [1, BLOCK_N] pointers to the first stored column of each weight row. EVEN_K: every
+        step is whole (K % BLOCK_K == 0), so the weight load has no mask along K and vectorises (a
+        mask on k = 2j < K varies from byte to byte: one-byte loads). INLINE_ASM: `int4_values`' PTX.
         """
         if KIND == 4:
             j = tl.arange(0, BLOCK_K // 2)
-            ke = k0 + 2 * j
-            byte = tl.load(w_cols + (k0 // 2 + j)[:, None], mask=(ke < K)[:, None] & n_ok[None, :],
-                           other=0x88)  # [BLOCK_K / 2, BLOCK_N]; nibbles hold q + 8, 0x88 is q = 0
+            if EVEN_K:
+                w_ok = n_ok[None, :]
+            else:
+                w_ok = (k0 + 2 * j < K)[:, None] & n_ok[None, :]
+            # [BLOCK_K / 2, BLOCK_N]; nibbles hold q + 8. No `other`: a masked byte (k >= K or a
+            # column n >= N) only ever meets a zero activation or an output that is not stored, and
+            # any nibble is a finite value; a non-zero `other` is a select after the pipelined
+            # copy, which sends the tile through registers and back to shared memory.
+            byte = tl.load(w_cols + (k0 // 2 + j)[:, None], mask=w_ok)
             if DOT_FP32:
                 a0, a1 = a0.to(tl.float32), a1.to(tl.float32)
-            low, high = _int4_values(byte, a0.dtype)  # even k, odd k: [BLOCK_K / 2, BLOCK_N] each
+            low, high = _int4_values(byte, a0.dtype, INLINE_ASM)  # even k, odd k: [BLOCK_K / 2, BLOCK_N] each
             acc = tl.dot(a0, low, acc, input_precision=PRECISION)
             acc = tl.dot(a1, high, acc, input_precision=PRECISION)
         elif KIND == 8:
             kk = k0 + tl.arange(0, BLOCK_K)
-            w = tl.load(w_cols + kk[:, None], mask=(kk < K)[:, None] & n_ok[None, :], other=0)
+            if EVEN_K:
+                w_ok = n_ok[None, :]
+            else:
+                w_ok = (kk < K)[:, None] & n_ok[None, :]
+            w = tl.load(w_cols + kk[:, None], mask=w_ok)  # no `other`: as int4's
             if DOT_FP32:
                 a0 = a0.to(tl.float32)
             acc = tl.dot(a0, w.to(a0.dtype), acc, input_precision=PRECISION)
@@ -437,7 +432,8 @@ if HAS_TRITON:
         stride_at, stride_ast, stride_we, stride_wn, stride_wse, stride_wsn,
         TOP_K: tl.constexpr, KIND: tl.constexpr, SCALE_GROUP: tl.constexpr, SCALE_ROWS: tl.constexpr,
         A_SCALED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        GROUP_M: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+        GROUP_M: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr = False,
+        INLINE_ASM: tl.constexpr = False,
     ):
         pid_m, pid_n = _block_coords(num_pid_m, tl.cdiv(I, BLOCK_N), GROUP_M)
         if pid_m * BLOCK_M >= tl.load(total_ptr):
@@ -461,8 +457,10 @@ if HAS_TRITON:
             a0, a1 = _load_a(a_rows, k0, H, row_ok, KIND == 4, BLOCK_M, BLOCK_K)
             if SCALE_GROUP > 0:  # this step's group: scale the partial product
                 zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-                part_g = _dot_q(a0, a1, g_cols, k0, H, n_ok, zero, KIND, BLOCK_K, DOT_FP32, PRECISION)
-                part_u = _dot_q(a0, a1, u_cols, k0, H, n_ok, zero, KIND, BLOCK_K, DOT_FP32, PRECISION)
+                part_g = _dot_q(a0, a1, g_cols, k0, H, n_ok, zero, KIND, BLOCK_K, DOT_FP32, PRECISION,
+                               EVEN_K, INLINE_ASM)
+                part_u = _dot_q(a0, a1, u_cols, k0, H, n_ok, zero, KIND, BLOCK_K, DOT_FP32, PRECISION,
+                               EVEN_K, INLINE_ASM)
                 kg = k0 // SCALE_GROUP
                 sg = tl.load(sg_ptrs + kg, mask=n_ok, other=0.0)[None, :]
                 su = tl.load(su_ptrs + kg, mask=n_ok, other=0.0)[None, :]
@@ -473,8 +471,10 @@ if HAS_TRITON:
                 acc_g += part_g * sg
                 acc_u += part_u * su
             else:
-                acc_g = _dot_q(a0, a1, g_cols, k0, H, n_ok, acc_g, KIND, BLOCK_K, DOT_FP32, PRECISION)
-                acc_u = _dot_q(a0, a1, u_cols, k0, H, n_ok, acc_u, KIND, BLOCK_K, DOT_FP32, PRECISION)
+                acc_g = _dot_q(a0, a1, g_cols, k0, H, n_ok, acc_g, KIND, BLOCK_K, DOT_FP32, PRECISION,
+                               EVEN_K, INLINE_ASM)
+                acc_u = _dot_q(a0, a1, u_cols, k0, H, n_ok, acc_u, KIND, BLOCK_K, DOT_FP32, PRECISION,
+                               EVEN_K, INLINE_ASM)
         if SCALE_GROUP == 0:  # one scale per output channel (and per token for fp8)
             sg = tl.load(sg_ptrs, mask=n_ok, other=0.0)[None, :]
             su = tl.load(su_ptrs, mask=n_ok, other=0.0)[None, :]
@@ -495,7 +495,8 @@ if HAS_TRITON:
         stride_am, stride_asm, stride_we, stride_wn, stride_wse, stride_wsn, stride_os,
         KIND: tl.constexpr, SCALE_GROUP: tl.constexpr, SCALE_ROWS: tl.constexpr, A_SCALED: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-        DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+        DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr = False,
+        INLINE_ASM: tl.constexpr = False,
     ):
         pid_m, pid_n = _block_coords(num_pid_m, tl.cdiv(H, BLOCK_N), GROUP_M)
         pid_k = tl.program_id(1)
@@ -518,14 +519,16 @@ if HAS_TRITON:
             a0, a1 = _load_a(a_rows, k0, I, row_ok, KIND == 4, BLOCK_M, BLOCK_K)
             if SCALE_GROUP > 0:
                 zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-                part = _dot_q(a0, a1, w_cols, k0, I, n_ok, zero, KIND, BLOCK_K, DOT_FP32, PRECISION)
+                part = _dot_q(a0, a1, w_cols, k0, I, n_ok, zero, KIND, BLOCK_K, DOT_FP32, PRECISION,
+                               EVEN_K, INLINE_ASM)
                 kg = k0 // SCALE_GROUP
                 s = tl.load(s_ptrs + kg, mask=n_ok, other=0.0)[None, :]
                 if A_SCALED:
                     s = s * tl.load(as_ptrs + kg, mask=row_ok, other=0.0)[:, None]
                 acc += part * s
             else:
-                acc = _dot_q(a0, a1, w_cols, k0, I, n_ok, acc, KIND, BLOCK_K, DOT_FP32, PRECISION)
+                acc = _dot_q(a0, a1, w_cols, k0, I, n_ok, acc, KIND, BLOCK_K, DOT_FP32, PRECISION,
+                               EVEN_K, INLINE_ASM)
         if SCALE_GROUP == 0:
             s = tl.load(s_ptrs, mask=n_ok, other=0.0)[None, :]
             if A_SCALED:
@@ -650,6 +653,7 @@ def _fused_path(
     # The interpreter multiplies bf16 dot operands as raw bits and has no fp8 dot: fp32 there.
     dot_fp32 = x.device.type == "cpu" and (x.dtype != torch.float32 or fp8)
     precision = "ieee" if x.dtype == torch.float32 or dot_fp32 else "tf32"
+    inline_asm = x.is_cuda  # compiled code (the interpreter cannot run inline PTX)
     kind = _KIND[scheme]
     scale_rows = FP8_BLOCK if scheme is ExpertScheme.BLOCK_FP8 else 1
 
@@ -663,7 +667,8 @@ def _fused_path(
         a.stride(0), a_scale.stride(0), w13.stride(0), w13.stride(1), s13.stride(0), s13.stride(1),
         TOP_K=top_k, KIND=kind, SCALE_GROUP=group, SCALE_ROWS=scale_rows, A_SCALED=fp8,
         BLOCK_M=t.block_m, BLOCK_N=g.block_n, BLOCK_K=g.block_k, GROUP_M=t.group_m,
-        DOT_FP32=dot_fp32, PRECISION=precision, num_warps=g.num_warps, num_stages=g.num_stages)
+        DOT_FP32=dot_fp32, PRECISION=precision, EVEN_K=hidden % g.block_k == 0, INLINE_ASM=inline_asm,
+        num_warps=g.num_warps, num_stages=g.num_stages)
 
     a2, a2_scale = _quantize_activations(act, scheme) if fp8 else (act, act)
     d = t.down
@@ -681,7 +686,8 @@ def _fused_path(
         a2.stride(0), a2_scale.stride(0), w2.stride(0), w2.stride(1), s2.stride(0), s2.stride(1), n * hidden,
         KIND=kind, SCALE_GROUP=group, SCALE_ROWS=scale_rows, A_SCALED=fp8,
         BLOCK_M=t.block_m, BLOCK_N=d.block_n, BLOCK_K=d.block_k, GROUP_M=t.group_m,
-        DOT_FP32=dot_fp32, PRECISION=precision, num_warps=d.num_warps, num_stages=d.num_stages)
+        DOT_FP32=dot_fp32, PRECISION=precision, EVEN_K=inter % d.block_k == 0, INLINE_ASM=inline_asm,
+        num_warps=d.num_warps, num_stages=d.num_stages)
     if split == 1:
         return fm.combine_slots(per_slot, num_tokens, top_k, sum_slots)
     # K splits and top-k slots in one fixed-order reduction
