@@ -645,8 +645,8 @@ def test_gemv_path_rejects_fp8_and_bad_tiles() -> None:
 
 def test_auto_takes_gemv_where_measured_faster(monkeypatch: pytest.MonkeyPatch) -> None:
     scratch = DequantScratch()
-    # the measured policy (H100): per-channel wint4 at one token only; grouped scales never
-    assert fmq.choose_path(1, ExpertScheme.WINT4, scratch) is QuantMoEPath.GEMV
+    # the measured policy (H100): never, since the fused kernels convert nibbles with inline PTX
+    assert fmq.choose_path(1, ExpertScheme.WINT4, scratch) is QuantMoEPath.FUSED
     assert fmq.choose_path(1, ExpertScheme.WINT4, scratch, grouped=True) is QuantMoEPath.FUSED
     assert fmq.choose_path(2, ExpertScheme.WINT4, scratch) is QuantMoEPath.FUSED
     for scheme in (ExpertScheme.WINT8, ExpertScheme.FP8, ExpertScheme.BLOCK_FP8):

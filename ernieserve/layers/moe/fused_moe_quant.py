@@ -315,9 +315,12 @@ DEQUANT_MIN_TOKENS: dict[ExpertScheme, int | None] = {
 #   wint4:      1 token 71.2 gemv vs 82.8 fused; 8 tokens 455.5 vs 282.0  -> gemv at 1 token only
 #   wint8:      1 token 78.0 gemv vs 43.3 fused                           -> never
 #   wint4-g128: 1 token 101.0 gemv vs 88.2 fused                          -> never (grouped scales)
+# Since the fused kernels convert packed nibbles with inline PTX and stream unmasked K steps
+# (quant_matmul.int4_values, 2026-11-22 19:14), one token: wint4 fused 36.0 vs gemv 72.3, wint4-g128
+# 39.0 vs 100.7 (6 experts) -> never for any scheme.
 # fp8 schemes have no gemv kernels.
 GEMV_MAX_TOKENS: dict[ExpertScheme, int] = {
-    ExpertScheme.WINT4: 1, ExpertScheme.WINT8: 0, ExpertScheme.FP8: 0, ExpertScheme.BLOCK_FP8: 0}
+    ExpertScheme.WINT4: 0, ExpertScheme.WINT8: 0, ExpertScheme.FP8: 0, ExpertScheme.BLOCK_FP8: 0}
 
 
 def choose_path(num_tokens: int, scheme: ExpertScheme, scratch: DequantScratch | None,
