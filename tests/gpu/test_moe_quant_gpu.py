@@ -232,8 +232,8 @@ def test_dequant_path_matches_reference(bf16_experts, scheme: ExpertScheme, grou
 
 
 def test_auto_path_takes_dequant_from_the_threshold_and_reuses_the_scratch(bf16_experts) -> None:
-    experts = quantized(bf16_experts, ExpertScheme.WINT4, 0)
-    threshold = fmq.DEQUANT_MIN_TOKENS[ExpertScheme.WINT4]
+    experts = quantized(bf16_experts, ExpertScheme.WINT4, 128)  # group-wise: the scheme with a threshold
+    threshold = fmq.DEQUANT_MIN_TOKENS[ExpertScheme.WINT4, True]
     scratch = DequantScratch()
     x = torch.randn(threshold, H, device="cuda").bfloat16()
     weights, ids = route(threshold, seed=7)

@@ -357,11 +357,13 @@ def test_dequant_path_bf16_and_routing_edge_cases() -> None:
 
 def test_choose_path_by_token_count() -> None:
     scratch = DequantScratch()
-    threshold = fmq.DEQUANT_MIN_TOKENS[ExpertScheme.WINT4]
+    threshold = fmq.DEQUANT_MIN_TOKENS[ExpertScheme.WINT4, True]  # group-wise wint4
     assert threshold is not None
-    assert fmq.choose_path(threshold, ExpertScheme.WINT4, scratch) is QuantMoEPath.DEQUANT
-    assert fmq.choose_path(threshold - 1, ExpertScheme.WINT4, scratch) is QuantMoEPath.FUSED
-    assert fmq.choose_path(threshold, ExpertScheme.WINT4, None) is QuantMoEPath.FUSED  # no scratch, no dequant
+    assert fmq.choose_path(threshold, ExpertScheme.WINT4, scratch, grouped=True) is QuantMoEPath.DEQUANT
+    assert fmq.choose_path(threshold - 1, ExpertScheme.WINT4, scratch, grouped=True) is QuantMoEPath.FUSED
+    assert fmq.choose_path(threshold, ExpertScheme.WINT4, None, grouped=True) is QuantMoEPath.FUSED  # no scratch
+    # per-channel wint4's fused kernels beat the dequant pass at every size measured
+    assert fmq.choose_path(10**6, ExpertScheme.WINT4, scratch) is QuantMoEPath.FUSED
     assert fmq.choose_path(10**6, ExpertScheme.FP8, scratch) is QuantMoEPath.FUSED
     experts = quantize_all(*make_weights(2, 32, 32), ExpertScheme.FP8, 0)
     weights, ids = make_routing(2, 2, 1)
@@ -382,7 +384,7 @@ def test_scratch_grows_and_is_reused() -> None:
 def test_layers_of_one_model_share_one_scratch(monkeypatch: pytest.MonkeyPatch) -> None:
     """The config hands every layer the same scratch; from the threshold on, apply() takes the
     dequant path through it (the Triton kernels forced on here: the interpreter)."""
-    monkeypatch.setitem(fmq.DEQUANT_MIN_TOKENS, ExpertScheme.WINT4, 4)
+    monkeypatch.setitem(fmq.DEQUANT_MIN_TOKENS, (ExpertScheme.WINT4, False), 4)
     config = WeightOnlyConfig(4)
     with torch.device("cpu"), quantization_scope(config):
         layers = [FusedMoE(4, 2, 64, 48, torch.float32, TPGroup()) for _ in range(2)]

@@ -40,10 +40,11 @@ routing-dependent allocation: capturable in CUDA graphs.
 
 Decode path (`QuantMoEPath.GEMV`, wint8 / wint4; `moe_gemv.py`): no tensor-core dot, each weight
 tile dequantized in registers and multiplied into at most 8 rows per expert in fp32. Taken up to
-`GEMV_MAX_TOKENS` (measured: wint4 with per-channel scales at one token).
+`GEMV_MAX_TOKENS` (measured: since the fused kernels' inline-PTX int4 conversion, never).
 
 Prefill path (`QuantMoEPath.DEQUANT`, wint8 / wint4): the fused GEMMs dequantize each weight tile
-once per BLOCK_M rows of its expert, which at thousands of tokens costs more than the matmul. From
+once per BLOCK_M rows of its expert, which at thousands of tokens can cost more than the matmul
+(measured: only for group-wise wint4, whose prefill tiles spill registers). From
 `DEQUANT_MIN_TOKENS` tokens on, one Triton pass writes the touched experts' w13 in the activation
 dtype into a scratch shared by every layer of the model (`DequantScratch`), fused_moe.py's bf16
 gate/up GEMM reads it, the same scratch takes w2 for the down GEMM. No host sync either.
@@ -302,10 +303,15 @@ class QuantMoEPath(enum.Enum):
 # path's repeated dequantization. wint8 prefill runs its fused kernel at ~1.3x bf16 (measured),
 # cheaper than the pass (0.5 GB read + 1.5 GB written): off. fp8's kernels run fp8 tensor-core
 # dots, the dequant path does not handle them.
-# TODO(lead, GPU): 1024 is reasoned, not measured; `benchmarks/bench_moe_quant.py --path fused`
-# and `--path dequant` at 256..4096 tokens give the crossover.
-DEQUANT_MIN_TOKENS: dict[ExpertScheme, int | None] = {
-    ExpertScheme.WINT4: 1024, ExpertScheme.WINT8: None, ExpertScheme.FP8: None, ExpertScheme.BLOCK_FP8: None}
+# Keyed by (scheme, grouped scales). Measured on an H100 (2026-11-22 19:20, 21B-A3B layer, all 64
+# experts touched, `bench_moe_quant.py --path fused|dequant`, us): per-channel wint4 at 1024 / 4096 /
+# 8192 tokens, fused 668 / 1934 / 3487 against dequant 1331 / 2115 / 3555, since the fused kernels
+# convert nibbles with inline PTX -> never. Group-wise wint4's fused prefill tiles spill registers
+# (8298 us at 4096): it keeps the dequant path from 1024 (reasoned, not measured at the crossover).
+DEQUANT_MIN_TOKENS: dict[tuple[ExpertScheme, bool], int | None] = {
+    (ExpertScheme.WINT4, False): None, (ExpertScheme.WINT4, True): 1024,
+    (ExpertScheme.WINT8, False): None, (ExpertScheme.WINT8, True): None,
+    (ExpertScheme.FP8, False): None, (ExpertScheme.BLOCK_FP8, True): None}
 
 
 # Token counts up to which AUTO takes the gemv path (moe_gemv.py) for per-channel scales; 0 = never.
@@ -329,7 +335,7 @@ def choose_path(num_tokens: int, scheme: ExpertScheme, scratch: DequantScratch |
     prefill-sized batches of the schemes that have a threshold, when a scratch exists; else FUSED."""
     if not grouped and 0 < num_tokens <= GEMV_MAX_TOKENS[scheme]:
         return QuantMoEPath.GEMV
-    threshold = DEQUANT_MIN_TOKENS[scheme]
+    threshold = DEQUANT_MIN_TOKENS.get((scheme, grouped))
     if scratch is None or threshold is None or num_tokens < threshold:
         return QuantMoEPath.FUSED
     return QuantMoEPath.DEQUANT

@@ -17,9 +17,9 @@ projection of ``w13`` (or ``w2``) lands, the quantized tensors become the layer'
 quantized model plus one checkpoint tensor and its fp32 quantization temporaries.
 
 Prefill: every layer of a model gets the same `DequantScratch` (the quantization config owns it),
-into which batches from `fused_moe_quant.DEQUANT_MIN_TOKENS` tokens on dequantize their experts
-before the bf16 kernels; one buffer of one layer's w13 in the model dtype (~1 GB at the
-21B-A3B shape), allocated by the engine's profiling prefill.
+into which batches from `fused_moe_quant.DEQUANT_MIN_TOKENS` tokens on (group-wise wint4 only)
+dequantize their experts before the bf16 kernels; one buffer of one layer's w13 in the model dtype
+(~1 GB at the 21B-A3B shape), allocated by the engine's profiling prefill when that path runs.
 """
 
 from __future__ import annotations
