@@ -264,9 +264,10 @@ def choose_quant_tiles(num_assignments: int, num_experts: int, experts: Quantize
     if rows <= 16 and experts.scheme is ExpertScheme.WINT4:
         # 128 packed bytes (one cache line) per weight row per K step. The dequantized B tile goes
         # through shared memory on its way to the dot (bf16 [256, BLOCK_N]: 16 KiB per 32 columns).
-        # gate/up N64: the tile search on an H100 (docs/performance.md, 2026-11-22 17:00) measured
-        # 248.9 us per 21B layer at 8 tokens against N32's 280.3 (one token takes the gemv path).
-        gate_up, down = GemmTile(64, 256, 4, 3), GemmTile(64, 256, 4, 3)
+        # gate/up N32: the tile search on an H100 (2026-11-22 19:23, inline-PTX nibbles) measured
+        # 33.7 vs N64's 36.6 us per 21B layer at one token, 108.8 vs 112.3 at 8 (with down K128 s4);
+        # before that conversion N64 had won (248.9 vs 280.3 at 8 tokens).
+        gate_up, down = GemmTile(32, 256, 4, 3), GemmTile(64, 256, 4, 3)
     elif rows <= 16:
         gate_up, down = GemmTile(32, 256, 4, 3), GemmTile(128, 128, 4, 4)
     else:
