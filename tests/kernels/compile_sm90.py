@@ -336,6 +336,10 @@ def run_cases(s: Session) -> None:
     qkv = zeros(6, 24 * 128).view(6, 24, 128)
     with s.in_case("rms_norm per-head view [T, H, 128]"):
         fused_norm.rms_norm(qkv[:, :16], zeros(128), 1e-6)
+    for bits in (8, 4):  # the weight-only prefill path's one-pass dequantization (then cuBLAS)
+        with s.in_case(f"dequantize_into dense wint{bits}"):
+            qm.dequantize_into(zeros(3584, 2560), zeros(3584, 2560 * bits // 8, dtype=torch.uint8 if bits == 4
+                                                           else torch.int8), zeros(3584, 1, dtype=torch.float32), bits, 0)
     with s.in_case("silu_and_mul"):
         activation.silu_and_mul(zeros(6, 2 * 3072))
 

@@ -150,6 +150,24 @@ def test_weight_only_kernel_matches_reference(bits, group, shape, dtype):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("bits,group", [(8, 0), (4, 0), (4, 32), (8, 32)])
+@pytest.mark.parametrize("n,k", [(40, 96), (33, 70)])
+def test_dequantize_into_matches_reference(bits, group, n, k):
+    """The prefill path's one-pass dequantization (then cuBLAS), on a dense weight and on a stack of
+    matrices of which only the touched ones are written."""
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(n + k + bits))
+    q, s = (qm.quantize_int8 if bits == 8 else qm.quantize_int4)(w, group)
+    ref = qm.dequantize_weight_only(q, s, bits, k, group)
+    out = qm.dequantize_into(torch.empty(n, k), q, s, bits, group)
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+    stacked = torch.full((3, n, k), 7.0)
+    qm.dequantize_into(stacked, torch.stack([q] * 3), torch.stack([s] * 3), bits, group,
+                       torch.tensor([0, 1, 0], dtype=torch.int32))
+    torch.testing.assert_close(stacked[1], ref, atol=0, rtol=0)
+    assert (stacked[0] == 7).all() and (stacked[2] == 7).all()
+
+
+@needs_interpreter
 def test_split_k_tiles_are_reduced_in_the_launch_and_leave_the_counters_clean():
     """Split K: each tile's last program adds the splits (kernels/split_k.py). Its counter must be
     back at zero afterwards (a graph replay reuses it), and the sum order is fixed."""

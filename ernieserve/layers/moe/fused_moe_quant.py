@@ -549,47 +549,6 @@ if HAS_TRITON:
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
 
-    @triton.jit(do_not_specialize=["num_r_blocks"])
-    def _dequant_experts_kernel(
-        q_ptr, s_ptr, out_ptr, touched_ptr, R, K, num_r_blocks,
-        stride_qe, stride_qr, stride_se, stride_sr, stride_oe, stride_or,
-        KIND: tl.constexpr, SCALE_GROUP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-    ):
-        """out[e, r, k] = q[e, r, k] * scale in out's dtype for the experts with touched[e] != 0.
-        Grid: (row blocks x column blocks, experts); each program one [BLOCK_R, BLOCK_K] tile."""
-        e = tl.program_id(1)
-        if tl.load(touched_ptr + e) == 0:
-            return
-        pid = tl.program_id(0)
-        rows = (pid % num_r_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
-        r_ok = rows < R
-        k0 = (pid // num_r_blocks) * BLOCK_K
-        e64 = e.to(tl.int64)
-        q_rows = q_ptr + e64 * stride_qe + rows[:, None].to(tl.int64) * stride_qr  # [BLOCK_R, 1]
-        s_rows = s_ptr + e64 * stride_se + rows[:, None].to(tl.int64) * stride_sr
-        kk = k0 + tl.arange(0, BLOCK_K)
-        if KIND == 4:
-            j = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # byte columns: k = 2j (low nibble), 2j + 1 (high)
-            byte = tl.load(q_rows + j[None, :], mask=r_ok[:, None] & (2 * j < K)[None, :], other=0x88)
-            low, high = _int4_values(byte, tl.float32)  # [BLOCK_R, BLOCK_K / 2] each
-            if SCALE_GROUP > 0:  # a group is even, so 2j and 2j + 1 share it
-                s = tl.load(s_rows + (2 * j // SCALE_GROUP)[None, :], mask=r_ok[:, None] & (2 * j < K)[None, :],
-                            other=0.0)
-            else:
-                s = tl.load(s_rows, mask=r_ok[:, None], other=0.0)
-            w = tl.reshape(tl.join(low * s, high * s), [BLOCK_R, BLOCK_K])  # interleaved back: k order
-        else:
-            q = tl.load(q_rows + kk[None, :], mask=r_ok[:, None] & (kk < K)[None, :], other=0)
-            if SCALE_GROUP > 0:
-                s = tl.load(s_rows + (kk // SCALE_GROUP)[None, :], mask=r_ok[:, None] & (kk < K)[None, :],
-                            other=0.0)
-            else:
-                s = tl.load(s_rows, mask=r_ok[:, None], other=0.0)
-            w = q.to(tl.float32) * s
-        o_ptrs = out_ptr + e64 * stride_oe + rows[:, None].to(tl.int64) * stride_or + kk[None, :]
-        tl.store(o_ptrs, w.to(out_ptr.dtype.element_ty), mask=r_ok[:, None] & (kk < K)[None, :])
-
-
 def _quantize_activations(a: torch.Tensor, scheme: ExpertScheme) -> tuple[torch.Tensor, torch.Tensor]:
     """fp8 schemes: (e4m3 [M, K], fp32 scales [M, groups]). The interpreter (CPU tensors) casts
     fp32 -> e4m3 wrongly when rounding carries into the exponent (tests/layers/test_quantization.py),
@@ -712,14 +671,7 @@ def dequantize_experts_into(out: torch.Tensor, qweight: torch.Tensor, scale: tor
     their scales [E, R, G], for the experts with touched[e] != 0 (touched: int32 [E + 1]; the
     others' rows of out are left as they were)."""
     assert experts.scheme in (ExpertScheme.WINT4, ExpertScheme.WINT8), experts.scheme
-    num_experts, rows, k = out.shape
-    block_r, block_k = 32, 512  # 16 KiB of bf16 written per program, 8 (int4) or 16 KiB read
-    num_r_blocks = triton.cdiv(rows, block_r)
-    _dequant_experts_kernel[(num_r_blocks * triton.cdiv(k, block_k), num_experts)](
-        qweight, scale, out, touched, rows, k, num_r_blocks,
-        qweight.stride(0), qweight.stride(1), scale.stride(0), scale.stride(1), out.stride(0), out.stride(1),
-        KIND=_KIND[experts.scheme], SCALE_GROUP=experts.group_size, BLOCK_R=block_r, BLOCK_K=block_k,
-        num_warps=4, num_stages=2)
+    qm.dequantize_into(out, qweight, scale, _KIND[experts.scheme], experts.group_size, touched)
 
 
 def _dequant_path(
