@@ -67,7 +67,8 @@ def run_layers(x, layers, weights, ids, tiles=None):
 
 GEMM_CANDIDATES = [GemmTile(bn, bk, w, st) for bn, bk, w, st in (
     (32, 128, 4, 4), (64, 64, 4, 4), (64, 128, 4, 4), (64, 256, 4, 3), (128, 64, 4, 4), (128, 128, 4, 3),
-    (128, 64, 8, 3), (128, 64, 8, 4), (256, 64, 8, 3), (64, 128, 8, 4), (64, 64, 8, 4), (128, 32, 8, 4))]
+    (128, 64, 8, 3), (128, 64, 8, 4), (256, 64, 8, 3), (64, 128, 8, 4), (64, 64, 8, 4), (128, 32, 8, 4),
+    (256, 64, 8, 4), (128, 128, 8, 3), (256, 32, 8, 4))]
 
 
 def sweep_tiles(x, layers, weights, ids, default: fm.MoETileConfig) -> tuple[float, fm.MoETileConfig]:
@@ -110,7 +111,7 @@ def main() -> None:
 
     print(f"\n{args.preset}: E={num_experts} top_k={top_k} H={hidden} I={inter}  (per layer)")
     print(f"{'tokens':>7} {'experts':>7} {'MB read':>8} {'us':>8} {'floor us':>8} {'x floor':>7} {'TB/s':>6}  tiles")
-    for t in [int(v) for v in args.decode_tokens.split(",")]:
+    for t in [int(v) for v in args.decode_tokens.split(",") if v]:
         x = torch.randn(t, hidden, device="cuda").bfloat16()
         weights, ids = routing(t, num_experts, top_k)
         touched = int(torch.unique(ids).numel())
