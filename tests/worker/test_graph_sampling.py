@@ -140,12 +140,15 @@ def test_mixed_steps_from_graphs_equal_eager_on_a_moe_model(checkpoint_factory, 
     """Padded tokens are routed to experts like real ones (their rows are dropped later). With
     "fused-triton" the experts run the GPU's grouped kernels (interpreted), whose expert-aligned
     sort sees the padded token count, as under a CUDA graph."""
+    unsummed: list[bool] = []
     if experts == "fused-triton":
         from ernieserve.layers.moe import fused_moe as fm
         from ernieserve.layers.quantization.moe import UnquantizedMoEMethod
 
-        def fused(self, layer, x, topk_weights, topk_ids):
-            return fm.fused_moe_triton(x, layer.w13, layer.w2, topk_weights, topk_ids)
+        def fused(self, layer, x, topk_weights, topk_ids, sum_slots=True):
+            # with sum_slots=False the next RMSNorm adds the per-slot outputs (layers/moe/layer.py)
+            unsummed.append(not sum_slots)
+            return fm.fused_moe_triton(x, layer.w13, layer.w2, topk_weights, topk_ids, sum_slots=sum_slots)
 
         monkeypatch.setattr(UnquantizedMoEMethod, "apply", fused)
     model = checkpoint_factory("tiny-ernie-4.5-moe")
@@ -153,6 +156,8 @@ def test_mixed_steps_from_graphs_equal_eager_on_a_moe_model(checkpoint_factory, 
     llm = _mixed_engine(model, monkeypatch, 20)
     assert _run(llm, _params()) == eager
     assert llm.llm_engine.core.runner.mixed_graphs.replays > 0
+    if experts == "fused-triton":  # the norms added the MoE layers' slot outputs themselves
+        assert unsummed and all(unsummed)
 
 
 def test_mixed_token_buckets():
