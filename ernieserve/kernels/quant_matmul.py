@@ -331,13 +331,15 @@ if HAS_TRITON:
         q_ptr, s_ptr, out_ptr, touched_ptr, R, K, num_r_blocks,
         stride_qe, stride_qr, stride_se, stride_sr, stride_oe, stride_or,
         BITS: tl.constexpr, SCALE_GROUP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+        HAS_TOUCHED: tl.constexpr = True,
     ):
         """out[e, r, k] = q[e, r, k] * scale in out's dtype for the matrices with touched[e] != 0 (a
-        stack of experts; one dense weight is e = 0). Grid: (row blocks x column blocks, matrices);
-        each program one [BLOCK_R, BLOCK_K] tile."""
+        stack of experts; one dense weight is e = 0, HAS_TOUCHED off: every matrix). Grid: (row
+        blocks x column blocks, matrices); each program one [BLOCK_R, BLOCK_K] tile."""
         e = tl.program_id(1)
-        if tl.load(touched_ptr + e) == 0:
-            return
+        if HAS_TOUCHED:
+            if tl.load(touched_ptr + e) == 0:
+                return
         pid = tl.program_id(0)
         rows = (pid % num_r_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
         r_ok = rows < R
@@ -378,14 +380,14 @@ def dequantize_into(out: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     if out.dim() == 2:
         out, qweight, scales = out.unsqueeze(0), qweight.unsqueeze(0), scales.unsqueeze(0)
     num, rows, k = out.shape
-    if touched is None:
-        touched = torch.ones(num, dtype=torch.int32, device=out.device)
     block_r, block_k = 32, 512  # 16 KiB of bf16 written per program, 8 (int4) or 16 KiB read
     num_r_blocks = triton.cdiv(rows, block_r)
     _dequant_kernel[(num_r_blocks * triton.cdiv(k, block_k), num)](
-        qweight, scales, out, touched, rows, k, num_r_blocks,
+        qweight, scales, out, touched if touched is not None else scales, rows, k, num_r_blocks,
         qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1), out.stride(0), out.stride(1),
-        BITS=bits, SCALE_GROUP=group_size, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=4, num_stages=2)
+        BITS=bits, SCALE_GROUP=group_size, BLOCK_R=block_r, BLOCK_K=block_k,
+        HAS_TOUCHED=touched is not None,  # a dense weight: no per-call tensor to say "all of them"
+        num_warps=4, num_stages=2)
     return result
 
 

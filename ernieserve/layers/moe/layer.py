@@ -181,7 +181,8 @@ class MoEBlock(nn.Module):
         """[num_tokens, hidden] -> [num_tokens, hidden]."""
         # [num_tokens, top_k (+ folded shared experts)] each
         topk_weights, topk_ids = self.gate(x, self.num_folded_shared)
-        partials_ok = self.return_slot_partials and self.shared_experts is None and self.experts.tp.size == 1
+        # FusedMoE sums anyway on more than one rank (the all-reduce needs the sum)
+        partials_ok = self.return_slot_partials and self.shared_experts is None
         out = self.experts(x, topk_weights, topk_ids, sum_slots=not partials_ok)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
