@@ -20,14 +20,18 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from ernieserve.kernels.pdl import pdl_enabled, pdl_launch, pdl_wait
+
 BLOCK = 1024  # columns per program: 2 KiB of bf16 per operand, 8 per thread with 4 warps
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, d, stride_x_row, BLOCK: tl.constexpr, LIBDEVICE_EXP: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, d, stride_x_row, BLOCK: tl.constexpr, LIBDEVICE_EXP: tl.constexpr,
+                         PDL: tl.constexpr = False):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < d
+    pdl_wait(PDL)  # x is the previous GEMM's output: nothing static to load first
     dtype = x_ptr.dtype.element_ty
     gate = tl.load(x_ptr + row * stride_x_row + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_ptr + row * stride_x_row + d + cols, mask=mask, other=0.0).to(tl.float32)
@@ -51,5 +55,6 @@ def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
     if num_rows > 0 and d > 0:
         grid = (num_rows, triton.cdiv(d, BLOCK))
         _silu_and_mul_kernel[grid](rows2d, out, d, rows2d.stride(0), BLOCK=BLOCK,
-                                   LIBDEVICE_EXP=x.is_cuda, num_warps=4, enable_fp_fusion=False)
+                                   LIBDEVICE_EXP=x.is_cuda, num_warps=4, enable_fp_fusion=False,
+                                   **pdl_launch(pdl_enabled(x.device)))
     return out

@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ernieserve.kernels.pdl import pdl_enabled, pdl_launch, pdl_wait
+
 
 @triton.jit
 def _rms_norm_kernel(
@@ -36,6 +38,7 @@ def _rms_norm_kernel(
     HAS_RESIDUAL: tl.constexpr,
     SLOTS: tl.constexpr,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     row = tl.program_id(0).to(tl.int64)
     outer = row // n_inner
@@ -43,6 +46,9 @@ def _rms_norm_kernel(
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     in_dtype = x_ptr.dtype.element_ty
+    if PDL:  # the norm weight is static: its load overlaps the previous kernel's tail
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    pdl_wait(PDL)  # x, the residual (and the outputs' stores) belong to earlier kernels
 
     x_row = x_ptr + outer * stride_x_outer + inner * stride_x_inner
     if SLOTS > 1:  # partial sums to add first: fp32, in slot order, one rounding (torch's sum(dim=1))
@@ -60,7 +66,8 @@ def _rms_norm_kernel(
     # mean as sum * (1/n) with 1/n rounded once on the host, as torch's CUDA mean does
     inv_rms = tl.math.rsqrt(tl.sum(xf * xf, axis=0) * inv_n_cols + eps)
     y = (xf * inv_rms).to(in_dtype)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    if not PDL:
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0)
     out = w.to(tl.float32) * y.to(tl.float32)
     tl.store(out_ptr + row * n_cols + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -98,7 +105,8 @@ def rms_norm(
     With a residual [tokens, hidden], x may be [tokens, slots, hidden]: partials summed first (the
     module docstring). weight: [hidden]. Outputs have the residual's shape (else x's) and are
     contiguous; `out` and `residual_out` may be preallocated by the caller (e.g. persistent buffers
-    under a CUDA graph).
+    under a CUDA graph). With PDL (kernels/pdl.py) the weight is loaded before the wait for the
+    previous kernel: it must be a weight, not something a kernel just wrote.
     """
     hidden = x.shape[-1]
     slots, stride_slot = 1, 0
@@ -125,9 +133,11 @@ def rms_norm(
         rv, sro, sri, residual_out = xv, 0, 0, out  # unused: HAS_RESIDUAL prunes the branch
     if rows > 0:
         block = triton.next_power_of_2(hidden)
+        pdl = pdl_enabled(x.device)
         _rms_norm_kernel[(rows,)](
             xv, rv, weight, out, residual_out, hidden, 1.0 / hidden, n_inner, sxo, sxi, sro, sri, stride_slot, eps,
             HAS_RESIDUAL=residual is not None, SLOTS=slots, BLOCK=block, num_warps=_num_warps(block),
             enable_fp_fusion=False,  # products rounded on their own, as in torch
+            **pdl_launch(pdl),
         )
     return out if residual is None else (out, residual_out)

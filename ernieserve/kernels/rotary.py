@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ernieserve.kernels.pdl import pdl_enabled, pdl_launch, pdl_wait
+
 
 @triton.jit
 def _rotate_interleaved(x, c, s, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
@@ -72,9 +74,10 @@ def _rotary_kernel(
     num_q_heads, num_kv_heads,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_table,
     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
-    INTERLEAVED: tl.constexpr,
+    INTERLEAVED: tl.constexpr, PDL: tl.constexpr = False,
 ):
     token = tl.program_id(0).to(tl.int64)
+    pdl_wait(PDL)  # positions, q and k come from earlier kernels (the table row depends on the position)
     c, s = _token_cos_sin(pos_ptr, cos_ptr, sin_ptr, token, stride_table, HALF, BLOCK_HALF)
     _rotate_heads(q_ptr, stride_qt, stride_qh, token, num_q_heads, c, s, BLOCK_HQ, BLOCK_HALF, HALF, INTERLEAVED)
     _rotate_heads(k_ptr, stride_kt, stride_kh, token, num_kv_heads, c, s, BLOCK_HK, BLOCK_HALF, HALF, INTERLEAVED)
@@ -112,7 +115,7 @@ def apply_rotary_(
         HALF=half, BLOCK_HALF=triton.next_power_of_2(half),
         BLOCK_HQ=triton.next_power_of_2(q.shape[1]), BLOCK_HK=triton.next_power_of_2(k.shape[1]),
         # interleaved: x1 = x[2j], x2 = x[2j + 1]; neox: x1 = x[j], x2 = x[j + D/2]
-        INTERLEAVED=interleaved, num_warps=4, enable_fp_fusion=False,
+        INTERLEAVED=interleaved, num_warps=4, enable_fp_fusion=False, **pdl_launch(pdl_enabled(q.device)),
     )
     return q, k
 
@@ -130,12 +133,15 @@ def _rotary_store_kernel(
     stride_cb, stride_cs, stride_ch,
     CACHE_BLOCK: tl.constexpr, HALF: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_HALF: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
-    INTERLEAVED: tl.constexpr,
+    INTERLEAVED: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """One program per token: rotate its query heads in place, and write its rotated key heads and
     its value heads straight into their cache slot (slot -1: padding, nothing stored). The key
     is rotated with the same fp32 operations as `_rotary_kernel`, so the cache holds the same bits."""
     token = tl.program_id(0).to(tl.int64)
+    # positions, slots, q / k / v and the KV cache are earlier kernels' (or copies'): nothing static
+    # to load first (the cos / sin row depends on the position)
+    pdl_wait(PDL)
     c, s = _token_cos_sin(pos_ptr, cos_ptr, sin_ptr, token, stride_table, HALF, BLOCK_HALF)
     _rotate_heads(q_ptr, stride_qt, stride_qh, token, num_q_heads, c, s, BLOCK_HQ, BLOCK_HALF, HALF, INTERLEAVED)
     slot = tl.load(slot_ptr + token)
@@ -202,6 +208,6 @@ def apply_rotary_and_store_kv_(
         CACHE_BLOCK=k_cache.shape[1], HALF=half, HEAD_DIM=head_dim, BLOCK_HALF=triton.next_power_of_2(half),
         BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_HQ=triton.next_power_of_2(q.shape[1]), BLOCK_HK=triton.next_power_of_2(k.shape[1]),
-        INTERLEAVED=interleaved, num_warps=4, enable_fp_fusion=False,
+        INTERLEAVED=interleaved, num_warps=4, enable_fp_fusion=False, **pdl_launch(pdl_enabled(q.device)),
     )
     return q
