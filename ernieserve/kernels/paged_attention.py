@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from ernieserve.kernels import split_k
+from ernieserve.kernels.pdl import pdl_enabled, pdl_launch, pdl_wait
 
 # exp(x) = exp2(x * log2(e)); the kernels fold log2(e) into the softmax scale and work in base 2.
 _LOG2_E = 1.4426950408889634
@@ -307,12 +308,16 @@ def _decode_split_kernel(
     stride_lr, stride_lh,  # part_lse [num_reqs, num_heads, num_splits] (split stride 1)
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_PAD: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, PDL: tl.constexpr = False,
 ):
     # Decode-only steps: request r's single new token is query row r.
     req = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
+    # seq_lens, block tables, q and the KV cache (just written by the rotary + store kernel) are all
+    # earlier kernels' or copies', and so are the split counters (the previous split-K kernel puts
+    # its counters back to zero at its very end): wait before any of them, on every program
+    pdl_wait(PDL)
     seq_len = tl.load(seq_lens_ptr + req)  # the new token sees all seq_len keys, itself included
     # each request cuts its own context into BLOCK_N-aligned ranges of split_len keys; only the
     # first `used` splits hold keys (a CUDA graph fixes num_splits for the longest context, most
@@ -469,6 +474,6 @@ def paged_attention_decode(
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_N=block_n, BLOCK_D=block_d, SPLIT_PAD=triton.next_power_of_2(MAX_DECODE_SPLITS),
         DOT_PRECISION=_dot_precision(query.dtype), DOT_FP32=_dot_in_fp32(query),
-        num_warps=4, num_stages=3,
+        num_warps=4, num_stages=3, **pdl_launch(pdl_enabled(query.device)),
     )
     return out
