@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ernieserve.kernels import split_k
+from ernieserve.kernels.pdl import pdl_enabled, pdl_launch
 
 if TYPE_CHECKING:
     from ernieserve.layers.moe.router import RouterConfig
@@ -48,6 +49,8 @@ if TYPE_CHECKING:
 try:
     import triton
     import triton.language as tl
+
+    from ernieserve.kernels.pdl import pdl_wait
 
     HAS_TRITON = True
 except ImportError:  # CPU-only installs serve through the torch reference
@@ -192,11 +195,12 @@ if HAS_TRITON:
         logits_ptr, bias_ptr, weights_ptr, ids_ptr,
         T, E, stride_t, norm_min,
         TOP_K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
-        HAS_BIAS: tl.constexpr, RENORM: tl.constexpr, N_SHARED: tl.constexpr,
+        HAS_BIAS: tl.constexpr, RENORM: tl.constexpr, N_SHARED: tl.constexpr, PDL: tl.constexpr = False,
     ):
         rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         cols = tl.arange(0, E_PAD)
         row_ok = rows < T
+        pdl_wait(PDL)  # the logits are the gate GEMM's
         lg = tl.load(logits_ptr + rows[:, None].to(tl.int64) * stride_t + cols[None, :],
                      mask=row_ok[:, None] & (cols < E)[None, :], other=0.0).to(tl.float32)
         _topk_rows(lg, rows, row_ok, bias_ptr, weights_ptr, ids_ptr, E, norm_min,
@@ -208,7 +212,7 @@ if HAS_TRITON:
         T, E, H, split_len, stride_xt, stride_we, norm_min,
         TOP_K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
         BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, SPLITS: tl.constexpr, RELOAD: tl.constexpr,
-        HAS_BIAS: tl.constexpr, RENORM: tl.constexpr, N_SHARED: tl.constexpr,
+        HAS_BIAS: tl.constexpr, RENORM: tl.constexpr, N_SHARED: tl.constexpr, PDL: tl.constexpr = False,
     ):
         # Grid (E blocks, SPLITS): program (pe, s) computes the partial logits of all T <= BLOCK_T
         # tokens for experts [pe * BLOCK_E, +BLOCK_E) over hidden range [s * split_len, +split_len).
@@ -223,7 +227,20 @@ if HAS_TRITON:
         x_rows = x_ptr + rows[:, None].to(tl.int64) * stride_xt
         w_rows = w_ptr + experts[:, None].to(tl.int64) * stride_we
         acc = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
-        for h0 in range(h_begin, h_end, BLOCK_H):  # one step at decode sizes (route_tiles)
+        if PDL:
+            # The gate is a weight: the first (at decode sizes, mostly the only) step's gate tile is
+            # loaded before the wait, while the previous kernel (the norm that makes x) finishes; x,
+            # the workspace and the ticket counter only after it. Same operations, same order.
+            hh = h_begin + offs_h
+            h_ok = hh < h_end
+            w = tl.load(w_rows + hh[None, :], mask=e_ok[:, None] & h_ok[None, :], other=0.0).to(tl.float32)
+            pdl_wait(PDL)
+            x = tl.load(x_rows + hh[None, :], mask=row_ok[:, None] & h_ok[None, :], other=0.0).to(tl.float32)
+            acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+            h_first = h_begin + BLOCK_H
+        else:
+            h_first = h_begin
+        for h0 in range(h_first, h_end, BLOCK_H):  # one step at decode sizes (route_tiles)
             hh = h0 + offs_h
             h_ok = hh < h_end
             # x in its own dtype (bf16), the gate in its stored one (fp32 for ERNIE), both to fp32 here
@@ -262,10 +279,13 @@ if HAS_TRITON:
     @triton.jit(do_not_specialize=["N"])
     def _moe_align_kernel(
         ids_ptr, sorted_ptr, block_expert_ptr, total_ptr, N, E,
-        BLOCK_M: tl.constexpr, NUM_BINS: tl.constexpr, CHUNK: tl.constexpr,
+        BLOCK_M: tl.constexpr, NUM_BINS: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr = False,
     ):
         e = tl.program_id(0)
         bins = tl.arange(0, NUM_BINS)
+        # the ids are the router's; sorted_ids / block_expert / total may still be read by the
+        # previous step's (or layer's) GEMMs until they complete: wait before loads and stores
+        pdl_wait(PDL)
         # every program counts all experts: it needs the padded sizes of the experts before it
         counts = tl.zeros([NUM_BINS], dtype=tl.int32)
         for start in range(0, N, CHUNK):
@@ -312,9 +332,11 @@ if HAS_TRITON:
         x_ptr, w_ptr, out_ptr, sorted_ptr, block_expert_ptr, total_ptr,
         N, H, I, num_pid_m, stride_xt, stride_we, stride_wn,
         TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+        GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, PDL: tl.constexpr = False,
     ):
         pid_m, pid_n = _block_coords(num_pid_m, tl.cdiv(I, BLOCK_N), GROUP_M)
+        # before the padded total (the align kernel's): every program waits, the spare ones too
+        pdl_wait(PDL)
         if pid_m * BLOCK_M >= tl.load(total_ptr):
             return
         expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
@@ -350,9 +372,10 @@ if HAS_TRITON:
         a_ptr, w_ptr, out_ptr, weights_ptr, sorted_ptr, block_expert_ptr, total_ptr,
         N, H, I, num_pid_m, stride_we, stride_wn,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+        GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, PDL: tl.constexpr = False,
     ):
         pid_m, pid_n = _block_coords(num_pid_m, tl.cdiv(H, BLOCK_N), GROUP_M)
+        pdl_wait(PDL)  # before the padded total, on every program (see _gate_up_kernel)
         if pid_m * BLOCK_M >= tl.load(total_ptr):
             return
         expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
@@ -405,7 +428,7 @@ def triton_select_experts(
         logits, bias, weights, ids, num_tokens, num_experts, logits.stride(0), float(cfg.norm_min),
         TOP_K=cfg.top_k, K_PAD=triton.next_power_of_2(out_k), E_PAD=e_pad, BLOCK_T=block_t,
         HAS_BIAS=score_bias is not None, RENORM=cfg.renormalize, N_SHARED=num_shared,
-        num_warps=1 if block_t * e_pad <= 256 else 4)
+        num_warps=1 if block_t * e_pad <= 256 else 4, **pdl_launch(pdl_enabled(logits.device)))
     return weights, ids
 
 
@@ -474,7 +497,8 @@ def triton_route(
     layer at decode, mostly fixed cost. The logits are float32 dot products of x and the gate, both
     converted in registers: ERNIE's reference (fp32 gate, x.float()) differs by summation order only;
     Qwen3's (a model-dtype linear) also by its rounding of the logits to the model dtype. Capturable:
-    no host sync; the workspace's size depends on the shapes alone."""
+    no host sync; the workspace's size depends on the shapes alone. With PDL (kernels/pdl.py) the
+    gate is read before the wait for the previous kernel: it must be the stored weight."""
     num_tokens, hidden = x.shape
     num_experts = weight.shape[0]
     if num_tokens > ROUTE_MAX_TOKENS:
@@ -497,7 +521,8 @@ def triton_route(
         num_tokens, num_experts, hidden, t.split_len, x.stride(0), weight.stride(0), float(cfg.norm_min),
         TOP_K=cfg.top_k, K_PAD=triton.next_power_of_2(out_k), E_PAD=triton.next_power_of_2(num_experts),
         BLOCK_T=t.block_t, BLOCK_E=t.block_e, BLOCK_H=t.block_h, SPLITS=t.splits, RELOAD=t.reload,
-        HAS_BIAS=score_bias is not None, RENORM=cfg.renormalize, N_SHARED=num_shared, num_warps=t.num_warps)
+        HAS_BIAS=score_bias is not None, RENORM=cfg.renormalize, N_SHARED=num_shared, num_warps=t.num_warps,
+        **pdl_launch(pdl_enabled(x.device)))
     return weights, ids
 
 
@@ -512,7 +537,8 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[t
     total = torch.empty(1, dtype=torch.int32, device=dev)
     _moe_align_kernel[(num_experts,)](
         topk_ids.reshape(-1), sorted_ids, block_expert, total, n, num_experts,
-        BLOCK_M=block_m, NUM_BINS=triton.next_power_of_2(num_experts + 1), CHUNK=1024 if n > 256 else 256)
+        BLOCK_M=block_m, NUM_BINS=triton.next_power_of_2(num_experts + 1), CHUNK=1024 if n > 256 else 256,
+        **pdl_launch(pdl_enabled(dev)))
     return sorted_ids, block_expert, total
 
 
@@ -546,6 +572,7 @@ def fused_moe_triton(
     # The interpreter (the only way these kernels run on CPU tensors) multiplies bf16 dot operands
     # as their raw bits; upcast there. On the GPU bf16 goes to the tensor cores as is.
     dot_fp32 = x.device.type == "cpu" and x.dtype == torch.bfloat16
+    pdl = pdl_launch(pdl_enabled(x.device))
 
     act = torch.empty(n, inter, dtype=x.dtype, device=x.device)  # [N, I], assignment order
     t1 = fit_tile(tiles.gate_up, bm, 2, x.element_size())  # gate and up tiles
@@ -553,7 +580,7 @@ def fused_moe_triton(
         x, w13, act, sorted_ids, block_expert, total, n, hidden, inter, num_pid_m,
         x.stride(0), w13.stride(0), w13.stride(1),
         TOP_K=top_k, BLOCK_M=bm, BLOCK_N=t1.block_n, BLOCK_K=t1.block_k, GROUP_M=tiles.group_m,
-        DOT_PRECISION=precision, DOT_FP32=dot_fp32, num_warps=t1.num_warps, num_stages=t1.num_stages)
+        DOT_PRECISION=precision, DOT_FP32=dot_fp32, num_warps=t1.num_warps, num_stages=t1.num_stages, **pdl)
 
     alloc = torch.zeros if foreign_experts else torch.empty  # foreign rows are never written
     per_slot = alloc(n, hidden, dtype=x.dtype, device=x.device)  # [N, H], weighted
@@ -562,7 +589,7 @@ def fused_moe_triton(
         act, w2, per_slot, topk_weights.float().contiguous(), sorted_ids, block_expert, total,
         n, hidden, inter, num_pid_m, w2.stride(0), w2.stride(1),
         BLOCK_M=bm, BLOCK_N=t2.block_n, BLOCK_K=t2.block_k, GROUP_M=tiles.group_m,
-        DOT_PRECISION=precision, DOT_FP32=dot_fp32, num_warps=t2.num_warps, num_stages=t2.num_stages)
+        DOT_PRECISION=precision, DOT_FP32=dot_fp32, num_warps=t2.num_warps, num_stages=t2.num_stages, **pdl)
     return combine_slots(per_slot, num_tokens, top_k, sum_slots)
 
 

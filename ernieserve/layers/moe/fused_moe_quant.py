@@ -62,12 +62,14 @@ import torch
 from ernieserve.kernels import fp8_matmul as f8
 from ernieserve.kernels import quant_matmul as qm
 from ernieserve.layers.moe import fused_moe as fm
+from ernieserve.kernels.pdl import pdl_enabled, pdl_launch
 from ernieserve.layers.moe.fused_moe import HAS_TRITON, GemmTile
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from ernieserve.kernels.pdl import pdl_wait
     from ernieserve.kernels.quant_matmul import int4_values as _int4_values
     from ernieserve.layers.moe.fused_moe import _block_coords
 
@@ -443,9 +445,12 @@ if HAS_TRITON:
         TOP_K: tl.constexpr, KIND: tl.constexpr, SCALE_GROUP: tl.constexpr, SCALE_ROWS: tl.constexpr,
         A_SCALED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr = False,
-        INLINE_ASM: tl.constexpr = False,
+        INLINE_ASM: tl.constexpr = False, PDL: tl.constexpr = False,
     ):
         pid_m, pid_n = _block_coords(num_pid_m, tl.cdiv(I, BLOCK_N), GROUP_M)
+        # before the align kernel's padded total, on every program (the spare ones too); the expert
+        # (hence which weight tiles) is only known from block_expert after it
+        pdl_wait(PDL)
         if pid_m * BLOCK_M >= tl.load(total_ptr):
             return
         expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
@@ -506,10 +511,11 @@ if HAS_TRITON:
         KIND: tl.constexpr, SCALE_GROUP: tl.constexpr, SCALE_ROWS: tl.constexpr, A_SCALED: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
         DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr = False,
-        INLINE_ASM: tl.constexpr = False,
+        INLINE_ASM: tl.constexpr = False, PDL: tl.constexpr = False,
     ):
         pid_m, pid_n = _block_coords(num_pid_m, tl.cdiv(H, BLOCK_N), GROUP_M)
         pid_k = tl.program_id(1)
+        pdl_wait(PDL)  # before the padded total, on every program (see _gate_up_quant_kernel)
         if pid_m * BLOCK_M >= tl.load(total_ptr):
             return
         expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
@@ -625,6 +631,7 @@ def _fused_path(
     inline_asm = x.is_cuda  # compiled code (the interpreter cannot run inline PTX)
     kind = _KIND[scheme]
     scale_rows = FP8_BLOCK if scheme is ExpertScheme.BLOCK_FP8 else 1
+    pdl = pdl_launch(pdl_enabled(x.device))
 
     a, a_scale = _quantize_activations(x, scheme) if fp8 else (x, x)  # x: an unread placeholder
     act = torch.empty(n, inter, dtype=x.dtype, device=x.device)  # [N, I], assignment order
@@ -637,7 +644,7 @@ def _fused_path(
         TOP_K=top_k, KIND=kind, SCALE_GROUP=group, SCALE_ROWS=scale_rows, A_SCALED=fp8,
         BLOCK_M=t.block_m, BLOCK_N=g.block_n, BLOCK_K=g.block_k, GROUP_M=t.group_m,
         DOT_FP32=dot_fp32, PRECISION=precision, EVEN_K=hidden % g.block_k == 0, INLINE_ASM=inline_asm,
-        num_warps=g.num_warps, num_stages=g.num_stages)
+        num_warps=g.num_warps, num_stages=g.num_stages, **pdl)
 
     a2, a2_scale = _quantize_activations(act, scheme) if fp8 else (act, act)
     d = t.down
@@ -656,7 +663,7 @@ def _fused_path(
         KIND=kind, SCALE_GROUP=group, SCALE_ROWS=scale_rows, A_SCALED=fp8,
         BLOCK_M=t.block_m, BLOCK_N=d.block_n, BLOCK_K=d.block_k, GROUP_M=t.group_m,
         DOT_FP32=dot_fp32, PRECISION=precision, EVEN_K=inter % d.block_k == 0, INLINE_ASM=inline_asm,
-        num_warps=d.num_warps, num_stages=d.num_stages)
+        num_warps=d.num_warps, num_stages=d.num_stages, **pdl)
     if split == 1:
         return fm.combine_slots(per_slot, num_tokens, top_k, sum_slots)
     # K splits and top-k slots in one fixed-order reduction
