@@ -22,12 +22,14 @@ from __future__ import annotations
 import torch
 
 from ernieserve.kernels import split_k
+from ernieserve.kernels.pdl import pdl_enabled, pdl_launch
 from ernieserve.kernels.quant_matmul import HAS_TRITON, GemmTiles, choose_tiles
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from ernieserve.kernels.pdl import pdl_wait
     from ernieserve.kernels.split_k import store_tile
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -99,10 +101,12 @@ if HAS_TRITON:
 
     @triton.jit
     def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_sm,
-                          GROUP: tl.constexpr, BLOCK: tl.constexpr, FP8_MAX_C: tl.constexpr):
+                          GROUP: tl.constexpr, BLOCK: tl.constexpr, FP8_MAX_C: tl.constexpr,
+                          PDL: tl.constexpr = False):
         # One program per (token, group): amax over the group, then scale and cast.
         row = tl.program_id(0).to(tl.int64)
         g = tl.program_id(1)
+        pdl_wait(PDL)  # x is an earlier kernel's
         start = g * GROUP
         amax = tl.zeros((BLOCK,), dtype=tl.float32)
         for off in range(0, GROUP, BLOCK):
@@ -128,8 +132,10 @@ if HAS_TRITON:
         stride_am, stride_asm, stride_bn, stride_bsn, stride_om,
         BLOCK_WISE: tl.constexpr, SCALE_BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
         pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        pdl_wait(PDL)  # the activations, their scales and the split-K tile counters (see quant_matmul)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         m_ok, n_ok = rm < M, rn < N
@@ -172,7 +178,8 @@ def quant_fp8_per_token_group(x: torch.Tensor, group: int) -> tuple[torch.Tensor
     if m:
         block = min(triton.next_power_of_2(g), 1024)
         _act_quant_kernel[(m, ng)](x, q, scales, k, x.stride(0), q.stride(0), scales.stride(0),
-                                   GROUP=g, BLOCK=block, FP8_MAX_C=FP8_MAX, num_warps=4 if block >= 512 else 1)
+                                   GROUP=g, BLOCK=block, FP8_MAX_C=FP8_MAX, num_warps=4 if block >= 512 else 1,
+                                   **pdl_launch(pdl_enabled(x.device)))
     return q, scales
 
 
@@ -201,7 +208,7 @@ def fp8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scal
         xq.stride(0), x_scale.stride(0), wq.stride(0), w_scale.stride(0), n,
         BLOCK_WISE=block_wise, SCALE_BLOCK_C=SCALE_BLOCK, HAS_BIAS=bias is not None,
         DOT_FP32=xq.device.type == "cpu", BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
-        SPLIT=split > 1, num_warps=t.num_warps, num_stages=t.num_stages,
+        SPLIT=split > 1, num_warps=t.num_warps, num_stages=t.num_stages, **pdl_launch(pdl_enabled(xq.device)),
     )
     return out
 

@@ -46,11 +46,13 @@ from dataclasses import dataclass
 import torch
 
 from ernieserve.kernels import split_k
+from ernieserve.kernels.pdl import pdl_enabled, pdl_launch
 
 try:
     import triton
     import triton.language as tl
 
+    from ernieserve.kernels.pdl import pdl_wait
     from ernieserve.kernels.split_k import store_tile
 
     HAS_TRITON = True
@@ -275,8 +277,13 @@ if HAS_TRITON:
         INT4: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         SPLIT: tl.constexpr, EVEN_K: tl.constexpr = False, INLINE_ASM: tl.constexpr = False,
+        PDL: tl.constexpr = False,
     ):
         pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        # x is the previous kernel's; the split-K tile counters are put back to zero at the very end
+        # of the previous split-K launch. The weights are static, but the loop's first loads come
+        # from the software pipeline's prologue, which sits after this point.
+        pdl_wait(PDL)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         m_ok, n_ok = rm < M, rn < N
@@ -331,12 +338,15 @@ if HAS_TRITON:
         q_ptr, s_ptr, out_ptr, touched_ptr, R, K, num_r_blocks,
         stride_qe, stride_qr, stride_se, stride_sr, stride_oe, stride_or,
         BITS: tl.constexpr, SCALE_GROUP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-        HAS_TOUCHED: tl.constexpr = True,
+        HAS_TOUCHED: tl.constexpr = True, PDL: tl.constexpr = False,
     ):
         """out[e, r, k] = q[e, r, k] * scale in out's dtype for the matrices with touched[e] != 0 (a
         stack of experts; one dense weight is e = 0, HAS_TOUCHED off: every matrix). Grid: (row
         blocks x column blocks, matrices); each program one [BLOCK_R, BLOCK_K] tile."""
         e = tl.program_id(1)
+        # `touched` is an earlier kernel's, and `out` (a scratch shared by the MoE layers) may still
+        # be read by the previous GEMM: wait before both, on every program
+        pdl_wait(PDL)
         if HAS_TOUCHED:
             if tl.load(touched_ptr + e) == 0:
                 return
@@ -387,7 +397,7 @@ def dequantize_into(out: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
         qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1), out.stride(0), out.stride(1),
         BITS=bits, SCALE_GROUP=group_size, BLOCK_R=block_r, BLOCK_K=block_k,
         HAS_TOUCHED=touched is not None,  # a dense weight: no per-call tensor to say "all of them"
-        num_warps=4, num_stages=2)
+        num_warps=4, num_stages=2, **pdl_launch(pdl_enabled(out.device)))
     return result
 
 
@@ -443,7 +453,7 @@ def weight_only_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
         INT4=bits == 4, GROUP_SIZE=group_size, HAS_BIAS=bias is not None, DOT_FP32=dot_fp32,
         PRECISION=precision, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, SPLIT=split > 1,
         EVEN_K=k % t.block_k == 0, INLINE_ASM=x2.is_cuda,  # inline PTX: compiled code only
-        num_warps=t.num_warps, num_stages=t.num_stages,
+        num_warps=t.num_warps, num_stages=t.num_stages, **pdl_launch(pdl_enabled(x2.device)),
     )
     return out.view(*x.shape[:-1], n)
 
