@@ -27,11 +27,18 @@ libdevice); `_CUDA_VALUES` puts back the values the same wrappers pass for CUDA 
 compiled programs are the ones an H100 runs. Run without TRITON_INTERPRET:
 
     python3 tests/kernels/compile_sm90.py [-v] [-j JOBS] [--only SUBSTRING] [--as-recorded] [--dump DIR]
-        [--specialize]
+        [--specialize] [--pdl {both,off,on}]
 
 ``--dump DIR`` also writes each variant's TTGIR, PTX and SASS there; with ``--specialize`` the
 integer arguments are specialised on their values as the launcher does (strides divisible by 16
 let loads vectorise), which is the code an H100 runs: count instructions on those.
+
+Programmatic dependent launch (kernels/pdl.py): the wrappers pass ``PDL=True, launch_pdl=True`` only
+when `pdl_enabled` says so, which it never does for CPU tensors. ``--pdl both`` (the default) records
+every wrapper call twice, the second time under ``pdl.override(True)`` (cases marked ``[pdl]``), so
+the PDL variants compile too; ``off`` / ``on`` record one of the two. Each variant's PTX is checked:
+``griddepcontrol.wait`` and ``griddepcontrol.launch_dependents`` in every variant launched with
+``launch_pdl``, in none of the others; and a kernel's ``PDL`` constexpr must match its ``launch_pdl``.
 
 tests/kernels/test_compile_sm90.py runs it in the CPU test suite.
 """
@@ -156,11 +163,13 @@ class Session:
         self.as_recorded = as_recorded
         self.specialize = specialize
         self.case = "?"
+        self.case_suffix = ""  # " [pdl]" while recording under pdl.override(True)
         self.launches: list[Launch] = []
         self.case_errors: list[tuple[str, str]] = []
 
     @contextlib.contextmanager
     def in_case(self, label: str) -> Iterator[None]:
+        label += self.case_suffix
         self.case = label
         try:
             yield
@@ -181,6 +190,15 @@ class Session:
         unknown = sorted(set(options) - self.option_names)
         if unknown:
             raise TypeError(f"{fn.__name__}: {unknown} are neither parameters nor compile options")
+        launch_pdl = bool(options.get("launch_pdl", False))
+        if "PDL" in fn.arg_names:
+            pdl_param = fn.params[fn.arg_names.index("PDL")]
+            pdl_value = arg_kwargs.get("PDL", pdl_param.default)
+            if bool(pdl_value) != launch_pdl:
+                raise TypeError(f"{fn.__name__}: PDL={pdl_value!r} but launch_pdl={launch_pdl}: a kernel that "
+                                "waits must be launched with PDL and one launched with PDL must wait")
+        elif launch_pdl:
+            raise TypeError(f"{fn.__name__} is launched with launch_pdl but has no PDL constexpr (no gdc_wait)")
         bound = fn.signature.bind(*args, **arg_kwargs)
         bound.apply_defaults()
         backend_cls = type(self.backend)
@@ -474,6 +492,9 @@ def compile_one(index: int) -> tuple[bool, str, float]:
         kernel = triton.compile(src, target=_target(), options=launch.options)
         if "cubin" not in kernel.asm:
             return False, "no cubin produced", time.perf_counter() - start
+        problem = _pdl_problem(launch, kernel.asm.get("ptx", ""))
+        if problem:
+            return False, problem, time.perf_counter() - start
         shared = kernel.metadata.shared
         if _DUMP_DIR:
             _dump(index, launch, kernel, _DUMP_DIR[0])
@@ -487,6 +508,21 @@ def compile_one(index: int) -> tuple[bool, str, float]:
         if len(lines) > 12:  # the first line names the error and its place, the last ones show it
             lines = lines[:1] + ["..."] + lines[-10:]
         return False, "\n".join(lines), time.perf_counter() - start
+
+
+_GDC_INSTRUCTIONS = ("griddepcontrol.wait", "griddepcontrol.launch_dependents")
+
+
+def _pdl_problem(launch: Launch, ptx: str) -> str | None:
+    """A PDL launch's PTX must wait and launch its dependents; any other launch's must not."""
+    pdl = bool(launch.options.get("launch_pdl", False))
+    found = [ins for ins in _GDC_INSTRUCTIONS if ins in ptx]
+    if pdl and len(found) != len(_GDC_INSTRUCTIONS):
+        missing = [ins for ins in _GDC_INSTRUCTIONS if ins not in found]
+        return f"launched with launch_pdl, but its PTX has no {', '.join(missing)}"
+    if not pdl and found:
+        return f"launched without PDL, but its PTX has {', '.join(found)}"
+    return None
 
 
 def _dump(index: int, launch: Launch, kernel: Any, out: Path) -> None:
@@ -539,6 +575,9 @@ def main(argv: list[str] | None = None) -> int:
                         "divisible by 16): the variants the GPU runs, for reading their code")
     parser.add_argument("--as-recorded", action="store_true",
                         help="keep the CPU (interpreter) values of DOT_FP32 / LIBDEVICE_EXP / precision")
+    parser.add_argument("--pdl", choices=("both", "off", "on"), default="both",
+                        help="record the launches without programmatic dependent launch (off), with it "
+                        "(on: kernels/pdl.py forced on, cases marked [pdl]), or both (default)")
     args = parser.parse_args(argv)
 
     problem = environment_problem()
@@ -549,8 +588,16 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     session = Session(as_recorded=args.as_recorded, specialize=args.specialize)
     modules = kernel_modules()
+    from ernieserve.kernels import pdl
+
     with recording(session, modules) as found:
-        run_cases(session)
+        if args.pdl in ("both", "off"):
+            run_cases(session)
+        if args.pdl in ("both", "on"):
+            session.case_suffix = " [pdl]"
+            with pdl.override(True):
+                run_cases(session)
+            session.case_suffix = ""
     record_s = time.perf_counter() - start
 
     unique: dict[tuple, Launch] = {}
@@ -566,8 +613,10 @@ def main(argv: list[str] | None = None) -> int:
         args.dump.mkdir(parents=True, exist_ok=True)
         _DUMP_DIR[:] = [args.dump]
     keys = list(unique)
+    num_pdl = sum(1 for x in _TO_COMPILE if x.options.get("launch_pdl"))
     print(f"recorded {len(session.launches)} launches of {len({x.name for x in session.launches})} kernels "
-          f"in {record_s:.1f} s: {len(_TO_COMPILE)} distinct variants to compile for sm_{ARCH}", flush=True)
+          f"in {record_s:.1f} s: {len(_TO_COMPILE)} distinct variants ({num_pdl} with PDL) to compile for "
+          f"sm_{ARCH}", flush=True)
 
     failures: list[str] = []
     jobs = max(1, min(args.jobs, len(_TO_COMPILE)))

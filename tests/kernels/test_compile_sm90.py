@@ -5,7 +5,10 @@ compiler refuses (`tl.atomic_xchg` on a bf16 pointer: fine there, a CompilationE
 tests/kernels/compile_sm90.py records the launches the wrappers make at production dtypes and tile
 policies and compiles each distinct one to a cubin for sm_90 (ptxas included). It must run in a
 process where triton was imported without TRITON_INTERPRET (this one set it in tests/conftest.py),
-hence the subprocess. About 40 s on 2 CPU cores with a cold Triton cache, a few seconds warm.
+hence the subprocess. The script's default (`--pdl both`) compiles every launch without and with
+programmatic dependent launch (kernels/pdl.py) and checks each variant's PTX for the
+`griddepcontrol` instructions: about 3 minutes on 2 CPU cores with a cold Triton cache, a few
+seconds warm.
 """
 
 from __future__ import annotations
