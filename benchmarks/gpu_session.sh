@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device session's measurements, stage by stage, each under its own time limit, logs to $OUT.
-# stages: tests dense densemixed mixedprof decodeprof serve moe moegemv sampling attn quant quantprof ...
+# stages: tests dense densemixed mixedprof decodeprof serve moe moegemv sampling attn quant quantprof pdl ...
 # Every figure in docs/performance.md names the stage that produced it.
 # QUANT_METHODS (quant, quantprof stages): the --quantization methods to run, "none" = bf16
 #   (default "none wint8 wint4"; e.g. QUANT_METHODS="fp8 block_wise_fp8" on Hopper).
@@ -73,6 +73,20 @@ for stage in "$@"; do
               timeout 200 python3 -m ernieserve bench latency --model /tmp/ckpt-21b --load-format dummy --dtype bfloat16 \
                 --batch-size 1 --input-len 128 --output-len 64 --num-iters-warmup 1 --num-iters 3 --max-model-len 2048 \
                 --mem-bandwidth-gbs 3000 --max-num-seqs 8 "${extra[@]}" 2>&1 | filter | grep -E -i "decode|prefill|mean|weight|bandwidth|GiB|Peak|Captured|Error|error" | head -20
+            done ;;
+    # programmatic dependent launch (kernels/pdl.py; off unless ERNIESERVE_PDL=1): its GPU tests (PDL on
+    # and off give the same bits: a kernel chain in replayed graphs, the engine's greedy tokens), then
+    # 21B-A3B batch-1 latency without and with it, each twice, alternating (PDL_ROUNDS=1: once each)
+    pdl)    timeout 300 python3 -m pytest -m gpu tests/gpu/test_pdl_gpu.py -q -s --no-header -p no:cacheprovider \
+              --durations=8 2>&1 | grep -E "passed|failed|skipped|^E |FAILED|Error|s call" | head -30
+            [ -f /tmp/ckpt-21b/config.json ] || python3 -m ernieserve make-dummy --preset ernie-4.5-21b-a3b /tmp/ckpt-21b
+            for round in $(seq "${PDL_ROUNDS:-2}"); do
+              for v in 0 1; do
+                echo "--- ERNIESERVE_PDL=$v (round $round)"
+                ERNIESERVE_PDL=$v timeout 200 python3 -m ernieserve bench latency --model /tmp/ckpt-21b --load-format dummy \
+                  --dtype bfloat16 --batch-size 1 --input-len 128 --output-len 64 --num-iters-warmup 1 --num-iters 3 \
+                  --max-model-len 2048 --max-num-seqs 8 2>&1 | filter | grep -E -i "decode|prefill|mean|Captured|Error|error" | head -12
+              done
             done ;;
     *)      echo "unknown stage '$stage' (the stages are listed at the top of $0)"; exit 2 ;;
   esac
