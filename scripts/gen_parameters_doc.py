@@ -23,9 +23,9 @@ norm/rotary/activation and the sampler's race on GPU, for debugging), `ERNIESERV
 kind and segment; the benchmarks print the table, the engine logs it at shutdown),
 `ERNIESERVE_PROFILE_STEPS=START:COUNT` (torch.profiler over COUNT steps from the START-th; logs the
 kernels with the most device time, `ERNIESERVE_PROFILE_ROWS` of them (20), and the kernels per step),
-`ERNIESERVE_PDL=1` (programmatic dependent launch for the decode path's Triton kernels on sm_90+: each
-may start while the previous kernel finishes, also inside CUDA graphs; off by default until measured,
-see `ernieserve/kernels/pdl.py`).
+`ERNIESERVE_PDL=0` (turns off programmatic dependent launch, on by default on sm_90+: the decode
+path's Triton kernels may start while the previous kernel finishes, also inside CUDA graphs; see
+`ernieserve/kernels/pdl.py`).
 """
 
 

@@ -150,6 +150,11 @@ class ModelRunner:
 
     def _maybe_capture_graphs(self) -> None:
         dev = self.config.device
+        if self.device.type == "cuda":
+            from ernieserve.kernels import pdl
+
+            logger.info("Programmatic dependent launch: %s", "on" if pdl.pdl_enabled(self.device) else
+                        f"off ({pdl.ENV_VAR}=0, or not sm_90+ with a Triton that has launch_pdl)")
         if dev.enforce_eager or not self.backend.supports_cuda_graph():
             logger.info("CUDA graphs: off (%s)", "eager mode" if dev.enforce_eager else f"{self.backend.name} backend")
             return

@@ -1,5 +1,5 @@
-"""The programmatic-dependent-launch switch (kernels/pdl.py): off by default, on only for a CUDA
-device of sm_90+ with ERNIESERVE_PDL=1, and the launch keywords it implies."""
+"""The programmatic-dependent-launch switch (kernels/pdl.py): on by default for a CUDA device of
+sm_90+, off with ERNIESERVE_PDL=0 (or false / no / off), and the launch keywords it implies."""
 
 from __future__ import annotations
 
@@ -24,18 +24,18 @@ def env(monkeypatch: pytest.MonkeyPatch):
     pdl.env_enabled.cache_clear()
 
 
-@pytest.mark.parametrize("value,on", [(None, False), ("0", False), ("", False), ("no", False),
-                                      ("1", True), ("true", True), (" ON ", True)])
+@pytest.mark.parametrize("value,on", [(None, True), ("", True), ("1", True), ("true", True), (" ON ", True),
+                                      ("0", False), ("no", False), ("false", False), (" Off ", False)])
 def test_env_values(env, value: str | None, on: bool) -> None:
     env(value)
     assert pdl.env_enabled() is on
 
 
 def test_env_read_once(env, monkeypatch: pytest.MonkeyPatch) -> None:
-    env("1")
-    assert pdl.env_enabled()
-    monkeypatch.setenv(pdl.ENV_VAR, "0")  # too late: kernels already chose their variants
-    assert pdl.env_enabled()
+    env("0")
+    assert not pdl.env_enabled()
+    monkeypatch.setenv(pdl.ENV_VAR, "1")  # too late: kernels already chose their variants
+    assert not pdl.env_enabled()
 
 
 @pytest.mark.parametrize("value", [None, "0", "1"])
@@ -52,9 +52,9 @@ def test_cuda_device_needs_env_and_hopper(env, monkeypatch: pytest.MonkeyPatch) 
     pdl._device_capable.cache_clear()
     try:
         dev = torch.device("cuda", 0)
-        env(None)
-        assert not pdl.pdl_enabled(dev), "off by default"
-        env("1")
+        env("0")
+        assert not pdl.pdl_enabled(dev), "ERNIESERVE_PDL=0 turns it off"
+        env(None)  # on by default where the Triton can launch it
         assert pdl.pdl_enabled(dev) is pdl._triton_has_launch_pdl()
         assert pdl.pdl_enabled(torch.device("cuda")) is pdl._triton_has_launch_pdl()  # no index: current
         capability["cap"] = (8, 0)  # Ampere: no griddepcontrol
