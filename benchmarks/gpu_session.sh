@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device session's measurements, stage by stage, each under its own time limit, logs to $OUT.
-# stages: tests dense densemixed mixedprof decodeprof serve moe moegemv sampling attn quant quantprof pdl ...
+# stages: tests dense densemixed mixedprof decodeprof serve moe moegemv sampling attn quant quantprof trace pdl ...
 # Every figure in docs/performance.md names the stage that produced it.
 # QUANT_METHODS (quant, quantprof stages): the --quantization methods to run, "none" = bf16
 #   (default "none wint8 wint4"; e.g. QUANT_METHODS="fp8 block_wise_fp8" on Hopper).
@@ -67,6 +67,19 @@ for stage in "$@"; do
                 --load-format dummy --dtype bfloat16 --batch-size 1 --input-len 128 --output-len 64 --num-iters-warmup 0 \
                 --num-iters 1 --max-model-len 2048 --max-num-seqs 8 "${extra[@]}" 2>&1 | filter | grep -A16 "torch.profiler over"
             done ;;
+    # the same ten steps' timeline: where the device idles between and around the graph replays
+    # (benchmarks/trace_gaps.py), per method
+    trace)  [ -f /tmp/ckpt-21b/config.json ] || python3 -m ernieserve make-dummy --preset ernie-4.5-21b-a3b /tmp/ckpt-21b
+            for q in ${QUANT_METHODS:-none wint4}; do
+              extra=(); [ "$q" != none ] && extra=(--quantization "$q")
+              echo "--- $q"
+              ERNIESERVE_PROFILE_STEPS=20:10 ERNIESERVE_PROFILE_TRACE="$out/trace_$q.json" timeout 150 python3 -m ernieserve \
+                bench latency --model /tmp/ckpt-21b --load-format dummy --dtype bfloat16 --batch-size 1 --input-len 128 \
+                --output-len 64 --num-iters-warmup 0 --num-iters 1 --max-model-len 2048 --max-num-seqs 8 "${extra[@]}" 2>&1 \
+                | filter | grep -E "Decode|p50|kernels and" | head -6
+              python3 benchmarks/trace_gaps.py "$out/trace_$q.json" --steps 10 --rows 15
+              gzip -f "$out/trace_$q.json"
+            done ;;
     quant)  [ -f /tmp/ckpt-21b/config.json ] || python3 -m ernieserve make-dummy --preset ernie-4.5-21b-a3b /tmp/ckpt-21b
             for q in ${QUANT_METHODS:-none wint8 wint4}; do
               extra=(); [ "$q" != none ] && extra=(--quantization "$q")
@@ -74,7 +87,7 @@ for stage in "$@"; do
                 --batch-size 1 --input-len 128 --output-len 64 --num-iters-warmup 1 --num-iters 3 --max-model-len 2048 \
                 --mem-bandwidth-gbs 3000 --max-num-seqs 8 "${extra[@]}" 2>&1 | filter | grep -E -i "decode|prefill|mean|weight|bandwidth|GiB|Peak|Captured|Error|error" | head -20
             done ;;
-    # programmatic dependent launch (kernels/pdl.py; off unless ERNIESERVE_PDL=1): its GPU tests (PDL on
+    # programmatic dependent launch (kernels/pdl.py; on by default, off with ERNIESERVE_PDL=0): its GPU tests (PDL on
     # and off give the same bits: a kernel chain in replayed graphs, the engine's greedy tokens), then
     # 21B-A3B batch-1 latency without and with it, each twice, alternating (PDL_ROUNDS=1: once each)
     pdl)    timeout 300 python3 -m pytest -m gpu tests/gpu/test_pdl_gpu.py -q -s --no-header -p no:cacheprovider \

@@ -13,7 +13,8 @@ host-bound. The summary groups steps by kind:
 
 `ERNIESERVE_PROFILE_STEPS=START:COUNT` additionally runs torch.profiler over COUNT steps from the
 START-th and logs the kernels that took the most device time (`ERNIESERVE_PROFILE_ROWS` of them,
-20 unless set) and the kernel launches per step.
+20 unless set) and the kernel launches per step; `ERNIESERVE_PROFILE_TRACE=FILE.json` also writes
+the timeline there (Chrome trace format; `benchmarks/trace_gaps.py` finds where the device idles).
 """
 
 from __future__ import annotations
@@ -146,6 +147,10 @@ class StepProfiler:
                 torch.cuda.synchronize()
             self._prof.__exit__(None, None, None)
             logger.info("torch.profiler over steps %d..%d:\n%s", self.start, self.step - 1, self.report())
+            trace = os.environ.get("ERNIESERVE_PROFILE_TRACE", "")
+            if trace:  # the timeline (Chrome trace format): benchmarks/trace_gaps.py reads it
+                self._prof.export_chrome_trace(trace)
+                logger.info("torch.profiler trace written to %s", trace)
             self._prof = None
 
     def report(self) -> str:
