@@ -16,7 +16,7 @@ for stage in "$@"; do
   case $stage in
     # the whole GPU suite but tensor parallelism (benchmarks/tp_gpu.sh tests, 2 GPUs): about 5 minutes
     # on an H100; the kernels first, so a broken kernel shows before the engine tests that use it
-    tests)  timeout 540 python3 -m pytest -m gpu tests/gpu/test_paged_attention_gpu.py tests/gpu/test_quantization_gpu.py \
+    tests)  timeout 540 python3 -m pytest -m gpu tests/gpu/test_paged_attention_gpu.py tests/gpu/test_gemv_gpu.py tests/gpu/test_quantization_gpu.py \
               tests/gpu/test_fused_elementwise_gpu.py tests/gpu/test_sampling_gpu.py tests/gpu/test_fused_moe_gpu.py \
               tests/gpu/test_moe_quant_gpu.py tests/gpu/test_swap_gpu.py tests/gpu/test_engine_gpu.py tests/gpu/test_vl_gpu.py \
               -q -s --no-header -p no:cacheprovider --durations=8 2>&1 \

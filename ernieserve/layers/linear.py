@@ -38,6 +38,11 @@ class UnquantizedLinearMethod(LinearMethod):
         layer.weight.weight_loader = layer.weight_loader  # type: ignore[attr-defined]
 
     def apply(self, layer: "LinearBase", x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if x.is_cuda:
+            from ernieserve.kernels import gemv  # Triton; imported on CUDA only
+
+            if gemv.use_gemv(x, layer.weight):  # decode rows with PDL: the weight read overlaps
+                return gemv.gemv(x, layer.weight, bias)
         return nn.functional.linear(x, layer.weight, bias)
 
 

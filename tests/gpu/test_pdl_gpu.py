@@ -4,8 +4,9 @@ through the engine's graph-replayed decode.
 
 The kernel chain below is one ERNIE-4.5-21B-A3B decoder layer's decode path at its real shapes, with
 the Triton kernels back to back as in the model, so every PDL kernel follows another PDL kernel
-(programmatic edges in the graph): norm (+ residual) -> [cuBLAS qkv] -> rotary + KV store -> split-K
-decode attention (its tile counters) -> norm -> router (gate GEMV + top-k, its ticket counter) ->
+(programmatic edges in the graph): norm (+ residual) -> qkv GEMV (kernels/gemv.py: its weight slice
+loaded before the wait) -> rotary + KV store -> split-K decode attention (its tile counters) -> o_proj
+GEMV -> norm -> router (gate GEMV + top-k, its ticket counter) ->
 MoE align -> gate/up -> down -> norm over the MoE slots (+ residual) -> silu-and-mul. Graphs are
 replayed on fresh inputs many times without a sync between replays, so a wait that came too late
 (a stale activation, a counter not yet put back to zero) shows up as a difference.
@@ -32,6 +33,7 @@ if torch.cuda.get_device_capability() < (9, 0):
 pytest.importorskip("triton")
 
 from ernieserve.kernels import pdl  # noqa: E402
+from ernieserve.kernels.gemv import gemv  # noqa: E402
 from ernieserve.kernels.activation import silu_and_mul  # noqa: E402
 from ernieserve.kernels.fused_norm import rms_norm  # noqa: E402
 from ernieserve.kernels.paged_attention import paged_attention_decode  # noqa: E402
@@ -91,6 +93,7 @@ class Layer:
         self.tokens = tokens
         self.ln1, self.ln2, self.ln3 = (randn(HIDDEN, scale=0.3) + 1.0 for _ in range(3))
         self.wqkv = randn((HEADS + 2 * KV_HEADS) * HEAD_DIM, HIDDEN, scale=HIDDEN**-0.5)
+        self.wo = randn(HIDDEN, HEADS * HEAD_DIM, scale=(HEADS * HEAD_DIM) ** -0.5)
         self.gate = randn(EXPERTS, HIDDEN, scale=HIDDEN**-0.5, dtype=torch.float32)  # ERNIE: fp32 gate
         self.bias = randn(EXPERTS, scale=0.01, dtype=torch.float32)
         n = EXPERTS + SHARED  # shared experts folded in as the last ids
@@ -129,20 +132,19 @@ class Layer:
         t = self.tokens
         k_cache, v_cache = cache.unbind(0)
         h, res1 = rms_norm(self.x, self.ln1, EPS, residual=self.res)
-        qkv = torch.nn.functional.linear(h, self.wqkv).view(t, HEADS + 2 * KV_HEADS, HEAD_DIM)
+        qkv = gemv(h, self.wqkv).view(t, HEADS + 2 * KV_HEADS, HEAD_DIM)
         q, k, v = qkv.split([HEADS, KV_HEADS, KV_HEADS], dim=1)
         q = apply_rotary_and_store_kv_(self.positions, q, k, v, self.cos, self.sin, True, k_cache, v_cache,
                                        self.slots)
         attn = paged_attention_decode(q, k_cache, v_cache, self.seq_lens, self.block_tables, HEAD_DIM**-0.5,
                                       NUM_SPLITS, scratch=self.scratch)
-        # attention output straight into a norm (standing in for o_proj + the post-attention norm,
-        # which keeps two PDL kernels back to back)
-        h2 = rms_norm(attn.view(t, HEADS * HEAD_DIM)[:, :HIDDEN], self.ln2, EPS)
+        o = gemv(attn.view(t, HEADS * HEAD_DIM), self.wo)
+        h2, res2 = rms_norm(o, self.ln2, EPS, residual=res1)
         weights, ids = triton_route(h2, self.gate, self.router, self.bias, SHARED)
         slots = fused_moe_triton(h2, self.w13, self.w2, weights, ids, sum_slots=False)
-        h3, res3 = rms_norm(slots, self.ln3, EPS, residual=res1)
+        h3, res3 = rms_norm(slots, self.ln3, EPS, residual=res2)
         act = silu_and_mul(h3)
-        return {"h": h, "res1": res1, "q": q, "attn": attn, "h2": h2, "weights": weights, "ids": ids,
+        return {"h": h, "res1": res1, "q": q, "attn": attn, "o": o, "h2": h2, "weights": weights, "ids": ids,
                 "slots": slots, "h3": h3, "res3": res3, "act": act, "cache": cache}
 
 

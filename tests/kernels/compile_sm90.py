@@ -289,7 +289,7 @@ def run_cases(s: Session) -> None:
     import torch
 
     from ernieserve.kernels import activation, fp8_matmul as f8, fused_norm, paged_attention as pa
-    from ernieserve.kernels import quant_matmul as qm, rotary, sampling
+    from ernieserve.kernels import gemv, quant_matmul as qm, rotary, sampling
     from ernieserve.layers.moe import fused_moe as fm, fused_moe_quant as fmq, moe_gemv
     from ernieserve.layers.moe.router import RouterConfig
 
@@ -303,6 +303,15 @@ def run_cases(s: Session) -> None:
 
     def zeros(*shape: int, dtype: torch.dtype = bf16) -> torch.Tensor:
         return torch.zeros(*shape, dtype=dtype)
+
+    # ---- the decode GEMV (PDL: weight slice before the wait): 21B-A3B's and 0.3B's projections,
+    # Qwen2's qkv bias
+    for name, (n, k) in {"21b qkv": (3584, 2560), "21b o": (2560, 2560), "03b qkv": (1536, 1024),
+                         "03b gate_up": (6144, 1024), "03b down": (1024, 3072)}.items():
+        with s.in_case(f"gemv {name}"):
+            gemv.gemv(zeros(1, k), zeros(n, k))
+    with s.in_case("gemv bias"):
+        gemv.gemv(zeros(1, 1024), zeros(1536, 1024), zeros(1536))
 
     # ---- attention: ERNIE-4.5-0.3B (16 heads, 2 KV heads) and 21B-A3B (20, 4); head_dim 128,
     # KV cache blocks of 64 tokens (CacheConfig's default), bf16 cache as the model dtype

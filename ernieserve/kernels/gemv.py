@@ -1,0 +1,156 @@
+"""Dense GEMV for decode steps whose weight read overlaps the kernel before it (sm_90+ with PDL).
+
+``y = x @ W^T (+ bias)`` for x [M <= MAX_TOKENS, K] and W [N, K] in bf16 / fp16.
+
+At batch 1 the attention projections of a decode layer come right after small latency-bound
+kernels (the output projection after decode attention, the qkv projection after RMSNorm), during
+which HBM idles; cuBLAS then reads the weight only after they finish (21B-A3B on an H100: 8.0 us per
+projection, 0.45 ms of a 3.2 ms step). With programmatic dependent launch (kernels/pdl.py) this
+kernel's programs become resident while the previous kernel runs, so each loads its whole weight
+slice into registers first, then waits (`pdl_wait`), then reads x and finishes in about a
+microsecond. A Triton split-K GEMV that read the weight after its launch had lost to cuBLAS at
+every shape (docs/performance.md, `142b7cc`); reading it before the wait is the point of this one.
+
+Kernel: program p owns rows [p * BLOCK_N, +BLOCK_N) of W whole: K is covered by up to three
+power-of-two chunks (K1 + K2 + K3, e.g. 2560 = 2048 + 512), loaded unmasked along K, so no split-K
+reduction and no workspace. After the wait, each of the M rows of x is multiplied in fp32 and
+reduced over K, the bias added, and the row stored in x's dtype. Without PDL (eager on older GPUs,
+the CPU interpreter) it is the same program with nothing to overlap.
+
+`gemv_supported` says which linears qualify; layers/linear.py takes this kernel for CUDA inputs of
+at most `gemv_max_tokens()` rows when PDL is on. The reference is ``torch.nn.functional.linear``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ernieserve.kernels.pdl import pdl_enabled, pdl_launch
+
+try:
+    import triton
+    import triton.language as tl
+
+    from ernieserve.kernels.pdl import pdl_wait
+
+    HAS_TRITON = True
+except ImportError:  # CPU-only installs use torch
+    HAS_TRITON = False
+
+# Rows up to which layers/linear.py takes this kernel (ERNIESERVE_DENSE_GEMV_MAX_TOKENS overrides;
+# 0 turns it off). One: at 8 rows the 0.3B decode step took 1.095 ms against cuBLAS's 0.852 (H100).
+MAX_TOKENS = 1
+# Bytes of W a program holds in registers before the wait (4 warps: 160 B a thread at 20 KiB).
+# 102 registers a thread for the one-row variant (sm_90 compile): 5 programs and 100 KiB of W per SM
+# resident at once, so the 13 MB o_proj of 21B-A3B can load whole while decode attention runs.
+SLICE_BYTES = 20 * 1024
+# Largest weight taken: the programs of bigger ones cannot all be resident at once, so most of
+# them would read after the wait anyway (the 21B dense MLP, the LM head stay on cuBLAS).
+MAX_WEIGHT_BYTES = 32 * 2**20
+NUM_WARPS = 4
+
+
+def gemv_max_tokens() -> int:
+    return int(os.environ.get("ERNIESERVE_DENSE_GEMV_MAX_TOKENS", MAX_TOKENS))
+
+
+def k_chunks(k: int) -> tuple[int, int, int] | None:
+    """K as K1 + K2 + K3, powers of two from the largest down (0 where absent), or None if K needs
+    more than three (2560 -> (2048, 512, 0); 3072 -> (2048, 1024, 0); 1000 -> None)."""
+    chunks = []
+    rest = k
+    while rest and len(chunks) < 3:
+        c = 1 << (rest.bit_length() - 1)
+        chunks.append(c)
+        rest -= c
+    if rest or k <= 0:
+        return None
+    return tuple(chunks + [0] * (3 - len(chunks)))  # type: ignore[return-value]
+
+
+def block_n_for(n: int, k: int, elem_bytes: int) -> int:
+    """Rows of W per program: the largest power of two whose slice fits SLICE_BYTES (at least 1)."""
+    rows = max(1, SLICE_BYTES // (k * elem_bytes))
+    bn = 1 << (rows.bit_length() - 1)
+    return min(bn, triton.next_power_of_2(n))
+
+
+def gemv_supported(weight: torch.Tensor) -> bool:
+    """A contiguous [N, K] bf16 / fp16 weight of at most MAX_WEIGHT_BYTES whose K is a sum of at
+    most three powers of two, each row slice at most SLICE_BYTES."""
+    if weight.dim() != 2 or weight.dtype not in (torch.bfloat16, torch.float16) or not weight.is_contiguous():
+        return False
+    n, k = weight.shape
+    return (k_chunks(k) is not None and k * weight.element_size() <= SLICE_BYTES
+            and n * k * weight.element_size() <= MAX_WEIGHT_BYTES)
+
+
+def use_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether layers/linear.py should take `gemv` for this call: CUDA with PDL on (without it the
+    weight is read after launch, where cuBLAS wins), at most gemv_max_tokens() rows, a supported
+    weight in x's dtype."""
+    if not HAS_TRITON or not x.is_cuda or x.dtype != weight.dtype:
+        return False
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return 0 < rows <= gemv_max_tokens() and pdl_enabled(x.device) and gemv_supported(weight)
+
+
+if HAS_TRITON:
+
+    @triton.jit(do_not_specialize=["M"])
+    def _gemv_kernel(
+        x_ptr, w_ptr, bias_ptr, out_ptr, M, N, stride_xm, stride_wn, stride_om,
+        K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr, BLOCK_N: tl.constexpr,
+        HAS_BIAS: tl.constexpr, ONE_ROW: tl.constexpr, PDL: tl.constexpr = False,
+    ):
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = rn < N
+        w_rows = w_ptr + rn.to(tl.int64)[:, None] * stride_wn
+        # the weight slice, whole, before the wait (static data: the previous kernel may still run)
+        o1 = tl.arange(0, K1)
+        w1 = tl.load(w_rows + o1[None, :], mask=n_ok[:, None])
+        if K2 > 0:
+            o2 = K1 + tl.arange(0, K2)
+            w2 = tl.load(w_rows + o2[None, :], mask=n_ok[:, None])
+        if K3 > 0:
+            o3 = K1 + K2 + tl.arange(0, K3)
+            w3 = tl.load(w_rows + o3[None, :], mask=n_ok[:, None])
+        if HAS_BIAS:
+            b = tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+        pdl_wait(PDL)  # x is the previous kernel's; out may still be read by an earlier one
+        # one row (the case served): straight-line code, so no conversion of W is hoisted out of a
+        # loop and held in fp32 registers
+        for m in range(0, 1 if ONE_ROW else M):
+            x_row = x_ptr + m * stride_xm
+            acc = tl.sum(w1.to(tl.float32) * tl.load(x_row + o1).to(tl.float32)[None, :], axis=1)
+            if K2 > 0:
+                acc += tl.sum(w2.to(tl.float32) * tl.load(x_row + o2).to(tl.float32)[None, :], axis=1)
+            if K3 > 0:
+                acc += tl.sum(w3.to(tl.float32) * tl.load(x_row + o3).to(tl.float32)[None, :], axis=1)
+            if HAS_BIAS:
+                acc += b
+            tl.store(out_ptr + m * stride_om + rn, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] -> [..., N] in x's dtype: F.linear(x, weight, bias) for a few rows of x."""
+    assert HAS_TRITON, "triton is not installed"
+    assert gemv_supported(weight), "weight must be a contiguous [N, K] bf16/fp16 tensor (see gemv_supported)"
+    n, k = weight.shape
+    assert x.shape[-1] == k, f"x has {x.shape[-1]} features, the weight {k}"
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out.view(*x.shape[:-1], n)
+    k1, k2, k3 = k_chunks(k)  # type: ignore[misc]
+    bn = block_n_for(n, k, weight.element_size())
+    _gemv_kernel[(triton.cdiv(n, bn),)](
+        x2, weight, bias if bias is not None else weight, out, m, n, x2.stride(0), weight.stride(0), out.stride(0),
+        K1=k1, K2=k2, K3=k3, BLOCK_N=bn, HAS_BIAS=bias is not None, ONE_ROW=m == 1, num_warps=NUM_WARPS,
+        **pdl_launch(pdl_enabled(x.device)))
+    return out.view(*x.shape[:-1], n)
