@@ -34,6 +34,7 @@ try:
     import triton.language as tl
 
     from ernieserve.kernels.pdl import pdl_wait
+    from ernieserve.kernels.quant_matmul import int4_values
 
     HAS_TRITON = True
 except ImportError:  # CPU-only installs use torch
@@ -87,6 +88,29 @@ def gemv_supported(weight: torch.Tensor) -> bool:
             and n * k * weight.element_size() <= MAX_WEIGHT_BYTES)
 
 
+def gemv_quant_supported(qweight: torch.Tensor, scales: torch.Tensor, bits: int, k: int) -> bool:
+    """Weight-only int8 [N, K] / packed int4 [N, K / 2] with one fp32 scale per output channel
+    ([N, 1]), K (even for int4) a sum of at most three powers of two, at most MAX_WEIGHT_BYTES."""
+    if bits not in (4, 8) or qweight.dim() != 2 or not qweight.is_contiguous():
+        return False
+    if scales.dtype != torch.float32 or scales.dim() != 2 or scales.shape[1] != 1:
+        return False
+    stored = k // 2 if bits == 4 else k
+    chunks = k_chunks(k)
+    return (chunks is not None and (bits == 8 or min(c for c in chunks if c) >= 2) and qweight.shape[1] == stored
+            and stored <= SLICE_BYTES and qweight.numel() <= MAX_WEIGHT_BYTES)
+
+
+def use_gemv_quant(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bits: int) -> bool:
+    """Whether layers/quantization/weight_only.py should take `gemv_quant`: one row on CUDA with PDL
+    on (the int GEMM's ~7 us floor at one token is mostly the weight read after launch)."""
+    if not HAS_TRITON or not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return (0 < rows <= min(1, gemv_max_tokens()) and pdl_enabled(x.device)
+            and gemv_quant_supported(qweight, scales, bits, x.shape[-1]))
+
+
 def use_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether layers/linear.py should take `gemv` for this call: CUDA with PDL on (without it the
     weight is read after launch, where cuBLAS wins), at most gemv_max_tokens() rows, a supported
@@ -132,6 +156,89 @@ if HAS_TRITON:
             if HAS_BIAS:
                 acc += b
             tl.store(out_ptr + m * stride_om + rn, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+    @triton.jit
+    def _quant_chunk(w, x_row, START: tl.constexpr, C: tl.constexpr, INT4: tl.constexpr, INLINE_ASM: tl.constexpr):
+        """fp32 [BLOCK_N]: W's rows times x over K columns [START, START + C), from the chunk's stored
+        values `w` ([BLOCK_N, C] int8, or [BLOCK_N, C / 2] bytes of two int4 each: low nibble the
+        even column). Integer values are exact in bf16; the scale is applied by the caller."""
+        xt = tl.load(x_row + START + tl.arange(0, C)).to(tl.float32)
+        if INT4:
+            x_even, x_odd = tl.split(tl.reshape(xt, [C // 2, 2]))
+            if INLINE_ASM:  # compiled: PTX nibble conversion, 4 bytes a register
+                low, high = int4_values(w, tl.bfloat16, True)
+            else:  # the interpreter (no inline asm, and its bf16 bitcasts are not exact): fp32 bits
+                low, high = int4_values(w, tl.float32, False)
+            acc = tl.sum(low.to(tl.float32) * x_even[None, :], axis=1)
+            acc += tl.sum(high.to(tl.float32) * x_odd[None, :], axis=1)
+        else:
+            acc = tl.sum(w.to(tl.float32) * xt[None, :], axis=1)
+        return acc
+
+    @triton.jit(do_not_specialize=["M"])
+    def _gemv_quant_kernel(
+        x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, M, N, stride_xm, stride_wn, stride_sn, stride_om,
+        K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr, BLOCK_N: tl.constexpr, INT4: tl.constexpr,
+        HAS_BIAS: tl.constexpr, ONE_ROW: tl.constexpr, INLINE_ASM: tl.constexpr = False,
+        PDL: tl.constexpr = False,
+    ):
+        """_gemv_kernel for weight-only int8 / int4 with a scale per output channel."""
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = rn < N
+        w_rows = w_ptr + rn.to(tl.int64)[:, None] * stride_wn
+        # the stored weight slice, its scales and bias before the wait
+        if INT4:
+            w1 = tl.load(w_rows + tl.arange(0, K1 // 2)[None, :], mask=n_ok[:, None])
+            if K2 > 0:
+                w2 = tl.load(w_rows + K1 // 2 + tl.arange(0, K2 // 2)[None, :], mask=n_ok[:, None])
+            if K3 > 0:
+                w3 = tl.load(w_rows + (K1 + K2) // 2 + tl.arange(0, K3 // 2)[None, :], mask=n_ok[:, None])
+        else:
+            w1 = tl.load(w_rows + tl.arange(0, K1)[None, :], mask=n_ok[:, None])
+            if K2 > 0:
+                w2 = tl.load(w_rows + K1 + tl.arange(0, K2)[None, :], mask=n_ok[:, None])
+            if K3 > 0:
+                w3 = tl.load(w_rows + K1 + K2 + tl.arange(0, K3)[None, :], mask=n_ok[:, None])
+        scale = tl.load(s_ptr + rn * stride_sn, mask=n_ok, other=0.0)
+        if HAS_BIAS:
+            b = tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+        pdl_wait(PDL)  # x is the previous kernel's; out may still be read by an earlier one
+        for m in range(0, 1 if ONE_ROW else M):
+            x_row = x_ptr + m * stride_xm
+            acc = _quant_chunk(w1, x_row, 0, K1, INT4, INLINE_ASM)
+            if K2 > 0:
+                acc += _quant_chunk(w2, x_row, K1, K2, INT4, INLINE_ASM)
+            if K3 > 0:
+                acc += _quant_chunk(w3, x_row, K1 + K2, K3, INT4, INLINE_ASM)
+            acc = acc * scale
+            if HAS_BIAS:
+                acc += b
+            tl.store(out_ptr + m * stride_om + rn, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+def gemv_quant(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bits: int,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] -> [..., N] in x's dtype: weight_only_matmul (kernels/quant_matmul.py) with one
+    scale per output channel, for a few rows of x."""
+    assert HAS_TRITON, "triton is not installed"
+    k = x.shape[-1]
+    assert gemv_quant_supported(qweight, scales, bits, k), "see gemv_quant_supported"
+    n = qweight.shape[0]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out.view(*x.shape[:-1], n)
+    k1, k2, k3 = k_chunks(k)  # type: ignore[misc]
+    bn = block_n_for(n, qweight.shape[1], 1)
+    _gemv_quant_kernel[(triton.cdiv(n, bn),)](
+        x2, qweight, scales, bias if bias is not None else x2, out, m, n, x2.stride(0), qweight.stride(0),
+        scales.stride(0), out.stride(0), K1=k1, K2=k2, K3=k3, BLOCK_N=bn, INT4=bits == 4, HAS_BIAS=bias is not None,
+        ONE_ROW=m == 1, INLINE_ASM=x2.is_cuda, num_warps=NUM_WARPS, **pdl_launch(pdl_enabled(x.device)))
+    return out.view(*x.shape[:-1], n)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -77,3 +77,28 @@ def test_gemv_in_a_replayed_graph_sees_fresh_inputs() -> None:
             want = gemv.gemv(x, w)
         torch.cuda.synchronize()
         assert torch.equal(y, want)
+
+
+@pytest.mark.parametrize("name", ["21b qkv", "21b o", "03b qkv", "03b down"])
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gemv_quant_matches_reference(name: str, bits: int, bias: bool) -> None:
+    from ernieserve.kernels import quant_matmul as qm
+
+    n, k = SHAPES[name]
+    g = torch.Generator(device=DEV).manual_seed(n + k + bits)
+    w = torch.randn(n, k, device=DEV, generator=g) * k**-0.5
+    x = torch.randn(1, k, device=DEV, generator=g).to(torch.bfloat16)
+    b = torch.randn(n, device=DEV, generator=g).to(torch.bfloat16) if bias else None
+    qweight, scales = (qm.quantize_int8 if bits == 8 else qm.quantize_int4)(w, 0)
+    assert gemv.gemv_quant_supported(qweight, scales, bits, k)
+    outs = {}
+    for on in (False, True):
+        with pdl.override(on):
+            outs[on] = gemv.gemv_quant(x, qweight, scales, bits, b)
+    torch.cuda.synchronize()
+    assert torch.equal(outs[True], outs[False]), "PDL changed the result"
+    ref = qm.weight_only_matmul_ref(x, qweight, scales, bits, 0, b).float()
+    gemm = qm.weight_only_matmul(x, qweight, scales, bits, 0, b).float()  # the Triton GEMM it replaces
+    torch.testing.assert_close(outs[True].float(), ref, rtol=8e-3, atol=4e-3)
+    assert (outs[True].float() - ref).abs().max() <= 2 * (gemm - ref).abs().max() + 4e-3

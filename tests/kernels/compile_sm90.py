@@ -312,6 +312,12 @@ def run_cases(s: Session) -> None:
             gemv.gemv(zeros(1, k), zeros(n, k))
     with s.in_case("gemv bias"):
         gemv.gemv(zeros(1, 1024), zeros(1536, 1024), zeros(1536))
+    for bits in (8, 4):
+        for name, (n, k) in {"21b qkv": (3584, 2560), "21b o": (2560, 2560), "03b down": (1024, 3072)}.items():
+            stored = k if bits == 8 else k // 2
+            with s.in_case(f"gemv_quant wint{bits} {name}"):
+                gemv.gemv_quant(zeros(1, k), zeros(n, stored, dtype=torch.int8 if bits == 8 else torch.uint8),
+                                zeros(n, 1, dtype=torch.float32), bits)
 
     # ---- attention: ERNIE-4.5-0.3B (16 heads, 2 KV heads) and 21B-A3B (20, 4); head_dim 128,
     # KV cache blocks of 64 tokens (CacheConfig's default), bf16 cache as the model dtype

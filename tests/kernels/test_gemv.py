@@ -73,3 +73,43 @@ def test_use_gemv_needs_cuda_and_pdl(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("ERNIESERVE_DENSE_GEMV_MAX_TOKENS")
     with pdl.override(False):
         assert not gemv.use_gemv(x, w), "without PDL the weight is read after launch: cuBLAS"
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("k", [64, 96, 112, 160])
+@pytest.mark.parametrize("n", [8, 13])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gemv_quant_matches_reference(monkeypatch: pytest.MonkeyPatch, bits: int, k: int, n: int, bias: bool) -> None:
+    from ernieserve.kernels import quant_matmul as qm
+
+    monkeypatch.setattr(gemv, "SLICE_BYTES", 4 * k)  # a few rows a program, a ragged last one
+    g = torch.Generator().manual_seed(bits * 1000 + k * 10 + n)
+    w = torch.randn(n, k, generator=g)
+    x = torch.randn(1, k, generator=g).to(torch.bfloat16)
+    b = torch.randn(n, generator=g).to(torch.bfloat16) if bias else None
+    qweight, scales = (qm.quantize_int8 if bits == 8 else qm.quantize_int4)(w, 0)
+    assert gemv.gemv_quant_supported(qweight, scales, bits, k)
+    out = gemv.gemv_quant(x, qweight, scales, bits, b)
+    ref = qm.weight_only_matmul_ref(x, qweight, scales, bits, 0, b)
+    assert out.dtype == torch.bfloat16 and out.shape == (1, n)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=1e-2, atol=1e-2)
+
+
+def test_gemv_quant_support_and_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ernieserve.kernels import quant_matmul as qm
+
+    w = torch.randn(64, 2560)
+    q8, s8 = qm.quantize_int8(w, 0)
+    q4, s4 = qm.quantize_int4(w, 0)
+    assert gemv.gemv_quant_supported(q8, s8, 8, 2560) and gemv.gemv_quant_supported(q4, s4, 4, 2560)
+    g4, gs = qm.quantize_int4(w, 128)
+    assert not gemv.gemv_quant_supported(g4, gs, 4, 2560), "group-wise scales stay on the GEMM"
+    x = torch.empty(1, 2560, dtype=torch.bfloat16)
+    with pdl.override(True):
+        assert not gemv.use_gemv_quant(x, q8, s8, 8), "CPU tensors never take it"
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    with pdl.override(True):
+        assert gemv.use_gemv_quant(x, q4, s4, 4)
+        assert not gemv.use_gemv_quant(torch.empty(2, 2560, dtype=torch.bfloat16), q4, s4, 4), "one row only"
+    with pdl.override(False):
+        assert not gemv.use_gemv_quant(x, q4, s4, 4)

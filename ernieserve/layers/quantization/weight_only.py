@@ -115,6 +115,11 @@ class WeightOnlyLinearMethod(StreamingQuantLinearMethod):
         cfg = self.config
         backend = layer.quant_backend
         if backend is GemmBackend.TRITON:
+            if x.is_cuda and cfg.group_size == 0:
+                from ernieserve.kernels import gemv  # Triton; imported on CUDA only
+
+                if gemv.use_gemv_quant(x, layer.qweight, layer.weight_scale, cfg.bits):  # one row, PDL on
+                    return gemv.gemv_quant(x, layer.qweight, layer.weight_scale, cfg.bits, bias)
             return qm.weight_only_matmul(x, layer.qweight, layer.weight_scale, cfg.bits, cfg.group_size, bias)
         if backend is GemmBackend.TORCH:
             if cfg.bits == 8:
