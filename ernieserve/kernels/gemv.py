@@ -1,15 +1,19 @@
-"""Dense GEMV for decode steps whose weight read overlaps the kernel before it (sm_90+ with PDL).
+"""GEMV for one-row decode steps whose weight read overlaps the kernel before it (sm_90+ with PDL).
 
-``y = x @ W^T (+ bias)`` for x [M <= MAX_TOKENS, K] and W [N, K] in bf16 / fp16.
+``y = x @ W^T (+ bias)`` for x [M, K] and W [N, K] in bf16 / fp16 (`gemv`), or W weight-only int8 /
+packed int4 with one scale per output channel (`gemv_quant`, the layout of kernels/quant_matmul.py).
 
 At batch 1 the attention projections of a decode layer come right after small latency-bound
 kernels (the output projection after decode attention, the qkv projection after RMSNorm), during
 which HBM idles; cuBLAS then reads the weight only after they finish (21B-A3B on an H100: 8.0 us per
 projection, 0.45 ms of a 3.2 ms step). With programmatic dependent launch (kernels/pdl.py) this
 kernel's programs become resident while the previous kernel runs, so each loads its whole weight
-slice into registers first, then waits (`pdl_wait`), then reads x and finishes in about a
-microsecond. A Triton split-K GEMV that read the weight after its launch had lost to cuBLAS at
-every shape (docs/performance.md, `142b7cc`); reading it before the wait is the point of this one.
+slice into registers first, then waits (`pdl_wait`), then reads x. A Triton split-K GEMV that read
+the weight after its launch had lost to cuBLAS at every shape (docs/performance.md, `142b7cc`);
+reading it before the wait is the point of this one. Measured on an H100 (docs/performance.md):
+21B-A3B batch-1 decode 3.222 -> 3.137 ms, 0.3B 0.820 -> 0.609 ms; as `gemv_quant`, 21B wint8
+2.441 -> 2.364 ms and wint4 2.034 -> 1.945 ms. At 8 rows it lost (0.3B: 0.852 -> 1.095 ms), so
+layers take it for one row only.
 
 Kernel: program p owns rows [p * BLOCK_N, +BLOCK_N) of W whole: K is covered by up to three
 power-of-two chunks (K1 + K2 + K3, e.g. 2560 = 2048 + 512), loaded unmasked along K, so no split-K
@@ -17,8 +21,10 @@ reduction and no workspace. After the wait, each of the M rows of x is multiplie
 reduced over K, the bias added, and the row stored in x's dtype. Without PDL (eager on older GPUs,
 the CPU interpreter) it is the same program with nothing to overlap.
 
-`gemv_supported` says which linears qualify; layers/linear.py takes this kernel for CUDA inputs of
-at most `gemv_max_tokens()` rows when PDL is on. The reference is ``torch.nn.functional.linear``.
+`gemv_supported` / `gemv_quant_supported` say which weights qualify; layers/linear.py and
+layers/quantization/weight_only.py take these kernels for CUDA inputs of at most `gemv_max_tokens()`
+rows (one) when PDL is on. The references are ``torch.nn.functional.linear`` and
+`quant_matmul.weight_only_matmul_ref`.
 """
 
 from __future__ import annotations
@@ -217,6 +223,14 @@ if HAS_TRITON:
             tl.store(out_ptr + m * stride_om + rn, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
+def _rows_and_output(x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x as [M, K] rows with unit column stride, and an empty [M, n] output in x's dtype."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    return x2, torch.empty(x2.shape[0], n, dtype=x.dtype, device=x.device)
+
+
 def gemv_quant(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bits: int,
                bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] -> [..., N] in x's dtype: weight_only_matmul (kernels/quant_matmul.py) with one
@@ -225,11 +239,8 @@ def gemv_quant(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bit
     k = x.shape[-1]
     assert gemv_quant_supported(qweight, scales, bits, k), "see gemv_quant_supported"
     n = qweight.shape[0]
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2, out = _rows_and_output(x, n)
     m = x2.shape[0]
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out.view(*x.shape[:-1], n)
     k1, k2, k3 = k_chunks(k)  # type: ignore[misc]
@@ -247,11 +258,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     assert gemv_supported(weight), "weight must be a contiguous [N, K] bf16/fp16 tensor (see gemv_supported)"
     n, k = weight.shape
     assert x.shape[-1] == k, f"x has {x.shape[-1]} features, the weight {k}"
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2, out = _rows_and_output(x, n)
     m = x2.shape[0]
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out.view(*x.shape[:-1], n)
     k1, k2, k3 = k_chunks(k)  # type: ignore[misc]
