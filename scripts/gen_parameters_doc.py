@@ -22,7 +22,10 @@ Environment variables: `FD_API_KEY` (comma-separated API keys, as in FastDeploy)
 norm/rotary/activation and the sampler's race on GPU, for debugging), `ERNIESERVE_STEP_STATS=1` (time every engine step by
 kind and segment; the benchmarks print the table, the engine logs it at shutdown),
 `ERNIESERVE_PROFILE_STEPS=START:COUNT` (torch.profiler over COUNT steps from the START-th; logs the
-kernels with the most device time, `ERNIESERVE_PROFILE_ROWS` of them (20), and the kernels per step),
+kernels with the most device time, `ERNIESERVE_PROFILE_ROWS` of them (20), and the kernels per step;
+`ERNIESERVE_PROFILE_TRACE=FILE.json` also writes the timeline for `benchmarks/trace_gaps.py`),
+`ERNIESERVE_DENSE_GEMV_MAX_TOKENS=0` (turns off the one-row decode GEMV of `kernels/gemv.py`, which
+loads its weight before the PDL wait; cuBLAS or the int GEMM then),
 `ERNIESERVE_PDL=0` (turns off programmatic dependent launch, on by default on sm_90+: the decode
 path's Triton kernels may start while the previous kernel finishes, also inside CUDA graphs; see
 `ernieserve/kernels/pdl.py`).
