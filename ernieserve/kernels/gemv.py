@@ -29,6 +29,7 @@ rows (one) when PDL is on. The references are ``torch.nn.functional.linear`` and
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -59,6 +60,7 @@ MAX_WEIGHT_BYTES = 32 * 2**20
 NUM_WARPS = 4
 
 
+@functools.cache  # asked on every CUDA linear call: read the environment once
 def gemv_max_tokens() -> int:
     return int(os.environ.get("ERNIESERVE_DENSE_GEMV_MAX_TOKENS", MAX_TOKENS))
 

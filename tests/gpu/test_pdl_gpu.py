@@ -18,8 +18,10 @@ compare). Run on the GPU machine: `pytest -m gpu tests/gpu/test_pdl_gpu.py`, wit
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -157,15 +159,17 @@ def _assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], wh
         assert torch.equal(got[name], want[name]), f"{where}: {name} differs with PDL"
 
 
-def _capture(layer: Layer, cache: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor]]:
+def _capture(fn: Callable[[], Any]) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """fn run once on a side stream (compiles the variants, warms cuBLAS), then captured: (the
+    graph, fn's outputs inside it)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        layer.step(cache)  # compile the variants (and warm cuBLAS) before capture
+        fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        outputs = layer.step(cache)
+        outputs = fn()
     return graph, outputs
 
 
@@ -191,7 +195,7 @@ def test_decode_layer_chain_pdl_matches_plain_eager_and_in_graphs(tokens: int) -
     graphs = {}
     for on in (False, True):
         with pdl.override(on):
-            graphs[on] = _capture(layer, caches[on])
+            graphs[on] = _capture(functools.partial(layer.step, caches[on]))
     for seed in range(1, 21):
         layer.new_inputs(seed)
         graphs[False][0].replay()
@@ -220,14 +224,7 @@ def test_fused_moe_pdl_graph_many_replays() -> None:
             x.copy_(rows[i:i + 1])
             want.append(moe().clone())
     with pdl.override(True):
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            moe()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = moe()
+        graph, out = _capture(moe)
     got = torch.empty(rows.shape[0], HIDDEN, device=DEV, dtype=torch.bfloat16)
     for i in range(rows.shape[0]):
         x.copy_(rows[i:i + 1])
@@ -255,14 +252,7 @@ def test_decode_attention_pdl_graph_matches_eager() -> None:
 
     layer.new_inputs(0)
     with pdl.override(True):
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            attend(cache_pdl)
-        torch.cuda.current_stream().wait_stream(stream)
-        attn_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(attn_graph):
-            attn_out = attend(cache_pdl)
+        attn_graph, attn_out = _capture(functools.partial(attend, cache_pdl))
     with pdl.override(False):
         attend(cache_plain)  # the same warm-up write as the PDL side's
     torch.cuda.synchronize()

@@ -69,8 +69,10 @@ def test_use_gemv_needs_cuda_and_pdl(monkeypatch: pytest.MonkeyPatch) -> None:
         assert not gemv.use_gemv(torch.empty(gemv.MAX_TOKENS + 1, 64, dtype=torch.bfloat16), w), "too many rows"
         assert not gemv.use_gemv(x.float(), w)
         monkeypatch.setenv("ERNIESERVE_DENSE_GEMV_MAX_TOKENS", "0")
+        gemv.gemv_max_tokens.cache_clear()
         assert not gemv.use_gemv(x, w)
     monkeypatch.delenv("ERNIESERVE_DENSE_GEMV_MAX_TOKENS")
+    gemv.gemv_max_tokens.cache_clear()
     with pdl.override(False):
         assert not gemv.use_gemv(x, w), "without PDL the weight is read after launch: cuBLAS"
 
