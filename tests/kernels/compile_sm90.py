@@ -441,6 +441,12 @@ def run_cases(s: Session) -> None:
     qwen_router = RouterConfig(128, 8, True, 0.0, False, False)
     with s.in_case("triton_route qwen3 bf16 gate T=1"):
         fm.triton_route(zeros(1, 2048), zeros(128, 2048), qwen_router, None, 0)
+    # the router's last program also aligning the ids (ROUTE_ALIGN_MAX_TOKENS), at the block_m the
+    # GEMMs then take; 8 tokens x (6 + 2 shared) slots is the largest it takes
+    for tokens in (1, 8):
+        bm = fm.choose_tile_config(tokens * (top_k + 2), E + 2).block_m
+        with s.in_case(f"triton_route_align T={tokens} shared=2 block_m={bm}"):
+            fm.triton_route_align(zeros(tokens, H), torch.zeros(E, H), router, torch.zeros(E), 2, bm)
 
     def routing(tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         ids = (torch.arange(tokens * top_k, dtype=torch.int32) % E).view(tokens, top_k)  # int32, as the router

@@ -35,8 +35,9 @@ programs and routes them in the same launch (the split-K ticket of kernels/split
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -157,7 +158,9 @@ if HAS_TRITON:
     ):
         """Routes the rows of float32 logits `lg` [BLOCK_T, E_PAD] (columns >= E ignored): softmax,
         top-k of softmax (+ bias), renormalisation, folded shared experts; stores rows < T of the
-        weights and ids [T, TOP_K + N_SHARED]. Shared by both router kernels, so they route alike."""
+        weights and ids [T, TOP_K + N_SHARED]. Shared by both router kernels, so they route alike.
+        Returns the ids tile [BLOCK_T, K_PAD] (columns >= TOP_K + N_SHARED hold 0) for a caller that
+        aligns them in the same program (_align_rows)."""
         cols = tl.arange(0, E_PAD)
         col_ok = cols < E
         lg = tl.where(col_ok[None, :], lg, float("-inf"))  # [BLOCK_T, E_PAD]
@@ -187,6 +190,49 @@ if HAS_TRITON:
         mask = row_ok[:, None] & (kcols[None, :] < TOP_K + N_SHARED)
         tl.store(weights_ptr + out, w_tile, mask=mask)
         tl.store(ids_ptr + out, id_tile, mask=mask)
+        return id_tile
+
+    @triton.jit
+    def _align_rows(
+        id_tile, T, E_ALIGN, sorted_ptr, block_expert_ptr, total_ptr,
+        K_TOT: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr,
+        EXPERT_BLOCKS: tl.constexpr,
+    ):
+        """What _moe_align_kernel writes for these ids, from the ids tile in registers (the router's
+        last program, T * K_PAD <= ROUTE_ALIGN_MAX_SLOTS): the padded total, block_expert for every
+        block below it and sorted_ids[:total]. Assignment a = row * K_TOT + slot; ids >= E_ALIGN
+        (none from the router; the align kernel's spare bin) are left out as there.
+
+        No histogram over the experts: each assignment i compares itself with every other j (a
+        [P, P] tile, P = BLOCK_T * K_PAD <= 64): its rank among its expert's assignments (those of
+        smaller index), its expert's count, and, counting each expert once at its first assignment,
+        the padded sizes of the experts with smaller ids, i.e. its segment's start. Every position
+        below the total is written once: an assignment at segment start + rank; the first
+        assignment of each expert writes its padding (N) and its blocks' block_expert entries."""
+        P: tl.constexpr = BLOCK_T * K_PAD
+        ids = tl.reshape(id_tile, (P,))  # p = row * K_PAD + slot (row-major, no reordering)
+        p = tl.arange(0, P)
+        row = p // K_PAD
+        slot = p % K_PAD
+        a = row * K_TOT + slot  # the assignment index, as topk_ids.reshape(-1)
+        ok = (row < T) & (slot < K_TOT) & (ids < E_ALIGN)
+        same = (ids[:, None] == ids[None, :]) & ok[None, :]  # [i, j]: j is a real assignment of i's expert
+        rank = tl.sum((same & (a[None, :] < a[:, None])).to(tl.int32), axis=1)
+        count = tl.sum(same.to(tl.int32), axis=1)
+        padded = (count + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        first = ok & (rank == 0)  # one per expert with assignments
+        before = first[None, :] & (ids[None, :] < ids[:, None])  # [i, j]: j heads an expert before i's
+        seg = tl.sum(tl.where(before, padded[None, :], 0), axis=1)
+        tl.store(total_ptr, tl.sum(tl.where(first, padded, 0), axis=0))
+        tl.store(sorted_ptr + seg + rank, a, mask=ok)
+        pad = tl.arange(0, BLOCK_M)
+        n_fill = tl.zeros([P, BLOCK_M], dtype=tl.int32) + T * K_TOT  # padding = N
+        tl.store(sorted_ptr + (seg + count)[:, None] + pad[None, :], n_fill,
+                 mask=first[:, None] & (pad[None, :] < (padded - count)[:, None]))
+        blk = tl.arange(0, EXPERT_BLOCKS)  # an expert's blocks: at most cdiv(P, BLOCK_M)
+        tl.store(block_expert_ptr + (seg // BLOCK_M)[:, None] + blk[None, :],
+                 ids[:, None] + tl.zeros([P, EXPERT_BLOCKS], dtype=tl.int32),
+                 mask=first[:, None] & (blk[None, :] < (padded // BLOCK_M)[:, None]))
 
     # Counts that change from step to step are not specialised: Triton would otherwise compile
     # a variant for each of their classes (1, a multiple of 16, other) at first use, mid-serving.
@@ -209,10 +255,13 @@ if HAS_TRITON:
     @triton.jit(do_not_specialize=["T"])
     def _route_kernel(
         x_ptr, w_ptr, bias_ptr, ws_ptr, counter_ptr, weights_ptr, ids_ptr,
+        sorted_ptr, block_expert_ptr, total_ptr,  # ALIGN's outputs (unused pointers without it)
         T, E, H, split_len, stride_xt, stride_we, norm_min,
         TOP_K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
         BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, SPLITS: tl.constexpr, RELOAD: tl.constexpr,
-        HAS_BIAS: tl.constexpr, RENORM: tl.constexpr, N_SHARED: tl.constexpr, PDL: tl.constexpr = False,
+        HAS_BIAS: tl.constexpr, RENORM: tl.constexpr, N_SHARED: tl.constexpr,
+        ALIGN: tl.constexpr = False, BLOCK_M: tl.constexpr = 16, EXPERT_BLOCKS: tl.constexpr = 1,
+        PDL: tl.constexpr = False,
     ):
         # Grid (E blocks, SPLITS): program (pe, s) computes the partial logits of all T <= BLOCK_T
         # tokens for experts [pe * BLOCK_E, +BLOCK_E) over hidden range [s * split_len, +split_len).
@@ -272,8 +321,14 @@ if HAS_TRITON:
                 tl.store(lg_ptrs, lg, mask=lg_mask)
                 tl.debug_barrier()  # the block's global writes are visible to all its threads after it
                 lg = tl.load(lg_ptrs, mask=lg_mask, other=0.0, cache_modifier=".cg")
-            _topk_rows(lg, rows, row_ok, bias_ptr, weights_ptr, ids_ptr, E, norm_min,
-                       TOP_K, K_PAD, E_PAD, BLOCK_T, HAS_BIAS, RENORM, N_SHARED)
+            id_tile = _topk_rows(lg, rows, row_ok, bias_ptr, weights_ptr, ids_ptr, E, norm_min,
+                                 TOP_K, K_PAD, E_PAD, BLOCK_T, HAS_BIAS, RENORM, N_SHARED)
+            if ALIGN:
+                # moe_align's outputs for these ids, for the experts and folded shared experts
+                # (E + N_SHARED, the w13 stack's): its launch is saved (triton_route_align). After
+                # the PDL wait like every store here: the previous layer's GEMMs read these buffers
+                _align_rows(id_tile, T, E + N_SHARED, sorted_ptr, block_expert_ptr, total_ptr,
+                            TOP_K + N_SHARED, K_PAD, BLOCK_T, BLOCK_M, EXPERT_BLOCKS)
             tl.atomic_xchg(counter_ptr, 0)  # clean for the next launch (and CUDA graph replay)
 
     @triton.jit(do_not_specialize=["N"])
@@ -446,6 +501,30 @@ _ROUTE_PROGRAMS = 256
 # from the low indices the split-K GEMMs and decode attention use. Kernels of one stream run one after
 # another and each leaves its counters at zero, so this is only a margin, not a requirement.
 _ROUTE_COUNTER = -1
+# Token counts up to which MoEBlock routes and aligns in one launch (triton_route_align: the router's
+# last program, which holds every id in registers, also writes moe_align's outputs, so the align
+# launch goes: ~1.9 us per MoE layer of an H100 21B-A3B decode step, 27 layers, if the last program's
+# extra work costs less). 0 = off, the default: not measured on a GPU yet. ERNIESERVE_ROUTE_ALIGN_MAX_TOKENS
+# overrides (read at each call, like the dense GEMV's switch); the slot cap below bounds it either way.
+ROUTE_ALIGN_MAX_TOKENS = 0
+# At most this many padded slots (T rounded up to a power of two, times next_pow2(top_k + shared))
+# are aligned in the router: _align_rows compares every slot with every other, [64, 64] at most
+# (21B-A3B: 8 tokens of 6 routed + 2 shared experts).
+ROUTE_ALIGN_MAX_SLOTS = 64
+
+
+def route_align_max_tokens() -> int:
+    return int(os.environ.get("ERNIESERVE_ROUTE_ALIGN_MAX_TOKENS", ROUTE_ALIGN_MAX_TOKENS))
+
+
+def route_align_supported(num_tokens: int, num_slots: int) -> bool:
+    """Whether triton_route_align takes T tokens of num_slots (top_k + folded shared) ids each."""
+    def pow2(n: int) -> int:
+        return 1 << (n - 1).bit_length()
+
+    if not 0 < num_tokens <= ROUTE_MAX_TOKENS:
+        return False
+    return pow2(num_tokens) * pow2(num_slots) <= ROUTE_ALIGN_MAX_SLOTS
 
 
 @dataclass(frozen=True, slots=True)
@@ -499,6 +578,30 @@ def triton_route(
     Qwen3's (a model-dtype linear) also by its rounding of the logits to the model dtype. Capturable:
     no host sync; the workspace's size depends on the shapes alone. With PDL (kernels/pdl.py) the
     gate is read before the wait for the previous kernel: it must be the stored weight."""
+    weights, ids, _ = _route(x, weight, cfg, score_bias, num_shared, None)
+    return weights, ids
+
+
+def triton_route_align(
+    x: torch.Tensor,  # [T, H]
+    weight: torch.Tensor,  # [E, H]
+    cfg: RouterConfig,
+    score_bias: torch.Tensor | None,  # [E] float32
+    num_shared: int,
+    block_m: int,
+) -> tuple[torch.Tensor, torch.Tensor, Alignment]:
+    """`triton_route`, whose last program also writes what `moe_align(ids, E + num_shared, block_m)`
+    would (same buffers' sizes, same total, block_expert below it and sorted_ids[:total]): the
+    weights, the ids and that alignment, from one launch instead of two. For
+    T * next_pow2(top_k + num_shared) <= ROUTE_ALIGN_MAX_SLOTS only (route_align_supported);
+    block_m must be the one the grouped GEMMs then run with (FusedMoE.align_block_m)."""
+    weights, ids, alignment = _route(x, weight, cfg, score_bias, num_shared, block_m)
+    assert alignment is not None
+    return weights, ids, alignment
+
+
+def _route(x: torch.Tensor, weight: torch.Tensor, cfg: RouterConfig, score_bias: torch.Tensor | None,
+           num_shared: int, align_block_m: int | None) -> tuple[torch.Tensor, torch.Tensor, Alignment | None]:
     num_tokens, hidden = x.shape
     num_experts = weight.shape[0]
     if num_tokens > ROUTE_MAX_TOKENS:
@@ -507,8 +610,14 @@ def triton_route(
     out_k = cfg.top_k + num_shared
     weights = torch.empty(num_tokens, out_k, dtype=torch.float32, device=x.device)
     ids = torch.empty(num_tokens, out_k, dtype=torch.int32, device=x.device)
+    alignment = None
+    if align_block_m is not None:
+        if not route_align_supported(num_tokens, out_k):
+            raise ValueError(f"triton_route_align aligns at most {ROUTE_ALIGN_MAX_SLOTS} padded slots, got "
+                             f"{num_tokens} tokens of {out_k}")
+        alignment = align_buffers(num_tokens * out_k, num_experts + num_shared, align_block_m, x.device)
     if num_tokens == 0:
-        return weights, ids
+        return weights, ids, alignment
     x = x if x.stride(1) == 1 else x.contiguous()
     weight = weight if weight.stride(1) == 1 else weight.contiguous()
     t = route_tiles(num_tokens, num_experts, hidden)
@@ -516,25 +625,59 @@ def triton_route(
     ws = torch.empty((t.splits + 1) * num_tokens * num_experts, dtype=torch.float32, device=x.device)
     counter = split_k.tile_counters(x.device)[_ROUTE_COUNTER:]  # int32, as atomics need
     bias = score_bias if score_bias is not None else ws  # unused pointer when HAS_BIAS is off
+    k_pad = triton.next_power_of_2(out_k)
+    if alignment is None:
+        align_args, align_kw = (ids, ids, ids), {}  # unused pointers (int32, as the aligned ones)
+    else:
+        align_args = (alignment.sorted_ids, alignment.block_expert, alignment.total)
+        align_kw = dict(ALIGN=True, BLOCK_M=align_block_m,
+                        EXPERT_BLOCKS=triton.next_power_of_2(triton.cdiv(t.block_t * k_pad, align_block_m)))
     _route_kernel[(triton.cdiv(num_experts, t.block_e), t.splits)](
-        x, weight, bias, ws, counter, weights, ids,
+        x, weight, bias, ws, counter, weights, ids, *align_args,
         num_tokens, num_experts, hidden, t.split_len, x.stride(0), weight.stride(0), float(cfg.norm_min),
-        TOP_K=cfg.top_k, K_PAD=triton.next_power_of_2(out_k), E_PAD=triton.next_power_of_2(num_experts),
+        TOP_K=cfg.top_k, K_PAD=k_pad, E_PAD=triton.next_power_of_2(num_experts),
         BLOCK_T=t.block_t, BLOCK_E=t.block_e, BLOCK_H=t.block_h, SPLITS=t.splits, RELOAD=t.reload,
         HAS_BIAS=score_bias is not None, RENORM=cfg.renormalize, N_SHARED=num_shared, num_warps=t.num_warps,
-        **pdl_launch(pdl_enabled(x.device)))
-    return weights, ids
+        **align_kw, **pdl_launch(pdl_enabled(x.device)))
+    return weights, ids, alignment
+
+
+class Alignment(NamedTuple):
+    """moe_align's outputs, and the block_m they were laid out for (the GEMMs must use the same)."""
+
+    sorted_ids: torch.Tensor  # [cap] int32
+    block_expert: torch.Tensor  # [cdiv(cap, block_m)] int32
+    total: torch.Tensor  # [1] int32
+    block_m: int
+
+
+def align_buffers(num_assignments: int, num_experts: int, block_m: int, device: torch.device) -> Alignment:
+    """Empty alignment outputs of moe_align's sizes (they depend on the shapes alone)."""
+    cap = padded_capacity(num_assignments, num_experts, block_m)
+    return Alignment(torch.empty(cap, dtype=torch.int32, device=device),
+                     torch.empty(triton.cdiv(cap, block_m), dtype=torch.int32, device=device),
+                     torch.empty(1, dtype=torch.int32, device=device), block_m)
+
+
+def checked_alignment(alignment: Alignment | None, topk_ids: torch.Tensor, num_experts: int,
+                      block_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The given alignment (after checking it was made for this block_m and these sizes), or
+    moe_align's of topk_ids."""
+    if alignment is None:
+        return moe_align(topk_ids.contiguous(), num_experts, block_m)
+    cap = padded_capacity(topk_ids.numel(), num_experts, block_m)
+    if alignment.block_m != block_m or alignment.sorted_ids.numel() != cap:
+        raise ValueError(f"the alignment was made for block_m {alignment.block_m} and {alignment.sorted_ids.numel()} "
+                         f"slots; the GEMMs run block_m {block_m} over {cap}")
+    return alignment.sorted_ids, alignment.block_expert, alignment.total
 
 
 def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor,
                                                                                torch.Tensor]:
     """(sorted_ids [cap] int32, block_expert [cap // block_m] int32, padded total [1] int32)."""
     n = topk_ids.numel()
-    cap = padded_capacity(n, num_experts, block_m)
     dev = topk_ids.device
-    sorted_ids = torch.empty(cap, dtype=torch.int32, device=dev)
-    block_expert = torch.empty(triton.cdiv(cap, block_m), dtype=torch.int32, device=dev)
-    total = torch.empty(1, dtype=torch.int32, device=dev)
+    sorted_ids, block_expert, total, _ = align_buffers(n, num_experts, block_m, dev)
     _moe_align_kernel[(num_experts,)](
         topk_ids.reshape(-1), sorted_ids, block_expert, total, n, num_experts,
         BLOCK_M=block_m, NUM_BINS=triton.next_power_of_2(num_experts + 1), CHUNK=1024 if n > 256 else 256,
@@ -551,11 +694,14 @@ def fused_moe_triton(
     tiles: MoETileConfig | None = None,
     foreign_experts: bool = False,
     sum_slots: bool = True,
+    alignment: Alignment | None = None,
 ) -> torch.Tensor:  # [T, H], or [T, K, H] with sum_slots=False
     """foreign_experts: some ids equal E, experts held by another rank (expert parallelism); the
     align kernel leaves them out (the spare bin) and their output rows stay zero.
     sum_slots=False: the weighted per-slot outputs [T, K, H], for a consumer that adds them up
-    itself (the next RMSNorm: layers/moe/layer.py), which saves the reduction's launch."""
+    itself (the next RMSNorm: layers/moe/layer.py), which saves the reduction's launch.
+    alignment: moe_align's outputs for topk_ids already made (triton_route_align), for the tiles'
+    block_m: the align launch is skipped."""
     num_tokens, hidden = x.shape
     num_experts, inter = w13.shape[0], w2.shape[2]
     top_k = topk_ids.shape[1]
@@ -566,7 +712,7 @@ def fused_moe_triton(
     x = x.contiguous()
     tiles = tiles or choose_tile_config(n, num_experts)
     bm = tiles.block_m
-    sorted_ids, block_expert, total = moe_align(topk_ids.contiguous(), num_experts, bm)
+    sorted_ids, block_expert, total = checked_alignment(alignment, topk_ids, num_experts, bm)
     num_pid_m = block_expert.shape[0]
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
     # The interpreter (the only way these kernels run on CPU tensors) multiplies bf16 dot operands

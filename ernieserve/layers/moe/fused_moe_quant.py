@@ -575,6 +575,7 @@ def fused_moe_quant_triton(
     scratch: DequantScratch | None = None,
     path: QuantMoEPath = QuantMoEPath.AUTO,
     sum_slots: bool = True,
+    alignment: fm.Alignment | None = None,
 ) -> torch.Tensor:  # [T, H]
     """The routed experts on quantized weights, by the path `choose_path` picks (or `path`: FUSED,
     DEQUANT, or GEMV, the decode kernels of moe_gemv.py, wint8 / wint4 only; `tiles` then are
@@ -586,18 +587,22 @@ def fused_moe_quant_triton(
     one; a forced DEQUANT without one allocates a temporary buffer).
     sum_slots=False: the per-slot outputs [T, K, H] unsummed where a path has them in the model
     dtype (fused_moe.combine_slots); paths whose down GEMM splits K still return the sum [T, H].
+    alignment: moe_align's outputs for topk_ids already made (fused_moe.triton_route_align) for
+    the FUSED and DEQUANT paths' block_m (choose_tile_config's); the GEMV path, whose block_m is its
+    own, aligns anew.
     """
     assert HAS_TRITON, "triton is not installed"
     if path is QuantMoEPath.AUTO:
         path = choose_path(x.shape[0], experts.scheme, scratch, grouped=experts.scale_group > 0)
     if path is QuantMoEPath.DEQUANT:
         scratch = scratch if scratch is not None else DequantScratch()
-        return _dequant_path(x, experts, topk_weights, topk_ids, scratch, tiles, foreign_experts, sum_slots)
+        return _dequant_path(x, experts, topk_weights, topk_ids, scratch, tiles, foreign_experts, sum_slots,
+                             alignment)
     if path is QuantMoEPath.GEMV:
         from ernieserve.layers.moe import moe_gemv  # it imports this module's kernels and types
 
         return moe_gemv.gemv_path(x, experts, topk_weights, topk_ids, tiles, foreign_experts, sum_slots)
-    return _fused_path(x, experts, topk_weights, topk_ids, tiles, foreign_experts, sum_slots)
+    return _fused_path(x, experts, topk_weights, topk_ids, tiles, foreign_experts, sum_slots, alignment)
 
 
 def _fused_path(
@@ -608,6 +613,7 @@ def _fused_path(
     tiles: QuantMoETiles | None,
     foreign_experts: bool,
     sum_slots: bool = True,
+    alignment: fm.Alignment | None = None,
 ) -> torch.Tensor:  # [T, H]
     """Weight tiles dequantized inside the grouped GEMMs: no scratch, graph-capturable."""
     num_tokens, hidden = x.shape
@@ -621,7 +627,7 @@ def _fused_path(
     group = experts.scale_group
     if group:
         assert group % t.gate_up.block_k == 0 and group % t.down.block_k == 0, "BLOCK_K must divide the scale group"
-    sorted_ids, block_expert, total = fm.moe_align(topk_ids.contiguous(), num_experts, t.block_m)
+    sorted_ids, block_expert, total = fm.checked_alignment(alignment, topk_ids, num_experts, t.block_m)
     num_pid_m = block_expert.shape[0]
     scheme = experts.scheme
     fp8 = scheme.is_fp8
@@ -690,6 +696,7 @@ def _dequant_path(
     tiles: QuantMoETiles | None,
     foreign_experts: bool,
     sum_slots: bool = True,
+    alignment: fm.Alignment | None = None,
 ) -> torch.Tensor:  # [T, H]
     """Dequantize w13 of the touched experts into the scratch, run fused_moe.py's gate/up GEMM,
     dequantize w2 into the same scratch, run its down GEMM, combine. No host sync."""
@@ -705,7 +712,7 @@ def _dequant_path(
     topk_ids = topk_ids.contiguous()
     t = fm.choose_tile_config(n, num_experts) if tiles is None else \
         fm.MoETileConfig(tiles.block_m, tiles.gate_up, tiles.down, tiles.group_m)
-    sorted_ids, block_expert, total = fm.moe_align(topk_ids, num_experts, t.block_m)
+    sorted_ids, block_expert, total = fm.checked_alignment(alignment, topk_ids, num_experts, t.block_m)
     num_pid_m = block_expert.shape[0]
     # experts with at least one assignment; slot E collects other ranks' experts (ignored)
     touched = torch.zeros(num_experts + 1, dtype=torch.int32, device=x.device)
