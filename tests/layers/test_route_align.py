@@ -16,7 +16,8 @@ from tests.kernels.interpreter import require_interpreter
 # Triton decides interpreter vs GPU code when a kernel is decorated: before ernieserve.layers.moe
 triton = require_interpreter()
 
-from ernieserve.layers.moe import RouterConfig  # noqa: E402
+from ernieserve.distributed.parallel_state import TPGroup  # noqa: E402
+from ernieserve.layers.moe import FusedMoE, MoEBlock, RouterConfig, TopKRouter  # noqa: E402
 from ernieserve.layers.moe import fused_moe as fm  # noqa: E402
 from tests.layers.test_router_kernel import counters_clean, peaked_inputs  # noqa: E402
 
@@ -97,3 +98,88 @@ def test_a_mismatched_alignment_is_refused() -> None:
     other = fm.align_buffers(2, 8, 32, torch.device("cpu"))
     with pytest.raises(ValueError, match="block_m"):
         fm.checked_alignment(other, ids, 8, 16)
+
+
+# ---- the MoE block, routed and aligned in one launch or in two --------------------------------------
+
+def folded_block(quantization: str | None = None, num_experts: int = 16, top_k: int = 4, hidden: int = 64,
+                 inter: int = 32) -> MoEBlock:
+    """ERNIE-like: fp32 gate with a score bias, bf16 experts, two shared experts folded in."""
+    from ernieserve.layers.quantization import parse_quantization
+    from ernieserve.layers.quantization.base import quantization_scope
+
+    g = torch.Generator().manual_seed(5)
+    cfg = ernie_cfg(num_experts, top_k)
+    with quantization_scope(parse_quantization(quantization) if quantization else None):
+        block = MoEBlock(TopKRouter(hidden, cfg, torch.bfloat16),
+                         FusedMoE(num_experts, top_k, hidden, inter, torch.bfloat16, TPGroup(0, 1), shared_slots=2))
+    block.gate.weight.data.copy_(torch.randn(num_experts, hidden, generator=g) / hidden**0.5)
+    block.gate.e_score_correction_bias.copy_(torch.randn(num_experts, generator=g) * 0.02)
+    experts = block.experts
+    for e in range(num_experts + 2):
+        for proj, shape in (("gate", (inter, hidden)), ("up", (inter, hidden)), ("down", (hidden, inter))):
+            w = (torch.randn(shape, generator=g) / shape[1] ** 0.5).to(torch.bfloat16)
+            experts.weight_loader(experts.w2 if proj == "down" else experts.w13, w, (e, proj))
+    experts.method.process_weights_after_loading(experts)
+    if quantization:
+        experts.expert_quant.triton = True  # as on CUDA: the Triton kernels, here through the interpreter
+    return block
+
+
+def run_block(block: MoEBlock, x: torch.Tensor, monkeypatch: pytest.MonkeyPatch, max_tokens: int) -> tuple[torch.Tensor, int]:
+    """The block's output with ERNIESERVE_ROUTE_ALIGN_MAX_TOKENS = max_tokens, on the CUDA code path
+    (CPU tensors reporting is_cuda: the Triton kernels run in the interpreter), and how many times
+    the experts launched the align kernel themselves."""
+    calls = []
+    real_align = fm.moe_align
+
+    def counting_align(*args, **kwargs):
+        calls.append(1)
+        return real_align(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+        m.setattr(fm, "moe_align", counting_align)
+        m.setenv("ERNIESERVE_ROUTE_ALIGN_MAX_TOKENS", str(max_tokens))
+        out = block(x)
+    return out, len(calls)
+
+
+@pytest.mark.parametrize("num_tokens", [1, 3, 8])
+def test_block_output_is_the_same_with_the_fused_alignment(monkeypatch: pytest.MonkeyPatch, num_tokens: int) -> None:
+    """bf16 experts on the Triton path: routing and aligning in the router's launch changes which
+    kernel writes the alignment, not a bit of the output; the experts' own align launch goes."""
+    block = folded_block()
+    x = torch.randn(num_tokens, 64, generator=torch.Generator().manual_seed(num_tokens)).to(torch.bfloat16)
+    assert fm.ROUTE_ALIGN_MAX_TOKENS == 0  # off by default: unmeasured on a GPU
+    off, off_aligns = run_block(block, x, monkeypatch, 0)
+    on, on_aligns = run_block(block, x, monkeypatch, 8)
+    assert (off_aligns, on_aligns) == (1, 0)
+    assert on.dtype == torch.bfloat16 and on.shape == (num_tokens, 64)
+    assert torch.equal(on, off)
+    assert torch.isfinite(off.float()).all() and off.abs().sum() > 0
+    # past the switch's token count the block aligns as before
+    _, aligns = run_block(block, x, monkeypatch, num_tokens - 1)
+    assert aligns == 1
+
+
+def test_quantized_block_output_is_the_same_with_the_fused_alignment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """wint8 experts (fused_moe_quant_triton's FUSED path) take the router's alignment too."""
+    block = folded_block("wint8")
+    x = torch.randn(2, 64, generator=torch.Generator().manual_seed(11)).to(torch.bfloat16)
+    off, off_aligns = run_block(block, x, monkeypatch, 0)
+    on, on_aligns = run_block(block, x, monkeypatch, 8)
+    assert (off_aligns, on_aligns) == (1, 0)
+    assert torch.equal(on, off)
+
+
+def test_expert_parallel_and_cpu_keep_the_separate_alignment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ERNIESERVE_ROUTE_ALIGN_MAX_TOKENS", "8")
+    x = torch.zeros(2, 16, dtype=torch.bfloat16)
+    one_rank = FusedMoE(8, 2, 16, 12, torch.bfloat16, TPGroup(0, 1))
+    assert one_rank.align_block_m(x) is None  # CPU: the torch reference, no alignment at all
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    assert one_rank.align_block_m(x) == fm.choose_tile_config(4, 8).block_m
+    ep = FusedMoE(8, 2, 16, 12, torch.bfloat16, TPGroup(0, 2), expert_parallel=True)
+    assert ep.align_block_m(x) is None
+    assert one_rank.align_block_m(torch.zeros(9, 16, dtype=torch.bfloat16)) is None  # past the switch

@@ -25,6 +25,7 @@ from torch import nn
 
 from ernieserve.distributed.parallel_state import SINGLE, TPGroup, scoped_expert_parallel
 from ernieserve.layers.linear import RowParallelLinear
+from ernieserve.layers.moe import fused_moe as fm
 from ernieserve.layers.moe.router import TopKRouter
 
 # HF per-expert names: "<prefix>.experts.<e>.<gate_proj|up_proj|down_proj>.weight"
@@ -119,16 +120,32 @@ class FusedMoE(nn.Module):
 
     # ---- compute --------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                sum_slots: bool = True) -> torch.Tensor:
+                sum_slots: bool = True, alignment: fm.Alignment | None = None) -> torch.Tensor:
         """x [T, H], topk_weights/ids [T, top_k] -> [T, H], the weighted sum of the routed experts.
 
         sum_slots=False (one rank only): may return the weighted outputs per slot [T, top_k, H]
-        instead, for a consumer that adds them up itself (MoEBlock.return_slot_partials)."""
+        instead, for a consumer that adds them up itself (MoEBlock.return_slot_partials).
+        alignment: moe_align's outputs for topk_ids at `align_block_m(x)`'s block_m, made by the
+        router (MoEBlock); only where that answered a block_m."""
         if self.expert_parallel:
+            assert alignment is None, "an alignment of the router's ids, not of this rank's local ones"
             topk_weights, topk_ids = self._local_routing(topk_weights, topk_ids)
         # Triton on CUDA, torch reference elsewhere
-        out = self.method.apply(self, x, topk_weights, topk_ids, sum_slots=sum_slots or self.tp.size > 1)
+        kw = {} if alignment is None else {"alignment": alignment}
+        out = self.method.apply(self, x, topk_weights, topk_ids, sum_slots=sum_slots or self.tp.size > 1, **kw)
         return self.tp.all_reduce(out) if self.reduce_results else out
+
+    def align_block_m(self, x: torch.Tensor) -> int | None:
+        """The block_m for which the router should also align the ids (fused_moe.triton_route_align)
+        of these tokens, or None: then the experts align them in a launch of their own. Only for
+        decode-sized batches on the Triton path (CUDA), up to fused_moe.route_align_max_tokens()
+        (off by default), without expert parallelism (whose local ids the router does not know)."""
+        num_tokens = x.shape[0]
+        slots = self.top_k + self.shared_slots
+        if (not x.is_cuda or not fm.HAS_TRITON or self.expert_parallel
+                or not num_tokens <= fm.route_align_max_tokens() or not fm.route_align_supported(num_tokens, slots)):
+            return None
+        return self.method.align_block_m(self, num_tokens, slots)
 
     def _local_routing(self, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Router ids -> this rank's expert slots. Assignments to other ranks' experts get the
@@ -180,10 +197,14 @@ class MoEBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[num_tokens, hidden] -> [num_tokens, hidden]."""
         # [num_tokens, top_k (+ folded shared experts)] each
-        topk_weights, topk_ids = self.gate(x, self.num_folded_shared)
+        block_m = self.experts.align_block_m(x)
+        if block_m is not None:  # decode: the router's launch also aligns the ids for the experts' GEMMs
+            topk_weights, topk_ids, alignment = self.gate.route_and_align(x, self.num_folded_shared, block_m)
+        else:
+            (topk_weights, topk_ids), alignment = self.gate(x, self.num_folded_shared), None
         # FusedMoE sums anyway on more than one rank (the all-reduce needs the sum)
         partials_ok = self.return_slot_partials and self.shared_experts is None
-        out = self.experts(x, topk_weights, topk_ids, sum_slots=not partials_ok)
+        out = self.experts(x, topk_weights, topk_ids, sum_slots=not partials_ok, alignment=alignment)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         if self.reduce_once:

@@ -17,9 +17,13 @@ take the gate GEMM, then `triton_select_experts` (softmax, bias, top-k and renor
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from ernieserve.layers.moe.fused_moe import Alignment
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +92,15 @@ class TopKRouter(nn.Module):
             ids = torch.cat([ids, extra.expand(ids.shape[0], num_shared)], dim=1)
             weights = torch.cat([weights, weights.new_ones(weights.shape[0], num_shared)], dim=1)
         return weights, ids
+
+    def route_and_align(self, x: torch.Tensor, num_shared: int,
+                        block_m: int) -> tuple[torch.Tensor, torch.Tensor, Alignment]:
+        """forward's (weights, ids) on CUDA at decode sizes, and moe_align's outputs for those ids
+        (experts and folded shared experts, at block_m) from the same launch: fused_moe.triton_route_align,
+        for the sizes fused_moe.route_align_supported takes (FusedMoE.align_block_m decides)."""
+        from ernieserve.layers.moe.fused_moe import triton_route_align
+
+        return triton_route_align(x, self.weight, self.cfg, self.e_score_correction_bias, num_shared, block_m)
 
     def load_score_bias(self, loaded: torch.Tensor) -> None:
         """HF stores the bias as [1, num_experts] (one expert group); accept any shape of that size."""

@@ -57,12 +57,21 @@ class MoEMethod(ABC):
 
     @abstractmethod
     def apply(self, layer: FusedMoE, x: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor, sum_slots: bool = True) -> torch.Tensor:
+              topk_ids: torch.Tensor, sum_slots: bool = True,
+              alignment: fm.Alignment | None = None) -> torch.Tensor:
         """x [T, H], routing [T, top_k] (ids of other ranks' experts = num_experts) -> [T, H].
 
         sum_slots=False lets the method return its weighted per-slot outputs [T, top_k, H] unsummed
         where it has them (the caller's next RMSNorm adds them up: layers/moe/layer.py); [T, H] is
-        always a valid answer."""
+        always a valid answer.
+        alignment: moe_align's outputs for topk_ids, made by the router (fused_moe.triton_route_align)
+        at the block_m `align_block_m` answered; given only where that was not None."""
+
+    def align_block_m(self, layer: FusedMoE, num_tokens: int, num_slots: int) -> int | None:
+        """The block_m the grouped GEMMs will align T tokens of num_slots ids each for, if they run
+        the Triton kernels of fused_moe.py / fused_moe_quant.py that take a precomputed alignment
+        (the caller has checked the device); None: they align themselves."""
+        return None
 
     def process_weights_after_loading(self, layer: FusedMoE) -> None:
         """Hook called by the loader once the checkpoint has streamed past."""
@@ -94,11 +103,18 @@ class UnquantizedMoEMethod(MoEMethod):
         dst.copy_(rows)
 
     def apply(self, layer: FusedMoE, x: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor, sum_slots: bool = True) -> torch.Tensor:
+              topk_ids: torch.Tensor, sum_slots: bool = True,
+              alignment: fm.Alignment | None = None) -> torch.Tensor:
         if x.is_cuda:
             return fm.fused_moe_triton(x, layer.w13, layer.w2, topk_weights, topk_ids,
-                                       foreign_experts=layer.expert_parallel, sum_slots=sum_slots)
+                                       foreign_experts=layer.expert_parallel, sum_slots=sum_slots,
+                                       alignment=alignment)
         return fm.fused_moe_ref(x, layer.w13, layer.w2, topk_weights, topk_ids)
+
+    def align_block_m(self, layer: FusedMoE, num_tokens: int, num_slots: int) -> int | None:
+        if not fm.HAS_TRITON:
+            return None
+        return fm.choose_tile_config(num_tokens * num_slots, layer.w13.shape[0]).block_m  # fused_moe_triton's
 
 
 # ---- quantized ----------------------------------------------------------------------------------
@@ -199,15 +215,27 @@ class QuantizedMoEMethod(MoEMethod, StreamingQuantMethod):
                          f"(e.g. {missing[:3]}); they cannot be quantized from a partial checkpoint.")
 
     def apply(self, layer: FusedMoE, x: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor, sum_slots: bool = True) -> torch.Tensor:
+              topk_ids: torch.Tensor, sum_slots: bool = True,
+              alignment: fm.Alignment | None = None) -> torch.Tensor:
         state: ExpertQuantState = layer.expert_quant
         if state.triton:
             # prefill-sized batches of wint4 take the dequant path (one pass into the shared
             # scratch, then the bf16 kernels); decode streams the quantized weights (fused_moe_quant.py)
             return fmq.fused_moe_quant_triton(x, state.experts, topk_weights, topk_ids,
                                               foreign_experts=layer.expert_parallel, scratch=state.scratch,
-                                              sum_slots=sum_slots)
+                                              sum_slots=sum_slots, alignment=alignment)
         return fmq.fused_moe_quant_ref(x, state.experts, topk_weights, topk_ids)
+
+    def align_block_m(self, layer: FusedMoE, num_tokens: int, num_slots: int) -> int | None:
+        state: ExpertQuantState = layer.expert_quant
+        experts = state.experts
+        if not state.triton:
+            return None
+        path = fmq.choose_path(num_tokens, experts.scheme, state.scratch, grouped=experts.scale_group > 0)
+        if path is fmq.QuantMoEPath.GEMV:  # its own block_m (moe_gemv.choose_gemv_tiles)
+            return None
+        # FUSED (choose_quant_tiles) and DEQUANT both align at choose_tile_config's block_m
+        return fm.choose_tile_config(num_tokens * num_slots, experts.num_experts).block_m
 
 
 def _check_shape(rows: torch.Tensor, expected: tuple[int, ...]) -> None:
