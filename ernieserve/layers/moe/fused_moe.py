@@ -11,7 +11,9 @@ whose size depends on the routing, so it can be captured in a CUDA graph:
    experts out one after another in a flat array padded per expert to a multiple of BLOCK_M,
    writes each assignment's index (token * top_k + slot) into its expert's segment
    (`sorted_ids`, padding = N), the expert of every BLOCK_M block (`block_expert`) and the padded
-   total. Sizes use the bound N + min(N, E) * (BLOCK_M - 1), known from shapes alone.
+   total. Sizes use the bound N + min(N, E) * (BLOCK_M - 1), known from shapes alone. At decode
+   sizes the router's launch can write the same outputs instead (`triton_route_align`, behind
+   ROUTE_ALIGN_MAX_TOKENS, off by default), and the GEMMs take them as `alignment`.
 2. `_gate_up_kernel`: grouped GEMM over those blocks. Each program gathers BLOCK_M token rows of
    x, multiplies by one expert's gate and up tiles (two accumulators sharing the A tile), applies
    silu(gate) * up in float32 and stores the activation in assignment order: `inter [N, I]`.
@@ -506,6 +508,9 @@ _ROUTE_COUNTER = -1
 # launch goes: ~1.9 us per MoE layer of an H100 21B-A3B decode step, 27 layers, if the last program's
 # extra work costs less). 0 = off, the default: not measured on a GPU yet. ERNIESERVE_ROUTE_ALIGN_MAX_TOKENS
 # overrides (read at each call, like the dense GEMV's switch); the slot cap below bounds it either way.
+# To measure: the batch-1 decode step of docs/performance.md's `bench latency` command with
+# ERNIESERVE_ROUTE_ALIGN_MAX_TOKENS=8 against 0, and the router's own time in a profile (its last
+# program now does more, and every program of the launch is compiled for that branch's registers).
 ROUTE_ALIGN_MAX_TOKENS = 0
 # At most this many padded slots (T rounded up to a power of two, times next_pow2(top_k + shared))
 # are aligned in the router: _align_rows compares every slot with every other, [64, 64] at most
