@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device session's measurements, stage by stage, each under its own time limit, logs to $OUT.
-# stages: tests dense densemixed mixedprof decodeprof serve moe moegemv sampling attn quant quantprof trace pdl ...
+# stages: tests dense densemixed mixedprof decodeprof serve moe moegemv sampling attn quant quantprof trace pdl switches
 # Every figure in docs/performance.md names the stage that produced it.
 # QUANT_METHODS (quant, quantprof stages): the --quantization methods to run, "none" = bf16
 #   (default "none wint8 wint4"; e.g. QUANT_METHODS="fp8 block_wise_fp8" on Hopper).
@@ -99,6 +99,20 @@ for stage in "$@"; do
                 ERNIESERVE_PDL=$v timeout 200 python3 -m ernieserve bench latency --model /tmp/ckpt-21b --load-format dummy \
                   --dtype bfloat16 --batch-size 1 --input-len 128 --output-len 64 --num-iters-warmup 1 --num-iters 3 \
                   --max-model-len 2048 --max-num-seqs 8 2>&1 | filter | grep -E -i "decode|prefill|mean|Captured|Error|error" | head -12
+              done
+            done ;;
+    # experimental switches A/B (environment variables), 21B-A3B batch-1 latency, one run per set and
+    # method, alternating: SWITCH_SETS="base;VAR=1;VAR=1 OTHER=8" ("base": none), QUANT_METHODS as quant
+    switches) [ -f /tmp/ckpt-21b/config.json ] || python3 -m ernieserve make-dummy --preset ernie-4.5-21b-a3b /tmp/ckpt-21b
+            IFS=';' read -r -a sets <<< "${SWITCH_SETS:-base}"
+            for q in ${QUANT_METHODS:-none}; do
+              extra=(); [ "$q" != none ] && extra=(--quantization "$q")
+              for set in "${sets[@]}"; do
+                envs=(); [ "$set" != base ] && read -r -a envs <<< "$set"
+                echo "--- $q: $set"
+                env "${envs[@]}" timeout 200 python3 -m ernieserve bench latency --model /tmp/ckpt-21b --load-format dummy \
+                  --dtype bfloat16 --batch-size 1 --input-len 128 --output-len 64 --num-iters-warmup 1 --num-iters 3 \
+                  --max-model-len 2048 --max-num-seqs 8 "${extra[@]}" 2>&1 | filter | grep -E -i "decode step|  mean|Error|error" | head -6
               done
             done ;;
     *)      echo "unknown stage '$stage' (the stages are listed at the top of $0)"; exit 2 ;;

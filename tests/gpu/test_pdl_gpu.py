@@ -40,6 +40,7 @@ from ernieserve.kernels.activation import silu_and_mul  # noqa: E402
 from ernieserve.kernels.fused_norm import rms_norm  # noqa: E402
 from ernieserve.kernels.paged_attention import paged_attention_decode  # noqa: E402
 from ernieserve.kernels.rotary import apply_rotary_and_store_kv_  # noqa: E402
+from ernieserve.layers.moe import fused_moe as fm  # noqa: E402
 from ernieserve.layers.moe.fused_moe import fused_moe_triton, triton_route  # noqa: E402
 from ernieserve.layers.moe.router import RouterConfig  # noqa: E402
 
@@ -129,8 +130,10 @@ class Layer:
         rows = torch.arange(self.tokens, device=DEV)
         self.slots.copy_(self.block_tables[rows, pos // BLOCK_SIZE].long() * BLOCK_SIZE + pos % BLOCK_SIZE)
 
-    def step(self, cache: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The decode path of one layer; returns every intermediate worth comparing."""
+    def step(self, cache: torch.Tensor, moe_alignment: str = "align") -> dict[str, torch.Tensor]:
+        """The decode path of one layer; returns every intermediate worth comparing. moe_alignment:
+        "align" (the experts' own align launch), "router" (the router's last program aligns:
+        triton_route_align), "static" (one GEMM block per assignment: per_assignment_alignment)."""
         t = self.tokens
         k_cache, v_cache = cache.unbind(0)
         h, res1 = rms_norm(self.x, self.ln1, EPS, residual=self.res)
@@ -142,8 +145,17 @@ class Layer:
                                       NUM_SPLITS, scratch=self.scratch)
         o = gemv(attn.view(t, HEADS * HEAD_DIM), self.wo)
         h2, res2 = rms_norm(o, self.ln2, EPS, residual=res1)
-        weights, ids = triton_route(h2, self.gate, self.router, self.bias, SHARED)
-        slots = fused_moe_triton(h2, self.w13, self.w2, weights, ids, sum_slots=False)
+        alignment = None
+        if moe_alignment == "router":
+            block_m = fm.choose_tile_config(t * (TOP_K + SHARED), EXPERTS + SHARED).block_m
+            weights, ids, alignment = fm.triton_route_align(h2, self.gate, self.router, self.bias, SHARED, block_m)
+        else:
+            weights, ids = triton_route(h2, self.gate, self.router, self.bias, SHARED)
+            if moe_alignment == "static":
+                block_m = fm.choose_tile_config(t * (TOP_K + SHARED), EXPERTS + SHARED).block_m
+                alignment = fm.per_assignment_alignment(ids, EXPERTS + SHARED, block_m)
+                assert alignment is not None
+        slots = fused_moe_triton(h2, self.w13, self.w2, weights, ids, sum_slots=False, alignment=alignment)
         h3, res3 = rms_norm(slots, self.ln3, EPS, residual=res2)
         act = silu_and_mul(h3)
         return {"h": h, "res1": res1, "q": q, "attn": attn, "o": o, "h2": h2, "weights": weights, "ids": ids,
@@ -203,6 +215,35 @@ def test_decode_layer_chain_pdl_matches_plain_eager_and_in_graphs(tokens: int) -
         graphs[True][0].replay()  # twice: every counter must be back at zero, every input re-read
         torch.cuda.synchronize()
         _assert_same(graphs[True][1], graphs[False][1], f"graph replay {seed}")
+
+
+@pytest.mark.parametrize("tokens,moe_alignment,down_early", [
+    (1, "static", False), (1, "static", True), (4, "static", True), (1, "router", False), (8, "router", True),
+    (1, "align", True), (4, "align", True)])
+def test_decode_layer_chain_moe_shortcuts_keep_the_bits(tokens: int, moe_alignment: str, down_early: bool,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The MoE layer's launch savings (one GEMM block per assignment, the router aligning, the down
+    GEMM reading its routing before the PDL wait) against the plain chain without PDL, eager: the
+    same bits, eager and over 20 back-to-back replays of a PDL graph on fresh inputs."""
+    layer = Layer(tokens, seed=3)
+    layer.new_inputs(0)
+    caches = {on: layer.cache0.clone() for on in (False, True)}
+    with pdl.override(False):
+        want = _snapshot(layer.step(caches[False]))
+    monkeypatch.setattr(fm, "down_early", lambda: down_early)
+    with pdl.override(True):
+        got = _snapshot(layer.step(caches[True], moe_alignment))
+        torch.cuda.synchronize()
+        _assert_same(got, want, "eager")
+        graph, out = _capture(functools.partial(layer.step, caches[True], moe_alignment))
+    for seed in range(1, 21):
+        layer.new_inputs(seed)
+        with pdl.override(False):
+            want = _snapshot(layer.step(caches[False]))
+        graph.replay()
+        graph.replay()
+        torch.cuda.synchronize()
+        _assert_same(out, want, f"graph replay {seed}")
 
 
 def test_fused_moe_pdl_graph_many_replays() -> None:

@@ -458,6 +458,22 @@ def run_cases(s: Session) -> None:
         weights, ids = routing(tokens)
         with s.in_case(f"fused_moe_triton bf16 T={tokens}"):
             fm.fused_moe_triton(zeros(tokens, H), w13, w2, weights, ids)
+    # the down GEMM reading its block's routing before the PDL wait (ERNIESERVE_MOE_DOWN_EARLY), and
+    # one GEMM block per assignment (ERNIESERVE_MOE_STATIC_ALIGN_MAX_TOKENS: the alignment is given)
+    real_down_early = fm.down_early
+    fm.down_early = lambda: True
+    try:
+        weights, ids = routing(1)
+        with s.in_case("fused_moe_triton bf16 T=1 down early, one block per assignment"):
+            fm.fused_moe_triton(zeros(1, H), w13, w2, weights, ids,
+                                alignment=fm.per_assignment_alignment(ids, E, fm.choose_tile_config(top_k, E).block_m))
+        for scheme in (fmq.ExpertScheme.WINT8, fmq.ExpertScheme.WINT4):
+            experts = fmq.QuantizedExperts.empty(scheme, 0, E, H, I, cpu)
+            t = fmq.choose_quant_tiles(top_k, E, experts, cuda)
+            with s.in_case(f"fused_moe_quant_triton fused {scheme.value} g0 T=1 down early"):
+                fmq.fused_moe_quant_triton(zeros(1, H), experts, weights, ids, t, path=fmq.QuantMoEPath.FUSED)
+    finally:
+        fm.down_early = real_down_early
     weights, ids = routing(4)
     with s.in_case("fused_moe_triton bf16 foreign_experts"):
         fm.fused_moe_triton(zeros(4, H), w13, w2, weights, ids, foreign_experts=True)

@@ -126,8 +126,10 @@ def folded_block(quantization: str | None = None, num_experts: int = 16, top_k: 
     return block
 
 
-def run_block(block: MoEBlock, x: torch.Tensor, monkeypatch: pytest.MonkeyPatch, max_tokens: int) -> tuple[torch.Tensor, int]:
-    """The block's output with ERNIESERVE_ROUTE_ALIGN_MAX_TOKENS = max_tokens, on the CUDA code path
+def run_block(block: MoEBlock, x: torch.Tensor, monkeypatch: pytest.MonkeyPatch, max_tokens: int,
+              static_max_tokens: int = 0) -> tuple[torch.Tensor, int]:
+    """The block's output with route_align_max_tokens() = max_tokens (and static_align_max_tokens()
+    = static_max_tokens), on the CUDA code path
     (CPU tensors reporting is_cuda: the Triton kernels run in the interpreter), and how many times
     the experts launched the align kernel themselves."""
     calls = []
@@ -140,7 +142,8 @@ def run_block(block: MoEBlock, x: torch.Tensor, monkeypatch: pytest.MonkeyPatch,
     with monkeypatch.context() as m:
         m.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
         m.setattr(fm, "moe_align", counting_align)
-        m.setenv("ERNIESERVE_ROUTE_ALIGN_MAX_TOKENS", str(max_tokens))
+        m.setattr(fm, "route_align_max_tokens", lambda: max_tokens)
+        m.setattr(fm, "static_align_max_tokens", lambda: static_max_tokens)
         out = block(x)
     return out, len(calls)
 
@@ -174,7 +177,7 @@ def test_quantized_block_output_is_the_same_with_the_fused_alignment(monkeypatch
 
 
 def test_expert_parallel_and_cpu_keep_the_separate_alignment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("ERNIESERVE_ROUTE_ALIGN_MAX_TOKENS", "8")
+    monkeypatch.setattr(fm, "route_align_max_tokens", lambda: 8)
     x = torch.zeros(2, 16, dtype=torch.bfloat16)
     one_rank = FusedMoE(8, 2, 16, 12, torch.bfloat16, TPGroup(0, 1))
     assert one_rank.align_block_m(x) is None  # CPU: the torch reference, no alignment at all

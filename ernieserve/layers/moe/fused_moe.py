@@ -424,19 +424,48 @@ if HAS_TRITON:
         out_ptrs = out_ptr + ids[:, None].to(tl.int64) * I + offs_n[None, :]
         tl.store(out_ptrs, act.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
+    @triton.jit
+    def _down_block(total_ptr, block_expert_ptr, sorted_ptr, weights_ptr, pid_m, N,
+                    BLOCK_M: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr):
+        """Block pid_m of a down GEMM, read around the PDL wait (which this runs, on every program):
+        (live: the block is below the padded total, expert, assignment ids [BLOCK_M] (N = padding),
+        their routing weights fp32).
+
+        EARLY: read before the wait. The down GEMM's alignment and routing weights were written at
+        least two launches back (align or router, then the gate/up GEMM): a PDL kernel lets the
+        next one launch only after its own wait (kernels/pdl.py), so when this kernel's programs
+        run, every kernel before the previous one has completed. The loads bypass L1 (.cg). The
+        gate/up GEMM, which runs right after the alignment, must wait first."""
+        offs = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        if EARLY:
+            total = tl.load(total_ptr, cache_modifier=".cg")
+            expert = tl.load(block_expert_ptr + pid_m, cache_modifier=".cg")  # in bounds; unused past total
+            # total is a multiple of BLOCK_M: a block's rows are all below it or none is
+            ids = tl.load(sorted_ptr + offs, mask=offs < total, other=N, cache_modifier=".cg")
+            wt = tl.load(weights_ptr + ids, mask=ids < N, other=0.0, cache_modifier=".cg")
+            pdl_wait(PDL)
+        else:
+            pdl_wait(PDL)
+            total = tl.load(total_ptr)
+            expert = tl.load(block_expert_ptr + pid_m)
+            ids = tl.load(sorted_ptr + offs, mask=offs < total, other=N)
+            wt = tl.load(weights_ptr + ids, mask=ids < N, other=0.0)
+        return pid_m * BLOCK_M < total, expert.to(tl.int64), ids, wt
+
     @triton.jit(do_not_specialize=["N", "num_pid_m"])
     def _down_kernel(
         a_ptr, w_ptr, out_ptr, weights_ptr, sorted_ptr, block_expert_ptr, total_ptr,
         N, H, I, num_pid_m, stride_we, stride_wn,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, PDL: tl.constexpr = False,
+        EARLY: tl.constexpr = False,
     ):
         pid_m, pid_n = _block_coords(num_pid_m, tl.cdiv(H, BLOCK_N), GROUP_M)
-        pdl_wait(PDL)  # before the padded total, on every program (see _gate_up_kernel)
-        if pid_m * BLOCK_M >= tl.load(total_ptr):
+        # the wait comes before the padded total's test, on every program (see _gate_up_kernel)
+        live, expert, ids, wt = _down_block(total_ptr, block_expert_ptr, sorted_ptr, weights_ptr, pid_m, N,
+                                            BLOCK_M, PDL, EARLY)
+        if not live:
             return
-        expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
-        ids = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
         row_ok = ids < N
         rows = ids.to(tl.int64)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -454,7 +483,7 @@ if HAS_TRITON:
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K
-        acc *= tl.load(weights_ptr + rows, mask=row_ok, other=0.0)[:, None]
+        acc *= wt[:, None]  # the routing weight
         out_ptrs = out_ptr + rows[:, None] * H + offs_n[None, :]
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
@@ -518,8 +547,62 @@ ROUTE_ALIGN_MAX_TOKENS = 0
 ROUTE_ALIGN_MAX_SLOTS = 64
 
 
+@functools.cache  # asked by every MoE layer of every step: read the environment once
 def route_align_max_tokens() -> int:
     return int(os.environ.get("ERNIESERVE_ROUTE_ALIGN_MAX_TOKENS", ROUTE_ALIGN_MAX_TOKENS))
+
+
+# Token counts up to which MoEBlock gives the grouped GEMMs one block per assignment instead of
+# sorting the assignments by expert (`per_assignment_alignment`): no align launch at all, and no
+# routing work in the router's last program either. Exact at any count (each block computes its one
+# assignment's row), but an expert picked by several tokens is then read once per token: meant for
+# one token, whose top-k experts (and folded shared ones) are all distinct. 0 = off, the default
+# until measured on a GPU; ERNIESERVE_MOE_STATIC_ALIGN_MAX_TOKENS overrides. Taken before the
+# router-side alignment (ROUTE_ALIGN_MAX_TOKENS) where both apply.
+STATIC_ALIGN_MAX_TOKENS = 0
+
+
+@functools.cache
+def static_align_max_tokens() -> int:
+    return int(os.environ.get("ERNIESERVE_MOE_STATIC_ALIGN_MAX_TOKENS", STATIC_ALIGN_MAX_TOKENS))
+
+
+# Whether the down GEMMs (bf16 and quantized) read their block's alignment, routing weights and
+# (per-channel) weight scales before the PDL wait, while the gate/up GEMM still runs (`_down_block`).
+# Off by default until measured on a GPU; ERNIESERVE_MOE_DOWN_EARLY=1 turns it on. It pays with PDL
+# only; without it every earlier kernel has completed when the GEMM starts, and the order is moot.
+DOWN_EARLY = False
+
+
+@functools.cache
+def down_early() -> bool:
+    value = os.environ.get("ERNIESERVE_MOE_DOWN_EARLY")
+    return DOWN_EARLY if value is None else value.strip().lower() not in ("0", "false", "no", "off", "")
+
+
+@functools.lru_cache(maxsize=64)
+def _one_block_each(num_assignments: int, block_m: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sorted_ids [n * block_m]: assignment m at the head of block m, the rest padding (= n);
+    padded total [1] = n * block_m), int32. Built with device ops, so also inside a graph capture."""
+    n = num_assignments
+    sorted_ids = torch.full((n, block_m), n, dtype=torch.int32, device=device)
+    sorted_ids[:, 0] = torch.arange(n, dtype=torch.int32, device=device)
+    total = torch.full((1,), n * block_m, dtype=torch.int32, device=device)
+    return sorted_ids.view(-1), total
+
+
+def per_assignment_alignment(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Alignment | None:
+    """An alignment of topk_ids [T, K] (int32, contiguous) with one block of block_m rows per
+    assignment, in assignment order: block m holds assignment m alone, and its expert is simply
+    topk_ids' m-th entry, so `block_expert` is a view of the router's output and the rest is
+    static. The same capacity as moe_align's where T * K <= E (else None): the GEMMs' grids and
+    checks do not change. Results equal the sorted layout's bit for bit (a row's sums do not depend
+    on the other rows of its block)."""
+    n = topk_ids.numel()
+    if n == 0 or n > num_experts or topk_ids.dtype != torch.int32 or not topk_ids.is_contiguous():
+        return None
+    sorted_ids, total = _one_block_each(n, block_m, topk_ids.device)
+    return Alignment(sorted_ids, topk_ids.view(-1), total, block_m)
 
 
 def route_align_supported(num_tokens: int, num_slots: int) -> bool:
@@ -740,7 +823,8 @@ def fused_moe_triton(
         act, w2, per_slot, topk_weights.float().contiguous(), sorted_ids, block_expert, total,
         n, hidden, inter, num_pid_m, w2.stride(0), w2.stride(1),
         BLOCK_M=bm, BLOCK_N=t2.block_n, BLOCK_K=t2.block_k, GROUP_M=tiles.group_m,
-        DOT_PRECISION=precision, DOT_FP32=dot_fp32, num_warps=t2.num_warps, num_stages=t2.num_stages, **pdl)
+        DOT_PRECISION=precision, DOT_FP32=dot_fp32, num_warps=t2.num_warps, num_stages=t2.num_stages,
+        EARLY=down_early(), **pdl)
     return combine_slots(per_slot, num_tokens, top_k, sum_slots)
 
 

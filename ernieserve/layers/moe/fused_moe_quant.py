@@ -71,7 +71,7 @@ if HAS_TRITON:
 
     from ernieserve.kernels.pdl import pdl_wait
     from ernieserve.kernels.quant_matmul import int4_values as _int4_values
-    from ernieserve.layers.moe.fused_moe import _block_coords
+    from ernieserve.layers.moe.fused_moe import _block_coords, _down_block
 
 FP8_BLOCK = f8.SCALE_BLOCK  # 128
 
@@ -466,6 +466,9 @@ if HAS_TRITON:
         sg_ptrs = s_base + (offs_n // SCALE_ROWS) * stride_wsn  # [BLOCK_N]
         su_ptrs = s_base + (up_scale_row + offs_n // SCALE_ROWS) * stride_wsn
         as_ptrs = as_ptr + tokens * stride_ast  # [BLOCK_M] (fp8: activation scales)
+        if SCALE_GROUP == 0:  # per output channel: loaded ahead of the K loop, used after it
+            sg_out = tl.load(sg_ptrs, mask=n_ok, other=0.0)[None, :]
+            su_out = tl.load(su_ptrs, mask=n_ok, other=0.0)[None, :]
         acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, H, BLOCK_K):
@@ -491,8 +494,8 @@ if HAS_TRITON:
                 acc_u = _dot_q(a0, a1, u_cols, k0, H, n_ok, acc_u, KIND, BLOCK_K, DOT_FP32, PRECISION,
                                EVEN_K, INLINE_ASM)
         if SCALE_GROUP == 0:  # one scale per output channel (and per token for fp8)
-            sg = tl.load(sg_ptrs, mask=n_ok, other=0.0)[None, :]
-            su = tl.load(su_ptrs, mask=n_ok, other=0.0)[None, :]
+            sg = sg_out
+            su = su_out
             if A_SCALED:
                 sa = tl.load(as_ptrs, mask=row_ok, other=0.0)[:, None]
                 sg = sg * sa
@@ -511,15 +514,16 @@ if HAS_TRITON:
         KIND: tl.constexpr, SCALE_GROUP: tl.constexpr, SCALE_ROWS: tl.constexpr, A_SCALED: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
         DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr = False,
-        INLINE_ASM: tl.constexpr = False, PDL: tl.constexpr = False,
+        INLINE_ASM: tl.constexpr = False, PDL: tl.constexpr = False, EARLY: tl.constexpr = False,
     ):
         pid_m, pid_n = _block_coords(num_pid_m, tl.cdiv(H, BLOCK_N), GROUP_M)
         pid_k = tl.program_id(1)
-        pdl_wait(PDL)  # before the padded total, on every program (see _gate_up_quant_kernel)
-        if pid_m * BLOCK_M >= tl.load(total_ptr):
+        # the wait comes before the padded total's test, on every program (see _gate_up_quant_kernel);
+        # EARLY: the block's routing is read before it (fused_moe._down_block)
+        live, expert, ids, wt = _down_block(total_ptr, block_expert_ptr, sorted_ptr, weights_ptr, pid_m, N,
+                                            BLOCK_M, PDL, EARLY)
+        if not live:
             return
-        expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
-        ids = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
         row_ok = ids < N
         rows = ids.to(tl.int64)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -527,6 +531,8 @@ if HAS_TRITON:
         a_rows = a_ptr + rows[:, None] * stride_am  # rows of inter [N, I], assignment order
         w_cols = w_ptr + expert * stride_we + offs_n[None, :].to(tl.int64) * stride_wn
         s_ptrs = ws_ptr + expert * stride_wse + (offs_n // SCALE_ROWS) * stride_wsn
+        if SCALE_GROUP == 0:  # per output channel: static, loaded ahead of the K loop
+            s_out = tl.load(s_ptrs, mask=n_ok, other=0.0)[None, :]
         as_ptrs = as_ptr + rows * stride_asm
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         k_begin = pid_k * k_per_split
@@ -546,11 +552,11 @@ if HAS_TRITON:
                 acc = _dot_q(a0, a1, w_cols, k0, I, n_ok, acc, KIND, BLOCK_K, DOT_FP32, PRECISION,
                                EVEN_K, INLINE_ASM)
         if SCALE_GROUP == 0:
-            s = tl.load(s_ptrs, mask=n_ok, other=0.0)[None, :]
+            s = s_out
             if A_SCALED:
                 s = s * tl.load(as_ptrs, mask=row_ok, other=0.0)[:, None]
             acc = acc * s
-        acc *= tl.load(weights_ptr + rows, mask=row_ok, other=0.0)[:, None]  # routing weight
+        acc *= wt[:, None]  # routing weight
         out_ptrs = out_ptr + pid_k * stride_os + rows[:, None] * H + offs_n[None, :]
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
@@ -669,7 +675,7 @@ def _fused_path(
         KIND=kind, SCALE_GROUP=group, SCALE_ROWS=scale_rows, A_SCALED=fp8,
         BLOCK_M=t.block_m, BLOCK_N=d.block_n, BLOCK_K=d.block_k, GROUP_M=t.group_m,
         DOT_FP32=dot_fp32, PRECISION=precision, EVEN_K=inter % d.block_k == 0, INLINE_ASM=inline_asm,
-        num_warps=d.num_warps, num_stages=d.num_stages, **pdl)
+        num_warps=d.num_warps, num_stages=d.num_stages, EARLY=fm.down_early(), **pdl)
     if split == 1:
         return fm.combine_slots(per_slot, num_tokens, top_k, sum_slots)
     # K splits and top-k slots in one fixed-order reduction

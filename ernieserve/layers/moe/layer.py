@@ -141,11 +141,32 @@ class FusedMoE(nn.Module):
         decode-sized batches on the Triton path (CUDA), up to fused_moe.route_align_max_tokens()
         (off by default), without expert parallelism (whose local ids the router does not know)."""
         num_tokens = x.shape[0]
-        slots = self.top_k + self.shared_slots
-        if (not x.is_cuda or not fm.HAS_TRITON or self.expert_parallel
-                or not num_tokens <= fm.route_align_max_tokens() or not fm.route_align_supported(num_tokens, slots)):
+        if not num_tokens <= fm.route_align_max_tokens() or not fm.route_align_supported(num_tokens, self.num_slots):
             return None
-        return self.method.align_block_m(self, num_tokens, slots)
+        return self._triton_block_m(x)
+
+    def static_alignment(self, x: torch.Tensor, topk_ids: torch.Tensor) -> fm.Alignment | None:
+        """One GEMM block per assignment (fused_moe.per_assignment_alignment) for batches of up to
+        fused_moe.static_align_max_tokens() tokens on the Triton path: no align launch. None where
+        it does not apply (then the experts align the ids themselves)."""
+        if not 0 < x.shape[0] <= fm.static_align_max_tokens():
+            return None
+        block_m = self._triton_block_m(x)
+        if block_m is None:
+            return None
+        return fm.per_assignment_alignment(topk_ids, self.num_local_experts, block_m)
+
+    @property
+    def num_slots(self) -> int:
+        """Ids per token: the routed top-k and the folded shared experts."""
+        return self.top_k + self.shared_slots
+
+    def _triton_block_m(self, x: torch.Tensor) -> int | None:
+        """The grouped GEMMs' block_m for x's tokens where they run the Triton kernels that take a
+        precomputed alignment (CUDA, no expert parallelism); else None."""
+        if not x.is_cuda or not fm.HAS_TRITON or self.expert_parallel:
+            return None
+        return self.method.align_block_m(self, x.shape[0], self.num_slots)
 
     def _local_routing(self, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Router ids -> this rank's expert slots. Assignments to other ranks' experts get the
@@ -197,11 +218,14 @@ class MoEBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[num_tokens, hidden] -> [num_tokens, hidden]."""
         # [num_tokens, top_k (+ folded shared experts)] each
-        block_m = self.experts.align_block_m(x)
+        static = 0 < x.shape[0] <= fm.static_align_max_tokens()
+        block_m = None if static else self.experts.align_block_m(x)
         if block_m is not None:  # decode: the router's launch also aligns the ids for the experts' GEMMs
             topk_weights, topk_ids, alignment = self.gate.route_and_align(x, self.num_folded_shared, block_m)
         else:
-            (topk_weights, topk_ids), alignment = self.gate(x, self.num_folded_shared), None
+            topk_weights, topk_ids = self.gate(x, self.num_folded_shared)
+            # one token: a GEMM block per assignment, no alignment to compute
+            alignment = self.experts.static_alignment(x, topk_ids) if static else None
         # FusedMoE sums anyway on more than one rank (the all-reduce needs the sum)
         partials_ok = self.return_slot_partials and self.shared_experts is None
         out = self.experts(x, topk_weights, topk_ids, sum_slots=not partials_ok, alignment=alignment)
