@@ -26,16 +26,16 @@ kernels with the most device time, `ERNIESERVE_PROFILE_ROWS` of them (20), and t
 `ERNIESERVE_PROFILE_TRACE=FILE.json` also writes the timeline for `benchmarks/trace_gaps.py`),
 `ERNIESERVE_DENSE_GEMV_MAX_TOKENS=0` (turns off the one-row decode GEMV of `kernels/gemv.py`, which
 loads its weight before the PDL wait; cuBLAS or the int GEMM then),
-`ERNIESERVE_ROUTE_ALIGN_MAX_TOKENS=N` (experimental, default 0 = off, not yet measured on a GPU: MoE
+`ERNIESERVE_ROUTE_ALIGN_MAX_TOKENS=N` (experimental, default 0 = off; broken on the GPU past one
+token: its first H100 run hit an illegal memory access at 8 tokens. MoE
 layers with up to N tokens, at most 8 for ERNIE-21B's 6 + 2 slots, let the router's last program also
 write the expert alignment, `fused_moe.triton_route_align`, instead of a separate `_moe_align_kernel`
 launch; one rank or tensor parallel, not expert parallel),
-`ERNIESERVE_MOE_STATIC_ALIGN_MAX_TOKENS=N` (experimental, default 0 = off until measured: MoE layers
-with up to N tokens give the grouped GEMMs one block per expert assignment,
-`fused_moe.per_assignment_alignment`, so no alignment is computed at all; meant for N = 1, taken
-before the router-side alignment),
-`ERNIESERVE_MOE_DOWN_EARLY=1` (experimental, default off until measured: the MoE down GEMMs read their
-block's routing, routing weights and scales before the PDL wait, `fused_moe._down_block`),
+`ERNIESERVE_MOE_STATIC_ALIGN_MAX_TOKENS=N` (default 1; 0 = off: MoE layers with up to N tokens give
+the grouped GEMMs one block per expert assignment, `fused_moe.per_assignment_alignment`, so no
+alignment is computed at all; taken before the router-side alignment),
+`ERNIESERVE_MOE_DOWN_EARLY=0` (default on: the MoE down GEMMs read their block's routing, routing
+weights and scales before the PDL wait, `fused_moe._down_block`),
 `ERNIESERVE_PDL=0` (turns off programmatic dependent launch, on by default on sm_90+: the decode
 path's Triton kernels may start while the previous kernel finishes, also inside CUDA graphs; see
 `ernieserve/kernels/pdl.py`).

@@ -51,7 +51,7 @@ def test_block_output_is_the_same_without_the_align_launch(monkeypatch: pytest.M
     """The folded-shared ERNIE-like block (16 experts, top-4, 2 shared): with the static layout the
     experts launch no align kernel and the output keeps its bits. At 3 tokens the shared experts
     are picked by every token: their weights are read once per token, the sums stay the same."""
-    assert fm.STATIC_ALIGN_MAX_TOKENS == 0  # off by default until measured on a GPU
+    assert fm.STATIC_ALIGN_MAX_TOKENS == 1 and fm.DOWN_EARLY  # on by default (measured on an H100)
     block = folded_block(quantization)
     x = torch.randn(num_tokens, 64, generator=torch.Generator().manual_seed(3 + num_tokens)).to(torch.bfloat16)
     off, off_aligns = run_block(block, x, monkeypatch, 0, static_max_tokens=0)

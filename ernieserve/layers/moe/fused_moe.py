@@ -535,7 +535,9 @@ _ROUTE_COUNTER = -1
 # Token counts up to which MoEBlock routes and aligns in one launch (triton_route_align: the router's
 # last program, which holds every id in registers, also writes moe_align's outputs, so the align
 # launch goes: ~1.9 us per MoE layer of an H100 21B-A3B decode step, 27 layers, if the last program's
-# extra work costs less). 0 = off, the default: not measured on a GPU yet. ERNIESERVE_ROUTE_ALIGN_MAX_TOKENS
+# extra work costs less). 0 = off, the default. NOT FOR USE YET: its first GPU run (H100, 883866a) hit an
+# illegal memory access at 8 tokens (1 token passed); one token is served by STATIC_ALIGN_MAX_TOKENS
+# below without any alignment work. ERNIESERVE_ROUTE_ALIGN_MAX_TOKENS
 # overrides (read at each call, like the dense GEMV's switch); the slot cap below bounds it either way.
 # To measure: the batch-1 decode step of docs/performance.md's `bench latency` command with
 # ERNIESERVE_ROUTE_ALIGN_MAX_TOKENS=8 against 0, and the router's own time in a profile (its last
@@ -556,10 +558,10 @@ def route_align_max_tokens() -> int:
 # sorting the assignments by expert (`per_assignment_alignment`): no align launch at all, and no
 # routing work in the router's last program either. Exact at any count (each block computes its one
 # assignment's row), but an expert picked by several tokens is then read once per token: meant for
-# one token, whose top-k experts (and folded shared ones) are all distinct. 0 = off, the default
-# until measured on a GPU; ERNIESERVE_MOE_STATIC_ALIGN_MAX_TOKENS overrides. Taken before the
-# router-side alignment (ROUTE_ALIGN_MAX_TOKENS) where both apply.
-STATIC_ALIGN_MAX_TOKENS = 0
+# one token, whose top-k experts (and folded shared ones) are all distinct. H100, 21B-A3B batch-1
+# decode (docs/performance.md): 3.078 -> 3.045 ms in bf16. ERNIESERVE_MOE_STATIC_ALIGN_MAX_TOKENS
+# overrides (0 = off). Taken before the router-side alignment (ROUTE_ALIGN_MAX_TOKENS) where both apply.
+STATIC_ALIGN_MAX_TOKENS = 1
 
 
 @functools.cache
@@ -569,9 +571,11 @@ def static_align_max_tokens() -> int:
 
 # Whether the down GEMMs (bf16 and quantized) read their block's alignment, routing weights and
 # (per-channel) weight scales before the PDL wait, while the gate/up GEMM still runs (`_down_block`).
-# Off by default until measured on a GPU; ERNIESERVE_MOE_DOWN_EARLY=1 turns it on. It pays with PDL
-# only; without it every earlier kernel has completed when the GEMM starts, and the order is moot.
-DOWN_EARLY = False
+# H100, 21B-A3B batch-1 decode with the one-block-per-assignment layout: 3.045 -> 3.015 ms in bf16;
+# with both, wint4 1.900 -> 1.809 ms and wint8 2.368 -> 2.277 ms (docs/performance.md). On by default;
+# ERNIESERVE_MOE_DOWN_EARLY=0 turns it off. It pays with PDL only; without it every earlier kernel has
+# completed when the GEMM starts, and the order is moot.
+DOWN_EARLY = True
 
 
 @functools.cache
