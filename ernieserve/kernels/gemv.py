@@ -131,6 +131,32 @@ def use_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 if HAS_TRITON:
 
+    @triton.jit
+    def _weight_slice(w_rows, n_ok, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr):
+        """A program's rows of W, [BLOCK_N, K] as chunks of K1, K2, K3 columns (w1, w2, w3; an absent
+        chunk is w1 again, never read)."""
+        w1 = tl.load(w_rows + tl.arange(0, K1)[None, :], mask=n_ok[:, None])
+        w2 = w1
+        w3 = w1
+        if K2 > 0:
+            w2 = tl.load(w_rows + K1 + tl.arange(0, K2)[None, :], mask=n_ok[:, None])
+        if K3 > 0:
+            w3 = tl.load(w_rows + K1 + K2 + tl.arange(0, K3)[None, :], mask=n_ok[:, None])
+        return w1, w2, w3
+
+    @triton.jit
+    def _row_dot(w1, w2, w3, x_row, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr):
+        """fp32 [BLOCK_N]: the slice's rows times one row of x, summed in fp32."""
+        o1 = tl.arange(0, K1)
+        acc = tl.sum(w1.to(tl.float32) * tl.load(x_row + o1).to(tl.float32)[None, :], axis=1)
+        if K2 > 0:
+            o2 = K1 + tl.arange(0, K2)
+            acc += tl.sum(w2.to(tl.float32) * tl.load(x_row + o2).to(tl.float32)[None, :], axis=1)
+        if K3 > 0:
+            o3 = K1 + K2 + tl.arange(0, K3)
+            acc += tl.sum(w3.to(tl.float32) * tl.load(x_row + o3).to(tl.float32)[None, :], axis=1)
+        return acc
+
     @triton.jit(do_not_specialize=["M"])
     def _gemv_kernel(
         x_ptr, w_ptr, bias_ptr, out_ptr, M, N, stride_xm, stride_wn, stride_om,
@@ -139,28 +165,15 @@ if HAS_TRITON:
     ):
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rn < N
-        w_rows = w_ptr + rn.to(tl.int64)[:, None] * stride_wn
         # the weight slice, whole, before the wait (static data: the previous kernel may still run)
-        o1 = tl.arange(0, K1)
-        w1 = tl.load(w_rows + o1[None, :], mask=n_ok[:, None])
-        if K2 > 0:
-            o2 = K1 + tl.arange(0, K2)
-            w2 = tl.load(w_rows + o2[None, :], mask=n_ok[:, None])
-        if K3 > 0:
-            o3 = K1 + K2 + tl.arange(0, K3)
-            w3 = tl.load(w_rows + o3[None, :], mask=n_ok[:, None])
+        w1, w2, w3 = _weight_slice(w_ptr + rn.to(tl.int64)[:, None] * stride_wn, n_ok, K1, K2, K3)
         if HAS_BIAS:
             b = tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
         pdl_wait(PDL)  # x is the previous kernel's; out may still be read by an earlier one
         # one row (the case served): straight-line code, so no conversion of W is hoisted out of a
         # loop and held in fp32 registers
         for m in range(0, 1 if ONE_ROW else M):
-            x_row = x_ptr + m * stride_xm
-            acc = tl.sum(w1.to(tl.float32) * tl.load(x_row + o1).to(tl.float32)[None, :], axis=1)
-            if K2 > 0:
-                acc += tl.sum(w2.to(tl.float32) * tl.load(x_row + o2).to(tl.float32)[None, :], axis=1)
-            if K3 > 0:
-                acc += tl.sum(w3.to(tl.float32) * tl.load(x_row + o3).to(tl.float32)[None, :], axis=1)
+            acc = _row_dot(w1, w2, w3, x_ptr + m * stride_xm, K1, K2, K3)
             if HAS_BIAS:
                 acc += b
             tl.store(out_ptr + m * stride_om + rn, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
@@ -184,6 +197,38 @@ if HAS_TRITON:
             acc = tl.sum(w.to(tl.float32) * xt[None, :], axis=1)
         return acc
 
+    @triton.jit
+    def _quant_weight_slice(w_rows, n_ok, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr, INT4: tl.constexpr):
+        """_weight_slice of the stored values: int8 [BLOCK_N, K], or int4 bytes [BLOCK_N, K / 2]."""
+        if INT4:
+            w1 = tl.load(w_rows + tl.arange(0, K1 // 2)[None, :], mask=n_ok[:, None])
+            w2 = w1
+            w3 = w1
+            if K2 > 0:
+                w2 = tl.load(w_rows + K1 // 2 + tl.arange(0, K2 // 2)[None, :], mask=n_ok[:, None])
+            if K3 > 0:
+                w3 = tl.load(w_rows + (K1 + K2) // 2 + tl.arange(0, K3 // 2)[None, :], mask=n_ok[:, None])
+        else:
+            w1 = tl.load(w_rows + tl.arange(0, K1)[None, :], mask=n_ok[:, None])
+            w2 = w1
+            w3 = w1
+            if K2 > 0:
+                w2 = tl.load(w_rows + K1 + tl.arange(0, K2)[None, :], mask=n_ok[:, None])
+            if K3 > 0:
+                w3 = tl.load(w_rows + K1 + K2 + tl.arange(0, K3)[None, :], mask=n_ok[:, None])
+        return w1, w2, w3
+
+    @triton.jit
+    def _quant_row_dot(w1, w2, w3, x_row, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr,
+                       INT4: tl.constexpr, INLINE_ASM: tl.constexpr):
+        """fp32 [BLOCK_N]: the stored slice's integer values times one row of x (scale not applied)."""
+        acc = _quant_chunk(w1, x_row, 0, K1, INT4, INLINE_ASM)
+        if K2 > 0:
+            acc += _quant_chunk(w2, x_row, K1, K2, INT4, INLINE_ASM)
+        if K3 > 0:
+            acc += _quant_chunk(w3, x_row, K1 + K2, K3, INT4, INLINE_ASM)
+        return acc
+
     @triton.jit(do_not_specialize=["M"])
     def _gemv_quant_kernel(
         x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, M, N, stride_xm, stride_wn, stride_sn, stride_om,
@@ -194,31 +239,14 @@ if HAS_TRITON:
         """_gemv_kernel for weight-only int8 / int4 with a scale per output channel."""
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rn < N
-        w_rows = w_ptr + rn.to(tl.int64)[:, None] * stride_wn
         # the stored weight slice, its scales and bias before the wait
-        if INT4:
-            w1 = tl.load(w_rows + tl.arange(0, K1 // 2)[None, :], mask=n_ok[:, None])
-            if K2 > 0:
-                w2 = tl.load(w_rows + K1 // 2 + tl.arange(0, K2 // 2)[None, :], mask=n_ok[:, None])
-            if K3 > 0:
-                w3 = tl.load(w_rows + (K1 + K2) // 2 + tl.arange(0, K3 // 2)[None, :], mask=n_ok[:, None])
-        else:
-            w1 = tl.load(w_rows + tl.arange(0, K1)[None, :], mask=n_ok[:, None])
-            if K2 > 0:
-                w2 = tl.load(w_rows + K1 + tl.arange(0, K2)[None, :], mask=n_ok[:, None])
-            if K3 > 0:
-                w3 = tl.load(w_rows + K1 + K2 + tl.arange(0, K3)[None, :], mask=n_ok[:, None])
+        w1, w2, w3 = _quant_weight_slice(w_ptr + rn.to(tl.int64)[:, None] * stride_wn, n_ok, K1, K2, K3, INT4)
         scale = tl.load(s_ptr + rn * stride_sn, mask=n_ok, other=0.0)
         if HAS_BIAS:
             b = tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
         pdl_wait(PDL)  # x is the previous kernel's; out may still be read by an earlier one
         for m in range(0, 1 if ONE_ROW else M):
-            x_row = x_ptr + m * stride_xm
-            acc = _quant_chunk(w1, x_row, 0, K1, INT4, INLINE_ASM)
-            if K2 > 0:
-                acc += _quant_chunk(w2, x_row, K1, K2, INT4, INLINE_ASM)
-            if K3 > 0:
-                acc += _quant_chunk(w3, x_row, K1 + K2, K3, INT4, INLINE_ASM)
+            acc = _quant_row_dot(w1, w2, w3, x_ptr + m * stride_xm, K1, K2, K3, INT4, INLINE_ASM)
             acc = acc * scale
             if HAS_BIAS:
                 acc += b
