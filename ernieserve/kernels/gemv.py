@@ -21,6 +21,13 @@ reduction and no workspace. After the wait, each of the M rows of x is multiplie
 reduced over K, the bias added, and the row stored in x's dtype. Without PDL (eager on older GPUs,
 the CPU interpreter) it is the same program with nothing to overlap.
 
+qkv + rotary + KV store (`gemv_rope_store`, `gemv_quant_rope_store`; ERNIESERVE_FUSED_QKV_ROPE=1,
+off by default until measured): the qkv projection's programs also apply ERNIE's interleaved rotary
+to their q and k rows, store q, and write k and v straight into the token's paged-cache slot, so the
+decode step loses `_rotary_store_kernel` (~2.8 us a layer on an H100 at batch 1, pure latency). A
+program's BLOCK_N rows must lie in one head of q, k or v (`rope_layout`); positions, slots and the
+cache are touched after the wait only. Same bits as `gemv` then `apply_rotary_and_store_kv_`.
+
 `gemv_supported` / `gemv_quant_supported` say which weights qualify; layers/linear.py and
 layers/quantization/weight_only.py take these kernels for CUDA inputs of at most `gemv_max_tokens()`
 rows (one) when PDL is on. The references are ``torch.nn.functional.linear`` and
@@ -31,6 +38,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -63,6 +71,13 @@ NUM_WARPS = 4
 @functools.cache  # asked on every CUDA linear call: read the environment once
 def gemv_max_tokens() -> int:
     return int(os.environ.get("ERNIESERVE_DENSE_GEMV_MAX_TOKENS", MAX_TOKENS))
+
+
+@functools.cache  # asked by every attention layer's forward: read the environment once
+def fused_qkv_rope_enabled() -> bool:
+    """ERNIESERVE_FUSED_QKV_ROPE=1: the qkv projection's GEMV also rotates q and k and stores k and v
+    in the KV cache (`gemv_rope_store`). Off by default until measured on a GPU."""
+    return os.environ.get("ERNIESERVE_FUSED_QKV_ROPE", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 def k_chunks(k: int) -> tuple[int, int, int] | None:
@@ -253,6 +268,107 @@ if HAS_TRITON:
             tl.store(out_ptr + m * stride_om + rn, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
+    # ---- qkv projection + rotary + KV store (ERNIESERVE_FUSED_QKV_ROPE): see gemv_rope_store
+
+    @triton.jit
+    def _rotate_pairs(x1, x2, c, s, INLINE_ASM: tl.constexpr):
+        """(x1 c - x2 s, x2 c + x1 s) in fp32, every product and sum rounded on its own, as in
+        `_rotary_store_kernel` (compiled without FMA contraction; these kernels keep it for their sums,
+        so the rotation is written as explicitly rounded PTX, which is never contracted nor flushed to
+        zero; libdevice's mul_rn would be ftz here)."""
+        if INLINE_ASM:
+            r1 = tl.inline_asm_elementwise(
+                "{ .reg .f32 p, q; mul.rn.f32 p, $1, $2; mul.rn.f32 q, $3, $4; sub.rn.f32 $0, p, q; }",
+                "=r,r,r,r,r", [x1, c, x2, s], dtype=tl.float32, is_pure=True, pack=1)
+            r2 = tl.inline_asm_elementwise(
+                "{ .reg .f32 p, q; mul.rn.f32 p, $1, $2; mul.rn.f32 q, $3, $4; add.rn.f32 $0, p, q; }",
+                "=r,r,r,r,r", [x2, c, x1, s], dtype=tl.float32, is_pure=True, pack=1)
+        else:  # the interpreter (no inline asm): numpy rounds each operation anyway
+            r1 = x1 * c - x2 * s
+            r2 = x2 * c + x1 * s
+        return r1, r2
+
+    @triton.jit
+    def _rope_kv_epilogue(
+        acc, rn, m, out_ptr, stride_om, pos_ptr, slot_ptr, cos_ptr, sin_ptr, stride_table,
+        k_cache_ptr, v_cache_ptr, stride_cb, stride_cs, stride_ch,
+        BLOCK_N: tl.constexpr, Q_SIZE: tl.constexpr, KV_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+        CACHE_BLOCK: tl.constexpr, INLINE_ASM: tl.constexpr,
+    ):
+        """Token m's qkv rows rn (fp32 sums; the program's rows lie in one head of q, k or v): q rows
+        rotated into out, k rows rotated and v rows as they are into the token's cache slot (slot
+        -1: nothing). The same roundings as the GEMV's store then `_rotary_store_kernel`."""
+        val = acc.to(out_ptr.dtype.element_ty)  # what the plain GEMV stores
+        pos = tl.load(pos_ptr + m).to(tl.int64)
+        # interleaved pairs (2j, 2j + 1) of one head: the program's first row is even
+        j = (tl.program_id(0) * BLOCK_N % HEAD_DIM) // 2 + tl.arange(0, BLOCK_N // 2)
+        c = tl.load(cos_ptr + pos * stride_table + j)
+        s = tl.load(sin_ptr + pos * stride_table + j)
+        x1, x2 = tl.split(tl.reshape(val.to(tl.float32), [BLOCK_N // 2, 2]))
+        r1, r2 = _rotate_pairs(x1, x2, c, s, INLINE_ASM)
+        rotated = tl.reshape(tl.join(r1, r2), [BLOCK_N]).to(out_ptr.dtype.element_ty)
+        y = tl.where(rn < Q_SIZE + KV_SIZE, rotated, val)  # q and k rotated, v not
+        tl.store(out_ptr + m * stride_om + rn, y, mask=rn < Q_SIZE)
+        slot = tl.load(slot_ptr + m)
+        if slot >= 0:
+            is_k = (rn >= Q_SIZE) & (rn < Q_SIZE + KV_SIZE)
+            is_v = rn >= Q_SIZE + KV_SIZE
+            kv = rn - tl.where(is_v, Q_SIZE + KV_SIZE, Q_SIZE)  # row within the k (or v) heads
+            dst = (slot // CACHE_BLOCK) * stride_cb + (slot % CACHE_BLOCK) * stride_cs \
+                + (kv // HEAD_DIM) * stride_ch + kv % HEAD_DIM
+            tl.store(k_cache_ptr + dst, y.to(k_cache_ptr.dtype.element_ty), mask=is_k)
+            tl.store(v_cache_ptr + dst, y.to(v_cache_ptr.dtype.element_ty), mask=is_v)
+
+    @triton.jit(do_not_specialize=["M"])
+    def _gemv_rope_kernel(
+        x_ptr, w_ptr, bias_ptr, out_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr,
+        M, stride_xm, stride_wn, stride_om, stride_table, stride_cb, stride_cs, stride_ch,
+        K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr, BLOCK_N: tl.constexpr,
+        Q_SIZE: tl.constexpr, KV_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, CACHE_BLOCK: tl.constexpr,
+        HAS_BIAS: tl.constexpr, ONE_ROW: tl.constexpr, INLINE_ASM: tl.constexpr, PDL: tl.constexpr = False,
+    ):
+        """_gemv_kernel of a qkv weight whose epilogue rotates q and k and stores k and v in the cache."""
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = rn < Q_SIZE + 2 * KV_SIZE
+        w1, w2, w3 = _weight_slice(w_ptr + rn.to(tl.int64)[:, None] * stride_wn, n_ok, K1, K2, K3)
+        if HAS_BIAS:
+            b = tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+        # x, positions, slots and the KV cache are earlier kernels'; the cos / sin row depends on the position
+        pdl_wait(PDL)
+        for m in range(0, 1 if ONE_ROW else M):
+            acc = _row_dot(w1, w2, w3, x_ptr + m * stride_xm, K1, K2, K3)
+            if HAS_BIAS:
+                acc += b
+            _rope_kv_epilogue(acc, rn, m, out_ptr, stride_om, pos_ptr, slot_ptr, cos_ptr, sin_ptr, stride_table,
+                              k_cache_ptr, v_cache_ptr, stride_cb, stride_cs, stride_ch,
+                              BLOCK_N, Q_SIZE, KV_SIZE, HEAD_DIM, CACHE_BLOCK, INLINE_ASM)
+
+    @triton.jit(do_not_specialize=["M"])
+    def _gemv_quant_rope_kernel(
+        x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr,
+        M, stride_xm, stride_wn, stride_sn, stride_om, stride_table, stride_cb, stride_cs, stride_ch,
+        K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr, BLOCK_N: tl.constexpr, INT4: tl.constexpr,
+        Q_SIZE: tl.constexpr, KV_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, CACHE_BLOCK: tl.constexpr,
+        HAS_BIAS: tl.constexpr, ONE_ROW: tl.constexpr, INLINE_ASM: tl.constexpr, PDL: tl.constexpr = False,
+    ):
+        """_gemv_quant_kernel with _gemv_rope_kernel's epilogue."""
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = rn < Q_SIZE + 2 * KV_SIZE
+        w1, w2, w3 = _quant_weight_slice(w_ptr + rn.to(tl.int64)[:, None] * stride_wn, n_ok, K1, K2, K3, INT4)
+        scale = tl.load(s_ptr + rn * stride_sn, mask=n_ok, other=0.0)
+        if HAS_BIAS:
+            b = tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+        pdl_wait(PDL)
+        for m in range(0, 1 if ONE_ROW else M):
+            acc = _quant_row_dot(w1, w2, w3, x_ptr + m * stride_xm, K1, K2, K3, INT4, INLINE_ASM)
+            acc = acc * scale
+            if HAS_BIAS:
+                acc += b
+            _rope_kv_epilogue(acc, rn, m, out_ptr, stride_om, pos_ptr, slot_ptr, cos_ptr, sin_ptr, stride_table,
+                              k_cache_ptr, v_cache_ptr, stride_cb, stride_cs, stride_ch,
+                              BLOCK_N, Q_SIZE, KV_SIZE, HEAD_DIM, CACHE_BLOCK, INLINE_ASM)
+
+
 def _rows_and_output(x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """x as [M, K] rows with unit column stride, and an empty [M, n] output in x's dtype."""
     x2 = x.reshape(-1, x.shape[-1])
@@ -299,3 +415,103 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         K1=k1, K2=k2, K3=k3, BLOCK_N=bn, HAS_BIAS=bias is not None, ONE_ROW=m == 1, num_warps=NUM_WARPS,
         **pdl_launch(pdl_enabled(x.device)))
     return out.view(*x.shape[:-1], n)
+
+
+def rope_layout(n: int, block_n: int, num_kv_heads: int, head_dim: int) -> tuple[int, int] | None:
+    """(q_size, kv_size) of a qkv weight of n rows ([q heads, k heads, v heads] x head_dim) whose
+    programs of block_n rows each lie within one head and hold whole interleaved pairs, or None."""
+    kv_size = num_kv_heads * head_dim
+    q_size = n - 2 * kv_size
+    if kv_size <= 0 or q_size <= 0 or q_size % head_dim or block_n % 2 or head_dim % block_n:
+        return None
+    return q_size, kv_size
+
+
+class _RopeLaunch(NamedTuple):
+    out: torch.Tensor  # q [M, q_size]
+    tensors: tuple  # positions, slots, cos, sin, k_cache, v_cache
+    strides: tuple  # the table's row stride, the cache's block / slot / head strides
+    consts: dict  # BLOCK_N, Q_SIZE, ... INLINE_ASM
+
+
+def _rope_launch(x2: torch.Tensor, n: int, block_n: int, positions: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> _RopeLaunch | None:
+    """The epilogue's output and arguments for rows x2 [M, K] of a qkv weight of n rows, or None where
+    its layout does not fit (`rope_layout`)."""
+    assert k_cache.dim() == 4 and k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride()
+    _, block_size, num_kv_heads, head_dim = k_cache.shape
+    layout = rope_layout(n, block_n, num_kv_heads, head_dim)
+    if layout is None:
+        return None
+    q_size, kv_size = layout
+    m = x2.shape[0]
+    assert k_cache.stride(-1) == 1, "cache rows [num_blocks, block_size, kv_heads, head_dim] with unit stride"
+    assert cos.shape[-1] == head_dim // 2 and cos.stride() == sin.stride() and cos.stride(-1) == 1
+    assert positions.shape == (m,) and slot_mapping.dim() == 1 and slot_mapping.shape[0] >= m
+    assert slot_mapping.stride(0) == 1
+    return _RopeLaunch(
+        torch.empty(m, q_size, dtype=x2.dtype, device=x2.device),
+        (positions.contiguous(), slot_mapping, cos, sin, k_cache, v_cache),
+        (cos.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2)),
+        dict(BLOCK_N=block_n, Q_SIZE=q_size, KV_SIZE=kv_size, HEAD_DIM=head_dim, CACHE_BLOCK=block_size,
+             ONE_ROW=m == 1, INLINE_ASM=x2.is_cuda))
+
+
+def gemv_rope_store(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, positions: torch.Tensor,
+                    cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    slot_mapping: torch.Tensor) -> torch.Tensor | None:
+    """The qkv projection of x [..., K] (`gemv`) whose epilogue also does `apply_rotary_and_store_kv_`
+    (kernels/rotary.py) with interleaved pairs: returns q [..., q_size] rotated; k rotated and v go
+    straight into their slots of k_cache / v_cache ([num_blocks, block_size, kv_heads, head_dim],
+    slot -1: not stored) and nowhere else. cos / sin: [rows, head_dim / 2] fp32 tables, token t
+    reading row positions[t]. The weight's rows are q heads, k heads, v heads (QKVParallelLinear).
+    None, with nothing launched, where a program's rows would straddle a head (`rope_layout`).
+
+    The same bits as `gemv` then `apply_rotary_and_store_kv_`: the rows are the same sums (the same
+    code, compiled with FMA contraction as `gemv`), rounded to x's dtype, rotated in fp32 with each
+    product and difference rounded on its own (the rotary kernel is compiled without contraction;
+    here the rotation uses explicitly rounded operations instead), rounded to x's dtype again, and
+    k then to the cache's."""
+    assert HAS_TRITON, "triton is not installed"
+    assert gemv_supported(weight), "weight must be a contiguous [N, K] bf16/fp16 tensor (see gemv_supported)"
+    n, k = weight.shape
+    assert x.shape[-1] == k, f"x has {x.shape[-1]} features, the weight {k}"
+    x2 = x.reshape(-1, k)
+    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    r = _rope_launch(x2, n, block_n_for(n, k, weight.element_size()), positions, cos, sin, k_cache, v_cache,
+                     slot_mapping)
+    if r is None:
+        return None
+    if x2.shape[0]:
+        k1, k2, k3 = k_chunks(k)  # type: ignore[misc]
+        _gemv_rope_kernel[(n // r.consts["BLOCK_N"],)](
+            x2, weight, bias if bias is not None else weight, r.out, *r.tensors, x2.shape[0], x2.stride(0),
+            weight.stride(0), r.out.stride(0), *r.strides, K1=k1, K2=k2, K3=k3, HAS_BIAS=bias is not None,
+            num_warps=NUM_WARPS, **r.consts, **pdl_launch(pdl_enabled(x.device)))
+    return r.out.view(*x.shape[:-1], r.out.shape[-1])
+
+
+def gemv_quant_rope_store(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bits: int,
+                          bias: torch.Tensor | None, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                          k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          slot_mapping: torch.Tensor) -> torch.Tensor | None:
+    """`gemv_rope_store` for a weight-only int8 / int4 qkv weight (`gemv_quant`'s layout)."""
+    assert HAS_TRITON, "triton is not installed"
+    k = x.shape[-1]
+    assert gemv_quant_supported(qweight, scales, bits, k), "see gemv_quant_supported"
+    n = qweight.shape[0]
+    x2 = x.reshape(-1, k)
+    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    r = _rope_launch(x2, n, block_n_for(n, qweight.shape[1], 1), positions, cos, sin, k_cache, v_cache,
+                     slot_mapping)
+    if r is None:
+        return None
+    if x2.shape[0]:
+        k1, k2, k3 = k_chunks(k)  # type: ignore[misc]
+        _gemv_quant_rope_kernel[(n // r.consts["BLOCK_N"],)](
+            x2, qweight, scales, bias if bias is not None else x2, r.out, *r.tensors, x2.shape[0], x2.stride(0),
+            qweight.stride(0), scales.stride(0), r.out.stride(0), *r.strides, K1=k1, K2=k2, K3=k3, INT4=bits == 4,
+            HAS_BIAS=bias is not None, num_warps=NUM_WARPS, **r.consts,
+            **pdl_launch(pdl_enabled(x.device)))
+    return r.out.view(*x.shape[:-1], r.out.shape[-1])

@@ -319,6 +319,25 @@ def run_cases(s: Session) -> None:
                 gemv.gemv_quant(zeros(1, k), zeros(n, stored, dtype=torch.int8 if bits == 8 else torch.uint8),
                                 zeros(n, 1, dtype=torch.float32), bits)
 
+    # ---- the qkv GEMV with the rotary + KV store epilogue (ERNIESERVE_FUSED_QKV_ROPE): 21B-A3B (hidden
+    # 2560, 20 heads, 4 KV heads) and 0.3B (hidden 1024, 16 heads, 2 KV heads), head_dim 128, one decode
+    # token, bf16 cache of 64-token blocks; bf16 / wint8 / wint4 weights, Qwen2-style bias once
+    for name, (k, heads, kv_heads) in {"21b": (2560, 20, 4), "03b": (1024, 16, 2)}.items():
+        n = (heads + 2 * kv_heads) * 128
+        k_cache, v_cache = zeros(2, 8, 64, kv_heads, 128).unbind(0)
+        rope = (torch.zeros(1, dtype=torch.int64), torch.zeros(4096, 64), torch.zeros(4096, 64), k_cache, v_cache,
+                torch.zeros(1, dtype=torch.int64))
+        with s.in_case(f"gemv_rope_store {name} qkv"):
+            assert gemv.gemv_rope_store(zeros(1, k), zeros(n, k), None, *rope) is not None
+        for bits in (8, 4):
+            with s.in_case(f"gemv_quant_rope_store wint{bits} {name} qkv"):
+                qw = zeros(n, k if bits == 8 else k // 2, dtype=torch.int8 if bits == 8 else torch.uint8)
+                assert gemv.gemv_quant_rope_store(zeros(1, k), qw, zeros(n, 1, dtype=torch.float32), bits, None,
+                                                  *rope) is not None
+        if name == "03b":
+            with s.in_case(f"gemv_rope_store {name} qkv bias"):
+                assert gemv.gemv_rope_store(zeros(1, k), zeros(n, k), zeros(n), *rope) is not None
+
     # ---- attention: ERNIE-4.5-0.3B (16 heads, 2 KV heads) and 21B-A3B (20, 4); head_dim 128,
     # KV cache blocks of 64 tokens (CacheConfig's default), bf16 cache as the model dtype
     head_dim, block_size, num_blocks = 128, 64, 32
