@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -58,6 +59,21 @@ class RopeInputs:
     interleaved: bool
 
 
+class RopeKVStore(NamedTuple):
+    """What a qkv projection needs to rotate q and k and write this step's K/V into a layer's paged
+    cache itself (the fused decode GEMV, `kernels.gemv.gemv_rope_store`, whose arguments after the
+    bias these are, in order): token t uses row positions[t] of the fp32 cos / sin tables
+    ([rows, head_dim // 2], interleaved pairs) and goes to slot slot_mapping[t] (-1: not stored).
+    The backend is then called with ``kv_stored=True`` (`Attention.attend_stored`)."""
+
+    positions: torch.Tensor  # [num_tokens]
+    cos: torch.Tensor
+    sin: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    slot_mapping: torch.Tensor
+
+
 class AttentionBackend(ABC):
     """Stores this step's K/V into the paged cache, then attends over the whole context."""
 
@@ -70,13 +86,17 @@ class AttentionBackend(ABC):
     def forward(
         self,
         query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
-        key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
-        value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        key: torch.Tensor | None,  # [num_tokens, num_kv_heads, head_dim]
+        value: torch.Tensor | None,  # [num_tokens, num_kv_heads, head_dim]
         kv_cache: KVCache,
         meta: AttentionMetadata,
         scale: float,
         rope: RopeInputs | None = None,
+        kv_stored: bool = False,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+        """kv_stored: query is already rotated and this step's K/V already in the cache (the qkv
+        projection stored them, see `RopeKVStore`; only `fuses_rotary` backends are asked); key and
+        value are then None."""
         ...
 
     # CUDA-graph hooks. A backend that can be captured keeps its per-step inputs in persistent

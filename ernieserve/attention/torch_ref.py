@@ -79,7 +79,8 @@ class TorchRefBackend(AttentionBackend):
         meta: AttentionMetadata,
         scale: float,
         rope: RopeInputs | None = None,
+        kv_stored: bool = False,
     ) -> torch.Tensor:
-        assert rope is None, "the reference backend does not fuse rotary (fuses_rotary is False)"
+        assert rope is None and not kv_stored, "the reference backend does not fuse rotary (fuses_rotary is False)"
         store_kv(key, value, kv_cache, meta.slot_mapping)
         return paged_attention_ref(query, kv_cache, meta, scale)

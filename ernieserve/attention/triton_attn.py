@@ -70,15 +70,18 @@ class TritonAttentionBackend(AttentionBackend):
     def forward(
         self,
         query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
-        key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
-        value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        key: torch.Tensor | None,  # [num_tokens, num_kv_heads, head_dim]
+        value: torch.Tensor | None,  # [num_tokens, num_kv_heads, head_dim]
         kv_cache: KVCache,
         meta: AttentionMetadata,
         scale: float,
         rope: RopeInputs | None = None,
+        kv_stored: bool = False,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         k_cache, v_cache = kv_cache
-        if rope is not None:  # rotate q in place, and k on its way into the cache: one launch
+        if kv_stored:  # the qkv projection rotated q and stored K/V itself (kernels/gemv.py gemv_rope_store)
+            assert rope is None
+        elif rope is not None:  # rotate q in place, and k on its way into the cache: one launch
             rotary_kernels = load_elementwise_kernel("rotary")
             rotary_kernels.apply_rotary_and_store_kv_(rope.positions, query, key, value, rope.cos, rope.sin,
                                                       rope.interleaved, k_cache, v_cache, meta.slot_mapping)

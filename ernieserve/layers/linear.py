@@ -9,12 +9,15 @@ so the checkpoint loader never needs to know about sharding.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
 
 from ernieserve.distributed.parallel_state import SINGLE, TPGroup
+
+if TYPE_CHECKING:
+    from ernieserve.attention.base import RopeKVStore
 
 WeightLoader = Callable[..., None]
 
@@ -31,6 +34,13 @@ class LinearMethod(ABC):
     def process_weights_after_loading(self, layer: "LinearBase") -> None:
         """Hook for methods that repack or quantize once the full weight is loaded."""
 
+    def apply_qkv_rope(self, layer: "LinearBase", x: torch.Tensor, bias: torch.Tensor | None,
+                       store: "RopeKVStore") -> torch.Tensor | None:
+        """A qkv projection whose kernel also rotates q and k and stores k and v in the KV cache
+        (`QKVParallelLinear.forward_rope_store`): rotated q, or None where this method has no such
+        kernel for this call (the default)."""
+        return None
+
 
 class UnquantizedLinearMethod(LinearMethod):
     def create_weights(self, layer: "LinearBase", in_features: int, out_features: int, dtype: torch.dtype) -> None:
@@ -44,6 +54,14 @@ class UnquantizedLinearMethod(LinearMethod):
             if gemv.use_gemv(x, layer.weight):  # decode rows with PDL: the weight read overlaps
                 return gemv.gemv(x, layer.weight, bias)
         return nn.functional.linear(x, layer.weight, bias)
+
+    def apply_qkv_rope(self, layer: "LinearBase", x: torch.Tensor, bias: torch.Tensor | None,
+                       store: "RopeKVStore") -> torch.Tensor | None:
+        from ernieserve.kernels import gemv  # Triton; only asked when a Triton backend fuses rotary
+
+        if not gemv.use_gemv(x, layer.weight):  # where `apply` takes the GEMV: one row on CUDA, PDL on
+            return None
+        return gemv.gemv_rope_store(x, layer.weight, bias, *store)
 
 
 def _divide(n: int, d: int, what: str) -> int:
@@ -138,6 +156,13 @@ class QKVParallelLinear(ColumnParallelLinear):
         offset, size = {"q": (0, q), "k": (q, kv), "v": (q + kv, kv)}[str(shard_id)]
         rank = self.tp.rank if shard_id == "q" else self.tp.rank // self.kv_replicas
         _copy(param.data.narrow(0, offset, size), loaded.narrow(0, rank * size, size))
+
+    def forward_rope_store(self, x: torch.Tensor, store: "RopeKVStore") -> torch.Tensor | None:
+        """The projection, rotary and KV store in one kernel: q [num_tokens, heads * head_dim]
+        rotated, this step's k (rotated) and v already written into store's cache. None, with
+        nothing done, where the method has no such kernel for this call (`forward`, then rotate and
+        store as usual)."""
+        return self.method.apply_qkv_rope(self, x, self.bias, store)
 
 
 class RowParallelLinear(LinearBase):

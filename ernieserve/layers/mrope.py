@@ -62,13 +62,15 @@ class ErnieMRotaryEmbedding(RotaryEmbedding):
                 return kernels.apply_rotary_(rows, q, k, cos, sin, True)
         return self._rotate_by_tables(q, k, cos, sin)
 
-    def kernel_tables(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    def kernel_tables(self, positions: torch.Tensor, q: torch.Tensor | None = None, k: torch.Tensor | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """Per-token tables: token t reads row t (see `forward`)."""
-        if not (self.use_triton and q.is_cuda and self._kernel_fits(q, k)):
+        """Per-token tables: token t reads row t (see `forward`). q, k as in RotaryEmbedding's."""
+        if not (self.use_triton and positions.is_cuda):
+            return None
+        if q is not None and not (q.is_cuda and self._kernel_fits(q, k)):
             return None
         cos, sin = self.token_tables(positions)
-        return torch.arange(q.shape[0], device=q.device), cos, sin
+        return torch.arange(positions.shape[-1], device=positions.device), cos, sin
 
     def forward_torch(self, positions: torch.Tensor, q: torch.Tensor,
                       k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

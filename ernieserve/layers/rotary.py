@@ -64,12 +64,15 @@ class RotaryEmbedding(nn.Module):
                 return kernels.apply_rotary_(positions, q, k, self.cos, self.sin, self.interleaved)
         return self.forward_torch(positions, q, k)
 
-    def kernel_tables(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    def kernel_tables(self, positions: torch.Tensor, q: torch.Tensor | None = None, k: torch.Tensor | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """(row per token, cos table, sin table) for a Triton kernel that rotates q and k as
         `forward` would (the attention backend fuses rotation with the KV store), or None where
-        `forward` would take the torch path."""
-        if not (self.use_triton and q.is_cuda and self._kernel_fits(q, k)) or positions.dim() != 1:
+        `forward` would take the torch path. q and k: the views that kernel rotates (checked for its
+        layout), or None for one that computes them itself (the fused qkv GEMV, kernels/gemv.py)."""
+        if not (self.use_triton and positions.is_cuda) or positions.dim() != 1:
+            return None
+        if q is not None and not (q.is_cuda and self._kernel_fits(q, k)):
             return None
         return positions, self.cos, self.sin
 

@@ -72,6 +72,12 @@ class DecoderAttention(nn.Module):
         self.attn = Attention(self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, self.head_dim, backend)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        if self.q_norm is None:  # (Qwen3's q / k norms come between the projection and rotary)
+            # ERNIESERVE_FUSED_QKV_ROPE: at one decode row the projection's GEMV can rotate and store itself
+            store = self.attn.rope_kv_store(self.rotary, positions, meta)
+            q = self.qkv_proj.forward_rope_store(x, store) if store is not None else None
+            if q is not None:
+                return self.o_proj(self.attn.attend_stored(q, meta))
         qkv = self.qkv_proj(x)  # [num_tokens, q_size + 2 * kv_size]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(-1, self.attn.num_heads, self.head_dim)

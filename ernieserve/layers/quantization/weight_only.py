@@ -34,6 +34,7 @@ from ernieserve.layers.linear import LinearBase
 from ernieserve.layers.quantization.base import QuantConfig, StreamingQuantLinearMethod, UnsupportedQuantization
 
 if TYPE_CHECKING:
+    from ernieserve.attention.base import RopeKVStore
     from ernieserve.layers.moe.fused_moe_quant import DequantScratch
     from ernieserve.layers.quantization.moe import QuantizedMoEMethod
 
@@ -126,3 +127,14 @@ class WeightOnlyLinearMethod(StreamingQuantLinearMethod):
                 return qm.int8pack_matmul(x, layer.qweight, layer.weight_scale, bias)
             return qm.int4pack_matmul(x, layer.qweight, layer.weight_scale, layer.int4pack_group, bias)
         return qm.weight_only_matmul_ref(x, layer.qweight, layer.weight_scale, cfg.bits, cfg.group_size, bias)
+
+    def apply_qkv_rope(self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None,
+                       store: RopeKVStore) -> torch.Tensor | None:
+        cfg = self.config
+        if layer.quant_backend is not GemmBackend.TRITON or cfg.group_size:
+            return None
+        from ernieserve.kernels import gemv  # Triton; only asked when a Triton backend fuses rotary
+
+        if not gemv.use_gemv_quant(x, layer.qweight, layer.weight_scale, cfg.bits):  # as `apply`: one row, PDL on
+            return None
+        return gemv.gemv_quant_rope_store(x, layer.qweight, layer.weight_scale, cfg.bits, bias, *store)
