@@ -26,6 +26,10 @@ kernels with the most device time, `ERNIESERVE_PROFILE_ROWS` of them (20), and t
 `ERNIESERVE_PROFILE_TRACE=FILE.json` also writes the timeline for `benchmarks/trace_gaps.py`),
 `ERNIESERVE_DENSE_GEMV_MAX_TOKENS=0` (turns off the one-row decode GEMV of `kernels/gemv.py`, which
 loads its weight before the PDL wait; cuBLAS or the int GEMM then),
+`ERNIESERVE_FUSED_QKV_ROPE=1` (experimental, default 0 = off, not yet measured on a GPU: where that
+GEMV computes an ERNIE layer's qkv projection, one decode row with the Triton attention backend, its
+epilogue also applies the rotary to q and k and writes k and v into the KV cache,
+`gemv.gemv_rope_store`, instead of a separate `_rotary_store_kernel` launch; same bits either way),
 `ERNIESERVE_ROUTE_ALIGN_MAX_TOKENS=N` (experimental, default 0 = off; broken on the GPU past one
 token: its first H100 run hit an illegal memory access at 8 tokens. MoE
 layers with up to N tokens, at most 8 for ERNIE-21B's 6 + 2 slots, let the router's last program also
