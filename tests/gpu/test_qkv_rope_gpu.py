@@ -232,3 +232,50 @@ def test_decoder_attention_fused_equals_unfused(monkeypatch: pytest.MonkeyPatch,
         torch.cuda.synchronize()
         assert torch.equal(outs[("graph", True)], outs[("graph", False)]), step
         assert torch.equal(states[True], states[False]), step
+
+
+# ---- the engine: ERNIE-4.5-0.3B's shapes, greedy tokens with the switch on and off ----------------
+
+
+@pytest.fixture(scope="module")
+def ernie_03b(tmp_path_factory: pytest.TempPathFactory):
+    from ernieserve.checkpoint.dummy import write_dummy_checkpoint
+
+    return write_dummy_checkpoint("ernie-4.5-0.3b", tmp_path_factory.mktemp("ernie-03b"), dtype="bfloat16")
+
+
+@pytest.mark.parametrize("quantization", [None, "wint8", "wint4"])
+def test_engine_greedy_tokens_same_with_the_switch(ernie_03b, monkeypatch: pytest.MonkeyPatch,
+                                                    quantization: str | None) -> None:
+    """One request at a time (batch-1 decode steps, replayed from CUDA graphs: the fused path), random
+    0.3B weights: ERNIESERVE_FUSED_QKV_ROPE=1 gives the greedy tokens of =0, and takes the fused
+    projection (during warm-up / capture; replays do not call Python)."""
+    from ernieserve import LLM, SamplingParams
+
+    if not pdl.pdl_enabled(DEV):
+        pytest.skip("the fused projection runs where the one-row GEMV does: PDL on (sm_90+)")
+    calls = {"n": 0}
+    for name in ("gemv_rope_store", "gemv_quant_rope_store"):
+        real = getattr(gemv, name)
+        monkeypatch.setattr(gemv, name, lambda *a, _real=real, **kw: calls.__setitem__("n", calls["n"] + 1)
+                            or _real(*a, **kw))
+    gen = torch.Generator().manual_seed(3)
+    prompts = [{"prompt_token_ids": torch.randint(10, 100000, (n,), generator=gen).tolist()} for n in (1, 17, 300)]
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+
+    def run(on: bool) -> list[list[int]]:
+        _switch(monkeypatch, on)
+        llm = LLM(model=str(ernie_03b), dtype="bfloat16", max_model_len=512, max_num_seqs=1,
+                  quantization=quantization)
+        assert llm.llm_engine.core.runner.graphs is not None, "decode from CUDA graphs"
+        out = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        del llm
+        torch.cuda.empty_cache()
+        return out
+
+    plain = run(False)
+    assert calls["n"] == 0
+    fused = run(True)
+    gemv.fused_qkv_rope_enabled.cache_clear()
+    assert calls["n"] > 0, "the fused projection was never taken"
+    assert fused == plain
