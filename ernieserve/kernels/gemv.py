@@ -289,27 +289,40 @@ if HAS_TRITON:
         return r1, r2
 
     @triton.jit
+    def _rope_inputs(m, pos_ptr, slot_ptr, cos_ptr, sin_ptr, stride_table,
+                     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+        """Token m's cos and sin [BLOCK_N / 2] for this program's pairs, and its cache slot.
+
+        The one-row kernels read them before the PDL wait: positions and slots are the step's
+        uploaded inputs, copied before the step's first kernel, so at least two launches before any
+        qkv projection (embedding, then the norm), which have completed when this kernel's programs
+        run (kernels/pdl.py: a kernel lets the next one launch only after its own wait); the tables
+        are static."""
+        pos = tl.load(pos_ptr + m).to(tl.int64)
+        # interleaved pairs (2j, 2j + 1) of one head: the program's first row is even
+        j = (tl.program_id(0) * BLOCK_N % HEAD_DIM) // 2 + tl.arange(0, BLOCK_N // 2)
+        c = tl.load(cos_ptr + pos * stride_table + j)
+        s = tl.load(sin_ptr + pos * stride_table + j)
+        slot = tl.load(slot_ptr + m)
+        return c, s, slot
+
+    @triton.jit
     def _rope_kv_epilogue(
-        acc, rn, m, out_ptr, stride_om, pos_ptr, slot_ptr, cos_ptr, sin_ptr, stride_table,
+        acc, rn, m, out_ptr, stride_om, c, s, slot,
         k_cache_ptr, v_cache_ptr, stride_cb, stride_cs, stride_ch,
         BLOCK_N: tl.constexpr, Q_SIZE: tl.constexpr, KV_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
         CACHE_BLOCK: tl.constexpr, INLINE_ASM: tl.constexpr,
     ):
         """Token m's qkv rows rn (fp32 sums; the program's rows lie in one head of q, k or v): q rows
         rotated into out, k rows rotated and v rows as they are into the token's cache slot (slot
-        -1: nothing). The same roundings as the GEMV's store then `_rotary_store_kernel`."""
+        -1: nothing), with its cos / sin / slot from `_rope_inputs`. The same roundings as the GEMV's
+        store then `_rotary_store_kernel`."""
         val = acc.to(out_ptr.dtype.element_ty)  # what the plain GEMV stores
-        pos = tl.load(pos_ptr + m).to(tl.int64)
-        # interleaved pairs (2j, 2j + 1) of one head: the program's first row is even
-        j = (tl.program_id(0) * BLOCK_N % HEAD_DIM) // 2 + tl.arange(0, BLOCK_N // 2)
-        c = tl.load(cos_ptr + pos * stride_table + j)
-        s = tl.load(sin_ptr + pos * stride_table + j)
         x1, x2 = tl.split(tl.reshape(val.to(tl.float32), [BLOCK_N // 2, 2]))
         r1, r2 = _rotate_pairs(x1, x2, c, s, INLINE_ASM)
         rotated = tl.reshape(tl.join(r1, r2), [BLOCK_N]).to(out_ptr.dtype.element_ty)
         y = tl.where(rn < Q_SIZE + KV_SIZE, rotated, val)  # q and k rotated, v not
         tl.store(out_ptr + m * stride_om + rn, y, mask=rn < Q_SIZE)
-        slot = tl.load(slot_ptr + m)
         if slot >= 0:
             is_k = (rn >= Q_SIZE) & (rn < Q_SIZE + KV_SIZE)
             is_v = rn >= Q_SIZE + KV_SIZE
@@ -333,13 +346,17 @@ if HAS_TRITON:
         w1, w2, w3 = _weight_slice(w_ptr + rn.to(tl.int64)[:, None] * stride_wn, n_ok, K1, K2, K3)
         if HAS_BIAS:
             b = tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
-        # x, positions, slots and the KV cache are earlier kernels'; the cos / sin row depends on the position
+        if ONE_ROW:  # the row's position, cos / sin and slot before the wait (see _rope_inputs)
+            c, s, slot = _rope_inputs(0, pos_ptr, slot_ptr, cos_ptr, sin_ptr, stride_table, BLOCK_N, HEAD_DIM)
+        # x and the KV cache are earlier kernels'
         pdl_wait(PDL)
         for m in range(0, 1 if ONE_ROW else M):
             acc = _row_dot(w1, w2, w3, x_ptr + m * stride_xm, K1, K2, K3)
             if HAS_BIAS:
                 acc += b
-            _rope_kv_epilogue(acc, rn, m, out_ptr, stride_om, pos_ptr, slot_ptr, cos_ptr, sin_ptr, stride_table,
+            if not ONE_ROW:
+                c, s, slot = _rope_inputs(m, pos_ptr, slot_ptr, cos_ptr, sin_ptr, stride_table, BLOCK_N, HEAD_DIM)
+            _rope_kv_epilogue(acc, rn, m, out_ptr, stride_om, c, s, slot,
                               k_cache_ptr, v_cache_ptr, stride_cb, stride_cs, stride_ch,
                               BLOCK_N, Q_SIZE, KV_SIZE, HEAD_DIM, CACHE_BLOCK, INLINE_ASM)
 
@@ -358,13 +375,17 @@ if HAS_TRITON:
         scale = tl.load(s_ptr + rn * stride_sn, mask=n_ok, other=0.0)
         if HAS_BIAS:
             b = tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+        if ONE_ROW:  # see _gemv_rope_kernel
+            c, s, slot = _rope_inputs(0, pos_ptr, slot_ptr, cos_ptr, sin_ptr, stride_table, BLOCK_N, HEAD_DIM)
         pdl_wait(PDL)
         for m in range(0, 1 if ONE_ROW else M):
             acc = _quant_row_dot(w1, w2, w3, x_ptr + m * stride_xm, K1, K2, K3, INT4, INLINE_ASM)
             acc = acc * scale
             if HAS_BIAS:
                 acc += b
-            _rope_kv_epilogue(acc, rn, m, out_ptr, stride_om, pos_ptr, slot_ptr, cos_ptr, sin_ptr, stride_table,
+            if not ONE_ROW:
+                c, s, slot = _rope_inputs(m, pos_ptr, slot_ptr, cos_ptr, sin_ptr, stride_table, BLOCK_N, HEAD_DIM)
+            _rope_kv_epilogue(acc, rn, m, out_ptr, stride_om, c, s, slot,
                               k_cache_ptr, v_cache_ptr, stride_cb, stride_cs, stride_ch,
                               BLOCK_N, Q_SIZE, KV_SIZE, HEAD_DIM, CACHE_BLOCK, INLINE_ASM)
 
