@@ -192,9 +192,10 @@ def _greedy(n: int) -> tuple[np.ndarray, np.ndarray]:
     return np.zeros(n, dtype=np.float32), np.zeros(n, dtype=np.int64)
 
 
-@pytest.fixture
-def runners(monkeypatch):
-    """(decode runner, mixed runner sharing its sampled buffer, copies feed_inputs made)."""
+@pytest.fixture(params=["triton", "torch"])
+def runners(monkeypatch, request):
+    """(decode runner, mixed runner sharing its sampled buffer, copies feed_inputs made); the graphs'
+    feed is the Triton kernel (interpreted) or its torch ops."""
     if "TRITON_INTERPRET" not in os.environ:
         pytest.skip("the race kernel runs in Triton's interpreter here (tests/conftest.py sets it on CPU)")
     pytest.importorskip("triton")
@@ -214,6 +215,10 @@ def runners(monkeypatch):
     mixed = mixed_graph.MixedGraphRunner(model, None, 16, 8, 64, 16, CPU, sampled=decode.sampled)
     mixed.graphs = {t: FakeGraph(mixed._forward, t) for t in mixed.sizes}
     assert decode.samples and decode.sampled.numel() == 8 and mixed.sampled is decode.sampled
+    if request.param == "torch":
+        decode._feed_ids = mixed._feed_ids = feed_prev_ids_torch
+    else:
+        assert decode._feed_ids is not feed_prev_ids_torch
     return decode, mixed, copies
 
 
@@ -260,6 +265,7 @@ def test_a_mixed_runner_with_its_own_buffer_gets_a_copy(runners):
     from ernieserve.worker.mixed_graph import MixedGraphRunner
 
     own = MixedGraphRunner(decode.model, None, 16, 8, 64, 16, CPU)
+    own._feed_ids = mixed._feed_ids
     own.graphs = {t: FakeGraph(own._forward, t) for t in own.sizes}
     assert own.sampled.data_ptr() != decode.sampled.data_ptr()
     decode.run(_step([5, 9]), None, _greedy(2))
