@@ -151,6 +151,7 @@ def test_batch1_decode_step_is_one_replay_one_upload_one_download(ernie_03b):
     for _ in range(8):  # the prefill and a few decode steps: the pinned-memory cache is warm
         engine.step()
     steps = 12
+    torch.cuda.synchronize()  # the device's copies in the window are the window's steps' only
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             engine.step()
