@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ernieserve.attention.base import AttentionBackend, AttentionMetadata
-from ernieserve.worker.cuda_graph import (PackedInputs, capture_graphs, feed_inflight, race_kernel,
+from ernieserve.worker.cuda_graph import (PackedInputs, capture_graphs, feed_inputs, feed_kernel, race_kernel,
                                           stage_sampling_and_feed)
 from ernieserve.worker.input_batch import StepInputs
 
@@ -40,7 +40,11 @@ def mixed_token_sizes(max_tokens: int) -> list[int]:
 
 class MixedGraphRunner:
     def __init__(self, model: torch.nn.Module, backend: AttentionBackend, max_tokens: int, max_reqs: int,
-                 max_model_len: int, block_size: int, device: torch.device) -> None:
+                 max_model_len: int, block_size: int, device: torch.device,
+                 sampled: torch.Tensor | None = None) -> None:
+        """sampled: the decode graphs' `sampled` buffer, to share (at least max_reqs rows): the
+        graphs of either kind then find the previous step's ids where the other's race left them,
+        and a step that follows one of the other kind needs no copy before its replay."""
         self.model = model
         self.backend = backend
         self.sizes = mixed_token_sizes(max_tokens)
@@ -49,24 +53,27 @@ class MixedGraphRunner:
         self.max_model_len = max_model_len
         self.max_blocks = -(-max_model_len // block_size)
         self.device = device
-        i32, i64 = dict(dtype=torch.int32, device=device), dict(dtype=torch.int64, device=device)
         t, r = self.max_tokens, max_reqs
         # sample_index: the token row of each sampling request, in sampling order; feed: which input
-        # ids (row 0) take which of the previous step's sampled ids (row 1)
+        # ids (row 0) take which of the previous step's sampled ids (row 1; -1: none), in the graph
         self.inputs = PackedInputs({
             "input_ids": ((t,), torch.int64), "positions": ((t,), torch.int64), "slot_mapping": ((t,), torch.int64),
-            "sample_index": ((r,), torch.int64), "keys": ((r,), torch.int64), "feed": ((2, r), torch.int64),
+            "sample_index": ((r,), torch.int64), "keys": ((r,), torch.int64), "feed": ((2, r), torch.int32),
             "query_start_loc": ((r + 1,), torch.int32), "seq_lens": ((r,), torch.int32),
-            "temperature": ((r,), torch.float32)}, device)
+            "temperature": ((r,), torch.float32)}, device, table=(r, self.max_blocks))
         dev = self.inputs.device_views
         self.input_ids, self.positions, self.slot_mapping = dev["input_ids"], dev["positions"], dev["slot_mapping"]
         self.sample_index, self.keys, self._feed = dev["sample_index"], dev["keys"], dev["feed"]
         self.query_start_loc, self.seq_lens, self.temperature = dev["query_start_loc"], dev["seq_lens"], dev["temperature"]
+        self.block_tables = dev[PackedInputs.TABLE]
         self.slot_mapping.fill_(-1)
-        self.block_tables = torch.zeros(r, self.max_blocks, **i32)
-        self.sampled = torch.zeros(r, **i64)
+        self._feed[1].fill_(-1)
+        if sampled is None or sampled.numel() < r:
+            sampled = torch.zeros(r, dtype=torch.int64, device=device)
+        self.sampled = sampled
         self.logits: torch.Tensor | None = None  # [max_reqs, vocab], shared by every graph
         self._race = race_kernel()
+        self._feed_ids = feed_kernel()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
 
     def _meta(self, tokens: int) -> AttentionMetadata:
@@ -79,13 +86,14 @@ class MixedGraphRunner:
             is_decode_only=False, zero_unowned_rows=True)
 
     def _forward(self, tokens: int) -> None:
+        self._feed_ids(self.input_ids, self._feed, self.sampled)
         hidden = self.model(self.input_ids[:tokens], self.positions[:tokens], self._meta(tokens))
         logits = self.model.compute_logits(hidden.index_select(0, self.sample_index))  # [max_reqs, vocab]
         if self.logits is None:
             self.logits = torch.empty_like(logits)
         self.logits.copy_(logits)
         if self._race is not None:
-            self._race(self.logits, self.keys, self.temperature, out=self.sampled)
+            self._race(self.logits, self.keys, self.temperature, out=self.sampled[: self.max_reqs])
 
     def capture(self) -> None:
         start = time.perf_counter()
@@ -104,8 +112,8 @@ class MixedGraphRunner:
     def run(self, step: StepInputs, prev_sampled: torch.Tensor | None,
             sampling: tuple[np.ndarray, np.ndarray] | None) -> torch.Tensor | None:
         """Logits [num sampling rows, vocab] (None when no row samples); with `sampling` (per sampling row: temperature, key)
-        the graph also samples them into `self.sampled[:num sampling rows]` (the next replay
-        overwrites it)."""
+        the graph also samples them into `self.sampled[:num sampling rows]` (the next replay of
+        either kind reads it, its feed, then overwrites it)."""
         n_tok, n_req, n_smp = int(step.query_start_loc[-1]), len(step.req_ids), len(step.sample_rows)
         tokens = self.sizes[int(np.searchsorted(self.sizes, n_tok))]
         # padded tokens: slot -1, no request; padded requests: empty query range, no context
@@ -121,10 +129,8 @@ class MixedGraphRunner:
         host["sample_index"][:n_smp] = step.query_start_loc[1:][step.sample_rows] - 1
         host["sample_index"][n_smp:] = 0
         num_fed = stage_sampling_and_feed(host, step, sampling, n_smp)
-        self.inputs.upload()
-        self.block_tables[:n_req, : step.block_table.shape[1]].copy_(torch.from_numpy(step.block_table),
-                                                                     non_blocking=True)
-        feed_inflight(self.input_ids, self._feed, prev_sampled, num_fed)
+        self.inputs.upload(step.block_table)
+        feed_inputs(self.sampled, prev_sampled, num_fed)
         self.graphs[tokens].replay()
         assert self.logits is not None
         return self.logits[:n_smp] if n_smp else None

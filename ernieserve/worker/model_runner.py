@@ -35,14 +35,14 @@ logger = logging.getLogger(__name__)
 @dataclass(slots=True)
 class _PendingStep:
     req_ids: list[str]  # requests that sample, in row order
-    sampled: torch.Tensor | None  # [len(req_ids)] int64 on the device
+    sampled: torch.Tensor | None  # [len(req_ids)] int64 on the device (after a graph step: a view of its buffer)
     logprobs: LogprobsTensors | None
     prompt_logprobs: dict[str, LogprobsLists]
     # each row's requested top logprobs, kept here: a request preempted or finished while its
     # token is in flight has no state any more when the token is read, but its logprob still counts
     num_logprobs: list[int | None] = field(default_factory=list)
     # CUDA: pinned host copies of `sampled` (and the logprobs), queued right behind the sampler, and
-    # the event that marks them done (see _queue_host_copies)
+    # the event that marks them done; CPU: a copy of `sampled` (see _queue_host_copies)
     host: tuple[torch.Tensor, ...] | None = None
     copied: torch.cuda.Event | None = None
     # ERNIESERVE_STEP_STATS on CUDA: the step's kind and the events around its device work
@@ -159,13 +159,14 @@ class ModelRunner:
             logger.info("CUDA graphs: off (%s)", "eager mode" if dev.enforce_eager else f"{self.backend.name} backend")
             return
         sizes = list(dev.cudagraph_capture_sizes or default_capture_sizes(self.config.scheduler.max_num_seqs))
-        self.graphs = CudaGraphRunner(self.model, self.backend, sizes, self.config.scheduler.max_model_len,
-                                      self.block_size, self.device)
+        sched = self.config.scheduler
+        self.graphs = CudaGraphRunner(self.model, self.backend, sizes, sched.max_model_len, self.block_size,
+                                      self.device, sampled_rows=sched.max_num_seqs)
         self.graphs.capture()
-        if self._mixed_graphs_wanted():
-            sched = self.config.scheduler
+        if self._mixed_graphs_wanted():  # sharing the decode graphs' sampled ids (their feed reads them)
             self.mixed_graphs = MixedGraphRunner(self.model, self.backend, sched.max_num_batched_tokens,
-                                                 sched.max_num_seqs, sched.max_model_len, self.block_size, self.device)
+                                                 sched.max_num_seqs, sched.max_model_len, self.block_size, self.device,
+                                                 sampled=self.graphs.sampled)
             self.mixed_graphs.capture()
 
     def _mixed_graphs_wanted(self) -> bool:
@@ -343,8 +344,8 @@ class ModelRunner:
             rows = torch.tensor(step.sample_rows, dtype=torch.int64).to(self.device, non_blocking=True)
             logits = logits.index_select(0, rows)
             sampled = self.graphs.sampled[:n].index_select(0, rows) if sampling is not None else None
-        else:  # a copy: the next replay overwrites the graph's buffer before this step's ids are read
-            sampled = self.graphs.sampled[:n].clone() if sampling is not None else None
+        else:  # a view, no copy: see _queue_host_copies
+            sampled = self.graphs.sampled[:n] if sampling is not None else None
         return logits, sampled
 
     def _run_mixed_graph(self, step: StepInputs, prev_sampled: torch.Tensor | None,
@@ -354,8 +355,7 @@ class ModelRunner:
         logits = self.mixed_graphs.run(step, prev_sampled, sampling)  # [num sampling rows, vocab]
         if logits is None or sampling is None:
             return logits, None
-        # a copy: the next replay overwrites the graph's buffer before this step's ids are read
-        return logits, self.mixed_graphs.sampled[: len(sample_states)].clone()
+        return logits, self.mixed_graphs.sampled[: len(sample_states)]  # a view, no copy: see _queue_host_copies
 
     def _wants_prompt_logprobs(self, step: StepInputs) -> bool:
         return any(self.states[rid].sampling_params.prompt_logprobs is not None for rid in step.req_ids)
@@ -364,8 +364,17 @@ class ModelRunner:
         """Queue the sampled ids' (and logprobs') copies to pinned host memory now, right behind the
         sampler. Reading them later waits for this step's work only: a plain .tolist() at collect
         time would queue behind the NEXT step's kernels, already launched, and the host would wait
-        for both steps, which serialises host and device work again."""
-        if pending.sampled is None or not pending.sampled.is_cuda:
+        for both steps, which serialises host and device work again.
+
+        A graph step's `sampled` is a view of the graph runners' buffer, which the next replay
+        overwrites (after its feed has read it). Everything that reads it is queued before that
+        replay: this copy, the TP broadcast (in place, so that every rank's next feed reads rank
+        0's ids) and the next step's feed (in its graph, or eagerly before it). On CPU, where
+        `_collect` reads the tensor itself after the next step ran, it is copied here."""
+        if pending.sampled is None:
+            return
+        if not pending.sampled.is_cuda:
+            pending.host = (pending.sampled.clone(),)
             return
         lp = pending.logprobs
         tensors = (pending.sampled,) if lp is None else (pending.sampled, lp.token_ids, lp.logprobs, lp.ranks)
@@ -386,8 +395,8 @@ class ModelRunner:
             sampled = pending.host[0].tolist()
             lp = (pending.host[1].tolist(), pending.host[2].tolist(), pending.host[3].tolist()) \
                 if pending.logprobs is not None else None
-        else:  # CPU
-            sampled = pending.sampled.tolist()
+        else:  # CPU: the copy taken at launch
+            sampled = pending.host[0].tolist()
             lp = pending.logprobs.tolists() if pending.logprobs is not None else None
         if self.step_times is not None:
             self.step_times.add("wait", time.perf_counter() - t0)

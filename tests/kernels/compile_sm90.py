@@ -289,7 +289,7 @@ def run_cases(s: Session) -> None:
     import torch
 
     from ernieserve.kernels import activation, fp8_matmul as f8, fused_norm, paged_attention as pa
-    from ernieserve.kernels import gemv, quant_matmul as qm, rotary, sampling
+    from ernieserve.kernels import gemv, quant_matmul as qm, rotary, sampling, step_feed
     from ernieserve.layers.moe import fused_moe as fm, fused_moe_quant as fmq, moe_gemv
     from ernieserve.layers.moe.router import RouterConfig
 
@@ -401,6 +401,12 @@ def run_cases(s: Session) -> None:
             with s.in_case(f"gumbel_race {str(dtype)[6:]} rows={rows}"):
                 sampling.gumbel_race(zeros(rows, 103424, dtype=dtype), torch.zeros(rows, dtype=torch.int64),
                                      torch.ones(rows))
+
+    # ---- the in-flight feed at the start of a decode graph (pairs = batch size) and a mixed one
+    for tokens, pairs in ((1, 1), (256, 256), (2048, 256)):
+        with s.in_case(f"feed_prev_ids tokens={tokens} pairs={pairs}"):
+            step_feed.feed_prev_ids(torch.zeros(tokens, dtype=torch.int64), torch.zeros(2, pairs, dtype=torch.int32),
+                                    torch.zeros(256, dtype=torch.int64))
 
     # ---- weight-only GEMM: int8 / int4, per channel and group 128; decode tiles with split K 1 and
     # 4 (and the policy's own split at this shape), and the prefill tiles

@@ -50,7 +50,8 @@ def _engine(model, monkeypatch, graphs: bool, budget: int, blocks: int = 64) -> 
               num_gpu_blocks_override=blocks, max_num_batched_tokens=budget, seed=0)
     if graphs:
         runner = llm.llm_engine.core.runner
-        runner.graphs = FakeGraphRunner(runner.model, runner.backend, [1, 2, 4, 8], 128, 16, runner.device)
+        runner.graphs = FakeGraphRunner(runner.model, runner.backend, [1, 2, 4, 8], 128, 16, runner.device,
+                                        sampled_rows=8)
         runner.graphs.capture()
         assert runner.graphs.samples, "the race kernel must be there (Triton)"
     return llm
@@ -75,13 +76,32 @@ def _run(llm: LLM, params: list[SamplingParams]) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in outs]
 
 
+def _count_feeds(monkeypatch) -> list[tuple[int, bool]]:
+    """(ids fed, whether they were copied into the graphs' buffer first) of every graph step."""
+    from ernieserve.worker import cuda_graph, mixed_graph
+
+    feeds: list[tuple[int, bool]] = []
+    feed_inputs = cuda_graph.feed_inputs
+
+    def counted(sampled, prev, num_fed):
+        feeds.append((num_fed, feed_inputs(sampled, prev, num_fed)))
+        return feeds[-1][1]
+
+    monkeypatch.setattr(mixed_graph, "feed_inputs", counted)
+    monkeypatch.setattr(cuda_graph, "feed_inputs", counted)
+    return feeds
+
+
 @pytest.mark.parametrize("budget", [2048, 3], ids=["whole-prompts", "one-token-chunks"])
 def test_in_graph_sampling_equals_eager(tiny_ernie, monkeypatch, budget):
     eager = _run(_engine(tiny_ernie, monkeypatch, False, budget), _params())
     llm = _engine(tiny_ernie, monkeypatch, True, budget)
+    feeds = _count_feeds(monkeypatch)
     graphed = _run(llm, _params())
     assert llm.llm_engine.core.runner.graphs.replays > 0
     assert graphed == eager
+    # decode graphs after decode graphs feed from the view the previous step kept: no copy
+    assert any(n and not copied for n, copied in feeds), feeds
 
 
 def test_full_sampler_on_graph_logits(tiny_ernie, monkeypatch):
@@ -119,7 +139,8 @@ class FakeMixedGraphRunner(MixedGraphRunner):
 def _mixed_engine(model, monkeypatch, budget: int) -> LLM:
     llm = _engine(model, monkeypatch, True, budget)
     runner = llm.llm_engine.core.runner
-    runner.mixed_graphs = FakeMixedGraphRunner(runner.model, runner.backend, budget, 8, 128, 16, runner.device)
+    runner.mixed_graphs = FakeMixedGraphRunner(runner.model, runner.backend, budget, 8, 128, 16, runner.device,
+                                               sampled=runner.graphs.sampled)  # shared, as ModelRunner does
     runner.mixed_graphs.capture()
     return llm
 
@@ -130,9 +151,12 @@ def test_mixed_steps_from_graphs_equal_eager(tiny_ernie, monkeypatch, budget):
     same greedy and seeded tokens as eager, through the packed sampling rows."""
     eager = _run(_engine(tiny_ernie, monkeypatch, False, budget), _params())
     llm = _mixed_engine(tiny_ernie, monkeypatch, budget)
+    feeds = _count_feeds(monkeypatch)
     graphed = _run(llm, _params())
     assert llm.llm_engine.core.runner.mixed_graphs.replays > 0
     assert graphed == eager
+    print(f"\nfeeds (ids, copied): {feeds}")
+    assert any(n and not copied for n, copied in feeds), feeds
 
 
 @pytest.mark.parametrize("experts", ["reference", "fused-triton"])
@@ -176,7 +200,8 @@ def test_graphs_under_preemption(tiny_ernie, monkeypatch):
     assert eager_llm.llm_engine.core.scheduler.num_preempted_total > 0
     llm = _engine(tiny_ernie, monkeypatch, True, 2048, blocks=6)
     runner = llm.llm_engine.core.runner
-    runner.mixed_graphs = FakeMixedGraphRunner(runner.model, runner.backend, 2048, 8, 128, 16, runner.device)
+    runner.mixed_graphs = FakeMixedGraphRunner(runner.model, runner.backend, 2048, 8, 128, 16, runner.device,
+                                               sampled=runner.graphs.sampled)
     runner.mixed_graphs.capture()
     assert _run(llm, _params()) == eager
     assert runner.graphs.replays > 0 and runner.mixed_graphs.replays > 0
