@@ -26,8 +26,7 @@ kernels with the most device time, `ERNIESERVE_PROFILE_ROWS` of them (20), and t
 `ERNIESERVE_PROFILE_TRACE=FILE.json` also writes the timeline for `benchmarks/trace_gaps.py`),
 `ERNIESERVE_DENSE_GEMV_MAX_TOKENS=0` (turns off the one-row decode GEMV of `kernels/gemv.py`, which
 loads its weight before the PDL wait; cuBLAS or the int GEMM then),
-`ERNIESERVE_FUSED_QKV_ROPE=1` (experimental, default 0 = off, not yet measured on a GPU: where that
-GEMV computes an ERNIE layer's qkv projection, one decode row with the Triton attention backend, its
+`ERNIESERVE_FUSED_QKV_ROPE=0` (default 1 = on: where that GEMV computes an ERNIE layer's qkv projection, one decode row with the Triton attention backend, its
 epilogue also applies the rotary to q and k and writes k and v into the KV cache,
 `gemv.gemv_rope_store`, instead of a separate `_rotary_store_kernel` launch; same bits either way),
 `ERNIESERVE_ROUTE_ALIGN_MAX_TOKENS=N` (experimental, default 0 = off; broken on the GPU past one
@@ -40,6 +39,9 @@ the grouped GEMMs one block per expert assignment, `fused_moe.per_assignment_ali
 alignment is computed at all; taken before the router-side alignment),
 `ERNIESERVE_MOE_DOWN_EARLY=0` (default on: the MoE down GEMMs read their block's routing, routing
 weights and scales before the PDL wait, `fused_moe._down_block`),
+`ERNIESERVE_DECODE_ATTN_EARLY=1` (experimental, default off until measured: decode attention reads
+the first tile of the keys and values earlier steps wrote, and the step's lengths and block tables,
+before the PDL wait; only this step's key after it),
 `ERNIESERVE_PDL=0` (turns off programmatic dependent launch, on by default on sm_90+: the decode
 path's Triton kernels may start while the previous kernel finishes, also inside CUDA graphs; see
 `ernieserve/kernels/pdl.py`).
