@@ -19,9 +19,6 @@ caller hands in its scratch buffers, so the decode path can be captured in a CUD
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -164,15 +161,6 @@ def _attend_kv_tile(
     else:
         k = tl.load(k_ptrs)
         v = tl.load(v_ptrs)
-    return _attend_tile_values(q, acc, m_i, l_i, k, v, offs_n, n_ok, q_pos, qk_scale, MASKED, DOT_PRECISION)
-
-
-@triton.jit
-def _attend_tile_values(
-    q, acc, m_i, l_i, k, v,  # k [BLOCK_D, BLOCK_N] (K^T), v [BLOCK_N, BLOCK_D], already loaded
-    offs_n, n_ok, q_pos, qk_scale, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    """The online-softmax step of `_attend_kv_tile` on a loaded tile."""
     s = tl.dot(q, k.to(q.dtype), input_precision=DOT_PRECISION) * qk_scale  # [M, BLOCK_N]
     if MASKED:
         visible = (offs_n[None, :] <= q_pos[:, None]) & n_ok[None, :]
@@ -321,21 +309,15 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_PAD: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, PDL: tl.constexpr = False,
-    EARLY: tl.constexpr = False,
 ):
     # Decode-only steps: request r's single new token is query row r.
     req = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
-    # q and this step's K/V (written by the projection's or the rotary + store kernel) are the
-    # previous kernel's, and so are the split counters (the previous split-K kernel puts its
-    # counters back to zero at its very end): after the wait, on every program. EARLY: seq_lens and
-    # block tables (this step's uploaded inputs, copied before its first kernel) and the keys and
-    # values earlier steps wrote are read before it: everything but the previous kernel has
-    # completed when this kernel's programs run (kernels/pdl.py: a kernel lets the next one launch
-    # only after its own wait). Without EARLY: everything after the wait.
-    if not EARLY:
-        pdl_wait(PDL)
+    # seq_lens, block tables, q and the KV cache (just written by the rotary + store kernel) are all
+    # earlier kernels' or copies', and so are the split counters (the previous split-K kernel puts
+    # its counters back to zero at its very end): wait before any of them, on every program
+    pdl_wait(PDL)
     seq_len = tl.load(seq_lens_ptr + req)  # the new token sees all seq_len keys, itself included
     # each request cuts its own context into BLOCK_N-aligned ranges of split_len keys; only the
     # first `used` splits hold keys (a CUDA graph fixes num_splits for the longest context, most
@@ -343,33 +325,17 @@ def _decode_split_kernel(
     # itself. Split 0 always runs, so a padded request (seq_len 0) gets a zero row.
     split_len = tl.maximum(tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N, BLOCK_N)
     used = tl.maximum(tl.cdiv(seq_len, split_len), 1)
-    n_begin = split * split_len
-    n_end = tl.minimum(n_begin + split_len, seq_len)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    row = req.to(tl.int64)
-    bt_row = block_tables_ptr + row * stride_bt
-    kv_head_off = kvh * stride_ch
-    if EARLY:
-        # the split's first tile, but for the newest key: loaded before the wait, that one after it
-        offs_n0 = n_begin + tl.arange(0, BLOCK_N)
-        n_ok0 = offs_n0 < n_end  # none in an unused split (n_begin >= seq_len)
-        blk0 = tl.load(bt_row + offs_n0 // BLOCK_SIZE, mask=n_ok0, other=0)
-        kv_off0 = blk0.to(tl.int64) * stride_cb + (offs_n0 % BLOCK_SIZE) * stride_cs + kv_head_off
-        k_ptrs0 = k_cache_ptr + kv_off0[None, :] + offs_d[:, None]  # [BLOCK_D, BLOCK_N]: K^T
-        v_ptrs0 = v_cache_ptr + kv_off0[:, None] + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
-        old = n_ok0 & (offs_n0 < seq_len - 1)  # written by earlier steps
-        k0 = tl.load(k_ptrs0, mask=old[None, :] & d_ok[:, None], other=0.0)
-        v0 = tl.load(v_ptrs0, mask=old[:, None] & d_ok[None, :], other=0.0)
-        pdl_wait(PDL)
-        new = n_ok0 & (offs_n0 == seq_len - 1)  # this step's key and value
-        k0 = tl.where(new[None, :], tl.load(k_ptrs0, mask=new[None, :] & d_ok[:, None], other=0.0), k0)
-        v0 = tl.where(new[:, None], tl.load(v_ptrs0, mask=new[:, None] & d_ok[None, :], other=0.0), v0)
     if split < used:
+        n_begin = split * split_len
+        n_end = tl.minimum(n_begin + split_len, seq_len)
+
         offs_g = tl.arange(0, GROUP_PAD)  # [GROUP_PAD] rows: query heads of this kv head (padded for tl.dot)
         head = kvh * GROUP + offs_g
         g_ok = offs_g < GROUP
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < HEAD_DIM
         mask = g_ok[:, None] & d_ok[None, :]
+        row = req.to(tl.int64)
         q = tl.load(q_ptr + row * stride_qt + head[:, None] * stride_qh + offs_d[None, :], mask=mask,
                     other=0.0)  # [GROUP_PAD, BLOCK_D]
         if DOT_FP32:
@@ -381,17 +347,14 @@ def _decode_split_kernel(
         # every key of the split is visible to the new token: only the split's ragged last tile is masked
         q_pos = tl.full([GROUP_PAD], 0, tl.int32) + (seq_len - 1)
         full_end = n_begin + tl.maximum(n_end - n_begin, 0) // BLOCK_N * BLOCK_N
-        first = n_begin
-        if EARLY:  # the first tile, loaded above (masked: the same values as an unmasked full tile)
-            acc, m_i, l_i = _attend_tile_values(q, acc, m_i, l_i, k0, v0, offs_n0, n_ok0, q_pos, qk_scale,
-                                                True, DOT_PRECISION)
-            first = n_begin + BLOCK_N
-        for n0 in range(first, full_end, BLOCK_N):
+        bt_row = block_tables_ptr + row * stride_bt
+        kv_head_off = kvh * stride_ch
+        for n0 in range(n_begin, full_end, BLOCK_N):
             acc, m_i, l_i = _attend_kv_tile(
                 q, acc, m_i, l_i, n0, n_end, q_pos, k_cache_ptr, v_cache_ptr, bt_row, kv_head_off, qk_scale,
                 stride_cb, stride_cs, HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D, False, DOT_PRECISION,
             )
-        for n0 in range(tl.maximum(full_end, first), n_end, BLOCK_N):
+        for n0 in range(full_end, n_end, BLOCK_N):
             acc, m_i, l_i = _attend_kv_tile(
                 q, acc, m_i, l_i, n0, n_end, q_pos, k_cache_ptr, v_cache_ptr, bt_row, kv_head_off, qk_scale,
                 stride_cb, stride_cs, HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D, True, DOT_PRECISION,
@@ -462,7 +425,6 @@ def paged_attention_decode(
     out: torch.Tensor | None = None,  # [num_tokens, num_heads, head_dim]
     scratch: torch.Tensor | None = None,  # flat fp32, >= num_reqs * num_heads * num_splits * (head_dim + 1)
     block_n: int | None = None,
-    early: bool | None = None,  # EARLY of the kernel; None: decode_early_enabled()
 ) -> torch.Tensor:
     """Split-K decode attention. Grid (num_reqs, num_kv_heads, num_splits); each request uses as
     many of the splits as its context fills, and the last of them to finish combines them by
@@ -502,7 +464,6 @@ def paged_attention_decode(
         p_strides, l_strides = (0, 0, 0), (0, 0)
 
     assert num_reqs * num_kv_heads <= split_k.MAX_TILES and 1 <= num_splits <= MAX_DECODE_SPLITS
-    early = decode_early_enabled() if early is None else early
     _decode_split_kernel[(num_reqs, num_kv_heads, num_splits)](
         query, k_cache, v_cache, out, part_out, part_lse, counters,
         seq_lens, block_tables,
@@ -513,14 +474,6 @@ def paged_attention_decode(
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_N=block_n, BLOCK_D=block_d, SPLIT_PAD=triton.next_power_of_2(MAX_DECODE_SPLITS),
         DOT_PRECISION=_dot_precision(query.dtype), DOT_FP32=_dot_in_fp32(query),
-        EARLY=early, num_warps=4, num_stages=3, **pdl_launch(pdl_enabled(query.device)),
+        num_warps=4, num_stages=3, **pdl_launch(pdl_enabled(query.device)),
     )
     return out
-
-
-@functools.cache
-def decode_early_enabled() -> bool:
-    """ERNIESERVE_DECODE_ATTN_EARLY=1: decode attention reads its first tile of earlier steps' keys
-    and values (and the seq_lens and block tables) before the PDL wait (`_decode_split_kernel`'s
-    EARLY). Off by default until measured on a GPU."""
-    return os.environ.get("ERNIESERVE_DECODE_ATTN_EARLY", "0").strip().lower() in ("1", "true", "yes", "on")

@@ -374,10 +374,6 @@ def run_cases(s: Session) -> None:
             with s.in_case(f"{label} {tag}"):
                 pa.paged_attention_decode(dq, k_cache, v_cache, seq_lens, block_tables, 0.088, splits,
                                           out=torch.zeros_like(dq), scratch=scratch)
-        # the first tile of earlier steps' keys and values read before the PDL wait
-        with s.in_case(f"paged_attention_decode num_splits=8 early {tag}"):
-            pa.paged_attention_decode(dq, k_cache, v_cache, seq_lens, block_tables, 0.088, 8,
-                                      out=torch.zeros_like(dq), scratch=torch.empty(4096 * 64), early=True)
 
     # ---- elementwise: hidden 2560 (21B-A3B) and 1024 (0.3B), per-head q/k norm over head_dim 128
     for hidden in (1024, 2560):

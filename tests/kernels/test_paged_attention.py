@@ -175,30 +175,6 @@ def test_decode_split_k(heads, kv_heads, head_dim, block_size, dtype, num_splits
     assert torch.equal(again, out)
 
 
-@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size,dtype,num_splits", DECODE_CASES)
-@pytest.mark.parametrize("block_n", [16, 64])
-def test_decode_early_reads_give_the_same_bits(heads, kv_heads, head_dim, block_size, dtype, num_splits,
-                                               block_n) -> None:
-    """EARLY (ERNIESERVE_DECODE_ATTN_EARLY): the first tile of earlier steps' keys and values read
-    before the PDL wait, the newest key after it, merged in registers. Same bits as reading all after
-    it, with contexts that end inside, at the edge of and past the first tile, a padded request and
-    splits left unused."""
-    ctx_lens = [0, 15, 16, 37, 150]  # seq lens 1, 16, 17, 38, 151
-    q, k, v, cache, meta = make_step(ctx_lens, [1] * 5, heads, kv_heads, head_dim, block_size, dtype)
-    store_kv(k, v, cache, meta.slot_mapping)
-    seq_lens = torch.cat([meta.seq_lens, torch.zeros(1, dtype=torch.int32)])  # + a padded request
-    tables = torch.cat([meta.block_tables, torch.zeros_like(meta.block_tables[:1])])
-    q6 = torch.cat([q, torch.randn(1, heads, head_dim).to(dtype)])
-    late = pa.paged_attention_decode(q6, cache[0], cache[1], seq_lens, tables, head_dim**-0.5, num_splits,
-                                     block_n=block_n, early=False)
-    early = pa.paged_attention_decode(q6, cache[0], cache[1], seq_lens, tables, head_dim**-0.5, num_splits,
-                                      block_n=block_n, early=True)
-    assert torch.equal(early, late)
-    ref = paged_attention_ref(q, cache, meta, head_dim**-0.5)
-    torch.testing.assert_close(early[:5].float(), ref.float(), **TOL[dtype])
-    assert torch.all(early[5] == 0)
-
-
 def test_decode_padded_request_gives_zeros_and_uses_given_scratch() -> None:
     q, k, v, cache, meta = make_step([20, 45], [1, 1], 4, 2, 64, 16, torch.float32)
     store_kv(k, v, cache, meta.slot_mapping)
