@@ -155,7 +155,8 @@ class Layer:
                 block_m = fm.choose_tile_config(t * (TOP_K + SHARED), EXPERTS + SHARED).block_m
                 alignment = fm.per_assignment_alignment(ids, EXPERTS + SHARED, block_m)
                 assert alignment is not None
-        slots = fused_moe_triton(h2, self.w13, self.w2, weights, ids, sum_slots=False, alignment=alignment)
+        slots = fused_moe_triton(h2, self.w13, self.w2, weights, ids, sum_slots=False, alignment=alignment,
+                                 shared_slots=SHARED)
         h3, res3 = rms_norm(slots, self.ln3, EPS, residual=res2)
         act = silu_and_mul(h3)
         return {"h": h, "res1": res1, "q": q, "attn": attn, "o": o, "h2": h2, "weights": weights, "ids": ids,
@@ -233,6 +234,8 @@ def test_decode_layer_chain_moe_shortcuts_keep_the_bits(tokens: int, moe_alignme
     with pdl.override(False):
         want = _snapshot(layer.step(caches[False]))
     monkeypatch.setattr(fm, "down_early", lambda: down_early)
+    # with one block per assignment, the shared experts' gate/up blocks before the wait too
+    monkeypatch.setattr(fm, "shared_early", lambda: True)
     with pdl.override(True):
         got = _snapshot(layer.step(caches[True], moe_alignment))
         torch.cuda.synchronize()

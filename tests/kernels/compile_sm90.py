@@ -492,6 +492,15 @@ def run_cases(s: Session) -> None:
         with s.in_case("fused_moe_triton bf16 T=1 down early, one block per assignment"):
             fm.fused_moe_triton(zeros(1, H), w13, w2, weights, ids,
                                 alignment=fm.per_assignment_alignment(ids, E, fm.choose_tile_config(top_k, E).block_m))
+        # ... and the folded shared experts' gate/up blocks before the wait (ERNIESERVE_MOE_SHARED_EARLY)
+        real_shared_early = fm.shared_early
+        fm.shared_early = lambda: True
+        try:
+            with s.in_case("fused_moe_triton bf16 T=1 shared experts early"):
+                fm.fused_moe_triton(zeros(1, H), w13, w2, weights, ids, shared_slots=2,
+                                    alignment=fm.per_assignment_alignment(ids, E, fm.choose_tile_config(top_k, E).block_m))
+        finally:
+            fm.shared_early = real_shared_early
         for scheme in (fmq.ExpertScheme.WINT8, fmq.ExpertScheme.WINT4):
             experts = fmq.QuantizedExperts.empty(scheme, 0, E, H, I, cpu)
             t = fmq.choose_quant_tiles(top_k, E, experts, cuda)

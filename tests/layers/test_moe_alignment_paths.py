@@ -111,3 +111,30 @@ def test_quantized_down_reads_early_with_the_same_bits(monkeypatch: pytest.Monke
     assert torch.equal(early, late)
     ref = fmq.fused_moe_quant_ref(x, experts, weights, ids)
     torch.testing.assert_close(early.float(), ref.float(), rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("num_tokens", [1, 3])
+def test_shared_experts_computed_before_the_wait_keep_the_bits(monkeypatch: pytest.MonkeyPatch,
+                                                               num_tokens: int) -> None:
+    """ERNIESERVE_MOE_SHARED_EARLY: with one block per assignment the folded shared experts' gate/up
+    blocks take their expert, token and row from the slot alone (before the PDL wait on the GPU);
+    the output keeps its bits."""
+    assert not fm.SHARED_EARLY  # off by default until measured on a GPU
+    block = folded_block()
+    x = torch.randn(num_tokens, 64, generator=torch.Generator().manual_seed(20 + num_tokens)).to(torch.bfloat16)
+    off, _ = run_block(block, x, monkeypatch, 0, static_max_tokens=num_tokens)
+    monkeypatch.setattr(fm, "shared_early", lambda: True)
+    launches = []
+    real = fm._gate_up_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append(kwargs.get("SHARED_SLOT0", 0))
+                return real[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(fm, "_gate_up_kernel", Spy())
+    on, _ = run_block(block, x, monkeypatch, 0, static_max_tokens=num_tokens)
+    assert launches == [block.experts.top_k]  # the 4 routed slots, then the 2 shared ones
+    assert torch.equal(on, off)

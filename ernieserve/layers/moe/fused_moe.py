@@ -384,24 +384,11 @@ if HAS_TRITON:
         pid_n = (pid % per_group) // size_m
         return pid_m, pid_n
 
-    @triton.jit(do_not_specialize=["N", "num_pid_m"])
-    def _gate_up_kernel(
-        x_ptr, w_ptr, out_ptr, sorted_ptr, block_expert_ptr, total_ptr,
-        N, H, I, num_pid_m, stride_xt, stride_we, stride_wn,
-        TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, PDL: tl.constexpr = False,
-    ):
-        pid_m, pid_n = _block_coords(num_pid_m, tl.cdiv(I, BLOCK_N), GROUP_M)
-        # before the padded total (the align kernel's): every program waits, the spare ones too
-        pdl_wait(PDL)
-        if pid_m * BLOCK_M >= tl.load(total_ptr):
-            return
-        expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
-        ids = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))  # [BLOCK_M] assignments
-        row_ok = ids < N
-        tokens = (ids // TOP_K).to(tl.int64)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < I
+    @triton.jit
+    def _gate_up_tile(x_ptr, w_ptr, expert, tokens, row_ok, offs_n, n_ok, H, I, stride_xt, stride_we, stride_wn,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
+        """silu(gate) * up of one block's token rows and BLOCK_N intermediate columns, float32."""
         offs_k = tl.arange(0, BLOCK_K)
         a_ptrs = x_ptr + tokens[:, None] * stride_xt + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
         g_ptrs = w_ptr + expert * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
@@ -420,7 +407,47 @@ if HAS_TRITON:
             a_ptrs += BLOCK_K
             g_ptrs += BLOCK_K
             u_ptrs += BLOCK_K
-        act = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u  # silu(gate) * up, float32
+        return acc_g / (1.0 + tl.exp(-acc_g)) * acc_u  # silu(gate) * up, float32
+
+    @triton.jit(do_not_specialize=["N", "num_pid_m"])
+    def _gate_up_kernel(
+        x_ptr, w_ptr, out_ptr, sorted_ptr, block_expert_ptr, total_ptr,
+        N, H, I, num_pid_m, stride_xt, stride_we, stride_wn,
+        TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, PDL: tl.constexpr = False,
+        SHARED_SLOT0: tl.constexpr = 0, SHARED_EXPERT0: tl.constexpr = 0,
+    ):
+        """SHARED_SLOT0 > 0: the alignment is one block per assignment (per_assignment_alignment) and
+        slots SHARED_SLOT0.. of every token are the folded shared experts SHARED_EXPERT0.. : their
+        blocks know their expert, token and row without the router, and x (the norm's, two launches
+        back: it has completed, see kernels/pdl.py) is there too, so they compute their whole tile
+        before the PDL wait, while the router still runs, and only store after it. The routed blocks
+        wait for the router's ids first."""
+        pid_m, pid_n = _block_coords(num_pid_m, tl.cdiv(I, BLOCK_N), GROUP_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < I
+        if SHARED_SLOT0 > 0:
+            slot = pid_m % TOP_K
+            if slot >= SHARED_SLOT0:  # a shared expert's block: all of it before the wait
+                ids = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, N)  # its one assignment at its head
+                row_ok = ids < N
+                expert = (slot - SHARED_SLOT0 + SHARED_EXPERT0).to(tl.int64)
+                act = _gate_up_tile(x_ptr, w_ptr, expert, (ids // TOP_K).to(tl.int64), row_ok, offs_n, n_ok,
+                                    H, I, stride_xt, stride_we, stride_wn, BLOCK_M, BLOCK_N, BLOCK_K,
+                                    DOT_PRECISION, DOT_FP32)
+                pdl_wait(PDL)  # the output may reuse memory an earlier kernel still touches: store after it
+                out_ptrs = out_ptr + ids[:, None].to(tl.int64) * I + offs_n[None, :]
+                tl.store(out_ptrs, act.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+                return
+        # before the padded total (the align kernel's): every program waits, the spare ones too
+        pdl_wait(PDL)
+        if pid_m * BLOCK_M >= tl.load(total_ptr):
+            return
+        expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+        ids = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))  # [BLOCK_M] assignments
+        row_ok = ids < N
+        act = _gate_up_tile(x_ptr, w_ptr, expert, (ids // TOP_K).to(tl.int64), row_ok, offs_n, n_ok, H, I,
+                            stride_xt, stride_we, stride_wn, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, DOT_FP32)
         out_ptrs = out_ptr + ids[:, None].to(tl.int64) * I + offs_n[None, :]
         tl.store(out_ptrs, act.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
@@ -584,6 +611,19 @@ def down_early() -> bool:
     return DOWN_EARLY if value is None else value.strip().lower() not in ("0", "false", "no", "off", "")
 
 
+# Whether the bf16 gate/up GEMM computes the folded shared experts' blocks before the PDL wait when
+# the alignment is one block per assignment (`_gate_up_kernel`'s SHARED_SLOT0): they need neither
+# the router's ids nor its weights, so they can run while the router does. Off by default until
+# measured on a GPU; ERNIESERVE_MOE_SHARED_EARLY=1 turns it on.
+SHARED_EARLY = False
+
+
+@functools.cache
+def shared_early() -> bool:
+    value = os.environ.get("ERNIESERVE_MOE_SHARED_EARLY")
+    return SHARED_EARLY if value is None else value.strip().lower() not in ("0", "false", "no", "off", "")
+
+
 @functools.lru_cache(maxsize=64)
 def _one_block_each(num_assignments: int, block_m: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(sorted_ids [n * block_m]: assignment m at the head of block m, the rest padding (= n);
@@ -606,7 +646,7 @@ def per_assignment_alignment(topk_ids: torch.Tensor, num_experts: int, block_m: 
     if n == 0 or n > num_experts or topk_ids.dtype != torch.int32 or not topk_ids.is_contiguous():
         return None
     sorted_ids, total = _one_block_each(n, block_m, topk_ids.device)
-    return Alignment(sorted_ids, topk_ids.view(-1), total, block_m)
+    return Alignment(sorted_ids, topk_ids.view(-1), total, block_m, per_assignment=True)
 
 
 def route_align_supported(num_tokens: int, num_slots: int) -> bool:
@@ -741,6 +781,7 @@ class Alignment(NamedTuple):
     block_expert: torch.Tensor  # [cdiv(cap, block_m)] int32
     total: torch.Tensor  # [1] int32
     block_m: int
+    per_assignment: bool = False  # per_assignment_alignment's layout: block m is assignment m alone
 
 
 def align_buffers(num_assignments: int, num_experts: int, block_m: int, device: torch.device) -> Alignment:
@@ -769,7 +810,7 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[t
     """(sorted_ids [cap] int32, block_expert [cap // block_m] int32, padded total [1] int32)."""
     n = topk_ids.numel()
     dev = topk_ids.device
-    sorted_ids, block_expert, total, _ = align_buffers(n, num_experts, block_m, dev)
+    sorted_ids, block_expert, total = align_buffers(n, num_experts, block_m, dev)[:3]
     _moe_align_kernel[(num_experts,)](
         topk_ids.reshape(-1), sorted_ids, block_expert, total, n, num_experts,
         BLOCK_M=block_m, NUM_BINS=triton.next_power_of_2(num_experts + 1), CHUNK=1024 if n > 256 else 256,
@@ -787,13 +828,17 @@ def fused_moe_triton(
     foreign_experts: bool = False,
     sum_slots: bool = True,
     alignment: Alignment | None = None,
+    shared_slots: int = 0,
 ) -> torch.Tensor:  # [T, H], or [T, K, H] with sum_slots=False
     """foreign_experts: some ids equal E, experts held by another rank (expert parallelism); the
     align kernel leaves them out (the spare bin) and their output rows stay zero.
     sum_slots=False: the weighted per-slot outputs [T, K, H], for a consumer that adds them up
     itself (the next RMSNorm: layers/moe/layer.py), which saves the reduction's launch.
     alignment: moe_align's outputs for topk_ids already made (triton_route_align), for the tiles'
-    block_m: the align launch is skipped."""
+    block_m: the align launch is skipped.
+    shared_slots: the last shared_slots columns of topk_ids are folded shared experts (the last
+    expert ids, weight 1: MoEBlock); with a per-assignment alignment their gate/up blocks run before
+    the router's ids are waited for (`_gate_up_kernel`'s SHARED_SLOT0, shared_early())."""
     num_tokens, hidden = x.shape
     num_experts, inter = w13.shape[0], w2.shape[2]
     top_k = topk_ids.shape[1]
@@ -814,11 +859,15 @@ def fused_moe_triton(
 
     act = torch.empty(n, inter, dtype=x.dtype, device=x.device)  # [N, I], assignment order
     t1 = fit_tile(tiles.gate_up, bm, 2, x.element_size())  # gate and up tiles
+    early = {}
+    if shared_slots and alignment is not None and alignment.per_assignment and shared_early():
+        early = {"SHARED_SLOT0": top_k - shared_slots, "SHARED_EXPERT0": num_experts - shared_slots}
     _gate_up_kernel[(num_pid_m * triton.cdiv(inter, t1.block_n),)](
         x, w13, act, sorted_ids, block_expert, total, n, hidden, inter, num_pid_m,
         x.stride(0), w13.stride(0), w13.stride(1),
         TOP_K=top_k, BLOCK_M=bm, BLOCK_N=t1.block_n, BLOCK_K=t1.block_k, GROUP_M=tiles.group_m,
-        DOT_PRECISION=precision, DOT_FP32=dot_fp32, num_warps=t1.num_warps, num_stages=t1.num_stages, **pdl)
+        DOT_PRECISION=precision, DOT_FP32=dot_fp32, num_warps=t1.num_warps, num_stages=t1.num_stages,
+        **early, **pdl)
 
     alloc = torch.zeros if foreign_experts else torch.empty  # foreign rows are never written
     per_slot = alloc(n, hidden, dtype=x.dtype, device=x.device)  # [N, H], weighted

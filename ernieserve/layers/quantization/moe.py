@@ -108,7 +108,7 @@ class UnquantizedMoEMethod(MoEMethod):
         if x.is_cuda:
             return fm.fused_moe_triton(x, layer.w13, layer.w2, topk_weights, topk_ids,
                                        foreign_experts=layer.expert_parallel, sum_slots=sum_slots,
-                                       alignment=alignment)
+                                       alignment=alignment, shared_slots=layer.shared_slots)
         return fm.fused_moe_ref(x, layer.w13, layer.w2, topk_weights, topk_ids)
 
     def align_block_m(self, layer: FusedMoE, num_tokens: int, num_slots: int) -> int | None:
