@@ -39,9 +39,8 @@ the grouped GEMMs one block per expert assignment, `fused_moe.per_assignment_ali
 alignment is computed at all; taken before the router-side alignment),
 `ERNIESERVE_MOE_DOWN_EARLY=0` (default on: the MoE down GEMMs read their block's routing, routing
 weights and scales before the PDL wait, `fused_moe._down_block`),
-`ERNIESERVE_MOE_SHARED_EARLY=1` (experimental, default off until measured: with one block per
-assignment, the bf16 gate/up GEMM computes the folded shared experts' blocks before the PDL wait,
-while the router runs),
+`ERNIESERVE_MOE_SHARED_EARLY=0` (default on: with one block per assignment, the MoE gate/up GEMM
+computes the folded shared experts' blocks before the PDL wait, while the router runs),
 `ERNIESERVE_PDL=0` (turns off programmatic dependent launch, on by default on sm_90+: the decode
 path's Triton kernels may start while the previous kernel finishes, also inside CUDA graphs; see
 `ernieserve/kernels/pdl.py`).

@@ -496,9 +496,15 @@ def run_cases(s: Session) -> None:
         real_shared_early = fm.shared_early
         fm.shared_early = lambda: True
         try:
+            align = fm.per_assignment_alignment(ids, E, fm.choose_tile_config(top_k, E).block_m)
             with s.in_case("fused_moe_triton bf16 T=1 shared experts early"):
-                fm.fused_moe_triton(zeros(1, H), w13, w2, weights, ids, shared_slots=2,
-                                    alignment=fm.per_assignment_alignment(ids, E, fm.choose_tile_config(top_k, E).block_m))
+                fm.fused_moe_triton(zeros(1, H), w13, w2, weights, ids, shared_slots=2, alignment=align)
+            for scheme in (fmq.ExpertScheme.WINT8, fmq.ExpertScheme.WINT4):
+                experts = fmq.QuantizedExperts.empty(scheme, 0, E, H, I, cpu)
+                t = fmq.choose_quant_tiles(top_k, E, experts, cuda)
+                with s.in_case(f"fused_moe_quant_triton fused {scheme.value} g0 T=1 shared experts early"):
+                    fmq.fused_moe_quant_triton(zeros(1, H), experts, weights, ids, t, path=fmq.QuantMoEPath.FUSED,
+                                               alignment=align, shared_slots=2)
         finally:
             fm.shared_early = real_shared_early
         for scheme in (fmq.ExpertScheme.WINT8, fmq.ExpertScheme.WINT4):

@@ -113,19 +113,22 @@ def test_quantized_down_reads_early_with_the_same_bits(monkeypatch: pytest.Monke
     torch.testing.assert_close(early.float(), ref.float(), rtol=3e-2, atol=3e-2)
 
 
+@pytest.mark.parametrize("quantization", [None, "wint8", "wint4"])
 @pytest.mark.parametrize("num_tokens", [1, 3])
 def test_shared_experts_computed_before_the_wait_keep_the_bits(monkeypatch: pytest.MonkeyPatch,
-                                                               num_tokens: int) -> None:
+                                                               quantization: str | None, num_tokens: int) -> None:
     """ERNIESERVE_MOE_SHARED_EARLY: with one block per assignment the folded shared experts' gate/up
     blocks take their expert, token and row from the slot alone (before the PDL wait on the GPU);
     the output keeps its bits."""
-    assert not fm.SHARED_EARLY  # off by default until measured on a GPU
-    block = folded_block()
+    assert fm.SHARED_EARLY  # on by default (measured on an H100)
+    block = folded_block(quantization)
     x = torch.randn(num_tokens, 64, generator=torch.Generator().manual_seed(20 + num_tokens)).to(torch.bfloat16)
+    monkeypatch.setattr(fm, "shared_early", lambda: False)
     off, _ = run_block(block, x, monkeypatch, 0, static_max_tokens=num_tokens)
     monkeypatch.setattr(fm, "shared_early", lambda: True)
     launches = []
-    real = fm._gate_up_kernel
+    module, name = (fm, "_gate_up_kernel") if quantization is None else (fmq, "_gate_up_quant_kernel")
+    real = getattr(module, name)
 
     class Spy:
         def __getitem__(self, grid):
@@ -134,7 +137,7 @@ def test_shared_experts_computed_before_the_wait_keep_the_bits(monkeypatch: pyte
                 return real[grid](*args, **kwargs)
             return launch
 
-    monkeypatch.setattr(fm, "_gate_up_kernel", Spy())
+    monkeypatch.setattr(module, name, Spy())
     on, _ = run_block(block, x, monkeypatch, 0, static_max_tokens=num_tokens)
     assert launches == [block.experts.top_k]  # the 4 routed slots, then the 2 shared ones
     assert torch.equal(on, off)

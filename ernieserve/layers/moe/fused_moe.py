@@ -613,9 +613,10 @@ def down_early() -> bool:
 
 # Whether the bf16 gate/up GEMM computes the folded shared experts' blocks before the PDL wait when
 # the alignment is one block per assignment (`_gate_up_kernel`'s SHARED_SLOT0): they need neither
-# the router's ids nor its weights, so they can run while the router does. Off by default until
-# measured on a GPU; ERNIESERVE_MOE_SHARED_EARLY=1 turns it on.
-SHARED_EARLY = False
+# the router's ids nor its weights, so they can run while the router does. H100, 21B-A3B batch-1
+# decode (docs/performance.md, 0b7b432, two rounds): bf16 3.021 / 3.017 -> 2.914 / 2.914 ms. On by
+# default; ERNIESERVE_MOE_SHARED_EARLY=0 turns it off.
+SHARED_EARLY = True
 
 
 @functools.cache

@@ -435,30 +435,16 @@ if HAS_TRITON:
                 acc = tl.dot(a0, w, acc)
         return acc
 
-    # Counts that change from step to step are not specialised: Triton would otherwise compile
-    # a variant for each of their classes (1, a multiple of 16, other) at first use, mid-serving.
-    @triton.jit(do_not_specialize=["N", "num_pid_m"])
-    def _gate_up_quant_kernel(
-        a_ptr, as_ptr, w_ptr, ws_ptr, out_ptr, sorted_ptr, block_expert_ptr, total_ptr,
-        N, H, I, num_pid_m, up_scale_row,
+    @triton.jit
+    def _gate_up_quant_tile(
+        a_ptr, as_ptr, w_ptr, ws_ptr, expert, ids, row_ok, offs_n, n_ok, H, I, up_scale_row,
         stride_at, stride_ast, stride_we, stride_wn, stride_wse, stride_wsn,
         TOP_K: tl.constexpr, KIND: tl.constexpr, SCALE_GROUP: tl.constexpr, SCALE_ROWS: tl.constexpr,
         A_SCALED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        GROUP_M: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr = False,
-        INLINE_ASM: tl.constexpr = False, PDL: tl.constexpr = False,
+        DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr, INLINE_ASM: tl.constexpr,
     ):
-        pid_m, pid_n = _block_coords(num_pid_m, tl.cdiv(I, BLOCK_N), GROUP_M)
-        # before the align kernel's padded total, on every program (the spare ones too); the expert
-        # (hence which weight tiles) is only known from block_expert after it
-        pdl_wait(PDL)
-        if pid_m * BLOCK_M >= tl.load(total_ptr):
-            return
-        expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
-        ids = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))  # [BLOCK_M] assignments
-        row_ok = ids < N
+        """silu(gate) * up of one block's rows (assignments `ids`) and BLOCK_N columns, float32."""
         tokens = (ids // TOP_K).to(tl.int64)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < I
         a_rows = a_ptr + tokens[:, None] * stride_at  # [BLOCK_M, 1]
         g_cols = w_ptr + expert * stride_we + offs_n[None, :].to(tl.int64) * stride_wn  # [1, BLOCK_N]
         u_cols = g_cols + I * stride_wn  # up rows follow the gate rows
@@ -502,7 +488,54 @@ if HAS_TRITON:
                 su = su * sa
             acc_g = acc_g * sg
             acc_u = acc_u * su
-        act = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u  # silu(gate) * up, float32
+        return acc_g / (1.0 + tl.exp(-acc_g)) * acc_u  # silu(gate) * up, float32
+
+    # Counts that change from step to step are not specialised: Triton would otherwise compile
+    # a variant for each of their classes (1, a multiple of 16, other) at first use, mid-serving.
+    @triton.jit(do_not_specialize=["N", "num_pid_m"])
+    def _gate_up_quant_kernel(
+        a_ptr, as_ptr, w_ptr, ws_ptr, out_ptr, sorted_ptr, block_expert_ptr, total_ptr,
+        N, H, I, num_pid_m, up_scale_row,
+        stride_at, stride_ast, stride_we, stride_wn, stride_wse, stride_wsn,
+        TOP_K: tl.constexpr, KIND: tl.constexpr, SCALE_GROUP: tl.constexpr, SCALE_ROWS: tl.constexpr,
+        A_SCALED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr = False,
+        INLINE_ASM: tl.constexpr = False, PDL: tl.constexpr = False,
+        SHARED_SLOT0: tl.constexpr = 0, SHARED_EXPERT0: tl.constexpr = 0,
+    ):
+        """SHARED_SLOT0 > 0: the folded shared experts' blocks before the wait, as fused_moe's
+        _gate_up_kernel (weight-only schemes: the activations are x itself, two launches back)."""
+        pid_m, pid_n = _block_coords(num_pid_m, tl.cdiv(I, BLOCK_N), GROUP_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < I
+        if SHARED_SLOT0 > 0:
+            slot = pid_m % TOP_K
+            if slot >= SHARED_SLOT0:  # a shared expert's block: all of it before the wait
+                ids = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, N)
+                row_ok = ids < N
+                expert = (slot - SHARED_SLOT0 + SHARED_EXPERT0).to(tl.int64)
+                act = _gate_up_quant_tile(
+                    a_ptr, as_ptr, w_ptr, ws_ptr, expert, ids, row_ok, offs_n, n_ok, H, I, up_scale_row,
+                    stride_at, stride_ast, stride_we, stride_wn, stride_wse, stride_wsn,
+                    TOP_K, KIND, SCALE_GROUP, SCALE_ROWS, A_SCALED, BLOCK_M, BLOCK_N, BLOCK_K,
+                    DOT_FP32, PRECISION, EVEN_K, INLINE_ASM)
+                pdl_wait(PDL)  # the output may reuse memory an earlier kernel still touches: store after it
+                out_ptrs = out_ptr + ids[:, None].to(tl.int64) * I + offs_n[None, :]
+                tl.store(out_ptrs, act.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+                return
+        # before the align kernel's padded total, on every program (the spare ones too); the expert
+        # (hence which weight tiles) is only known from block_expert after it
+        pdl_wait(PDL)
+        if pid_m * BLOCK_M >= tl.load(total_ptr):
+            return
+        expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+        ids = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))  # [BLOCK_M] assignments
+        row_ok = ids < N
+        act = _gate_up_quant_tile(
+            a_ptr, as_ptr, w_ptr, ws_ptr, expert, ids, row_ok, offs_n, n_ok, H, I, up_scale_row,
+            stride_at, stride_ast, stride_we, stride_wn, stride_wse, stride_wsn,
+            TOP_K, KIND, SCALE_GROUP, SCALE_ROWS, A_SCALED, BLOCK_M, BLOCK_N, BLOCK_K,
+            DOT_FP32, PRECISION, EVEN_K, INLINE_ASM)
         out_ptrs = out_ptr + ids[:, None].to(tl.int64) * I + offs_n[None, :]
         tl.store(out_ptrs, act.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
@@ -582,6 +615,7 @@ def fused_moe_quant_triton(
     path: QuantMoEPath = QuantMoEPath.AUTO,
     sum_slots: bool = True,
     alignment: fm.Alignment | None = None,
+    shared_slots: int = 0,
 ) -> torch.Tensor:  # [T, H]
     """The routed experts on quantized weights, by the path `choose_path` picks (or `path`: FUSED,
     DEQUANT, or GEMV, the decode kernels of moe_gemv.py, wint8 / wint4 only; `tiles` then are
@@ -596,6 +630,7 @@ def fused_moe_quant_triton(
     alignment: moe_align's outputs for topk_ids already made (fused_moe.triton_route_align) for
     the FUSED and DEQUANT paths' block_m (choose_tile_config's); the GEMV path, whose block_m is its
     own, aligns anew.
+    shared_slots: the last columns of topk_ids that are folded shared experts (fused_moe_triton's).
     """
     assert HAS_TRITON, "triton is not installed"
     if path is QuantMoEPath.AUTO:
@@ -608,7 +643,8 @@ def fused_moe_quant_triton(
         from ernieserve.layers.moe import moe_gemv  # it imports this module's kernels and types
 
         return moe_gemv.gemv_path(x, experts, topk_weights, topk_ids, tiles, foreign_experts, sum_slots)
-    return _fused_path(x, experts, topk_weights, topk_ids, tiles, foreign_experts, sum_slots, alignment)
+    return _fused_path(x, experts, topk_weights, topk_ids, tiles, foreign_experts, sum_slots, alignment,
+                       shared_slots)
 
 
 def _fused_path(
@@ -620,6 +656,7 @@ def _fused_path(
     foreign_experts: bool,
     sum_slots: bool = True,
     alignment: fm.Alignment | None = None,
+    shared_slots: int = 0,
 ) -> torch.Tensor:  # [T, H]
     """Weight tiles dequantized inside the grouped GEMMs: no scratch, graph-capturable."""
     num_tokens, hidden = x.shape
@@ -645,6 +682,9 @@ def _fused_path(
     scale_rows = FP8_BLOCK if scheme is ExpertScheme.BLOCK_FP8 else 1
     pdl = pdl_launch(pdl_enabled(x.device))
 
+    early = {}  # the folded shared experts' blocks before the wait: x is the activation (not fp8)
+    if shared_slots and not fp8 and alignment is not None and alignment.per_assignment and fm.shared_early():
+        early = {"SHARED_SLOT0": top_k - shared_slots, "SHARED_EXPERT0": num_experts - shared_slots}
     a, a_scale = _quantize_activations(x, scheme) if fp8 else (x, x)  # x: an unread placeholder
     act = torch.empty(n, inter, dtype=x.dtype, device=x.device)  # [N, I], assignment order
     w13, s13 = experts.w13, experts.w13_scale
@@ -656,7 +696,7 @@ def _fused_path(
         TOP_K=top_k, KIND=kind, SCALE_GROUP=group, SCALE_ROWS=scale_rows, A_SCALED=fp8,
         BLOCK_M=t.block_m, BLOCK_N=g.block_n, BLOCK_K=g.block_k, GROUP_M=t.group_m,
         DOT_FP32=dot_fp32, PRECISION=precision, EVEN_K=hidden % g.block_k == 0, INLINE_ASM=inline_asm,
-        num_warps=g.num_warps, num_stages=g.num_stages, **pdl)
+        num_warps=g.num_warps, num_stages=g.num_stages, **early, **pdl)
 
     a2, a2_scale = _quantize_activations(act, scheme) if fp8 else (act, act)
     d = t.down

@@ -223,7 +223,8 @@ class QuantizedMoEMethod(MoEMethod, StreamingQuantMethod):
             # scratch, then the bf16 kernels); decode streams the quantized weights (fused_moe_quant.py)
             return fmq.fused_moe_quant_triton(x, state.experts, topk_weights, topk_ids,
                                               foreign_experts=layer.expert_parallel, scratch=state.scratch,
-                                              sum_slots=sum_slots, alignment=alignment)
+                                              sum_slots=sum_slots, alignment=alignment,
+                                              shared_slots=layer.shared_slots)
         return fmq.fused_moe_quant_ref(x, state.experts, topk_weights, topk_ids)
 
     def align_block_m(self, layer: FusedMoE, num_tokens: int, num_slots: int) -> int | None:
