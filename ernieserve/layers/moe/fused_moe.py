@@ -26,6 +26,14 @@ whose size depends on the routing, so it can be captured in a CUDA graph:
 
 Blocks past the padded total exit at once, so the grid is sized from the bound, not the routing.
 
+At one token (`STATIC_ALIGN_MAX_TOKENS`) there is no align step: `per_assignment_alignment` gives
+each assignment its own block (block_expert is a view of the router's ids), and the blocks of the
+folded shared experts, whose expert is known from the slot, compute their gate/up tile before the
+PDL wait while the router still runs (`SHARED_EARLY`); the down GEMM reads its block's routing
+before its wait (`DOWN_EARLY`). H100, 21B-A3B batch-1 bf16 decode (docs/performance.md): the
+layout 3.078 -> 3.045 ms, the down GEMM's early reads -> 3.015; on another machine, with the later
+changes, the shared experts' early blocks 3.021 -> 2.914.
+
 Quantized experts (wint8, wint4, fp8, block_wise_fp8) run the same align kernel and block walk in
 `fused_moe_quant.py`, whose GEMMs load the stored weight tiles and dequantize them in the K loop.
 
