@@ -217,23 +217,12 @@ if HAS_TRITON:
 
     @triton.jit
     def _quant_weight_slice(w_rows, n_ok, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr, INT4: tl.constexpr):
-        """_weight_slice of the stored values: int8 [BLOCK_N, K], or int4 bytes [BLOCK_N, K / 2]."""
+        """_weight_slice of the stored values: int8 [BLOCK_N, K], or int4 bytes [BLOCK_N, K / 2]
+        (every chunk at least two columns: `gemv_quant_supported`)."""
         if INT4:
-            w1 = tl.load(w_rows + tl.arange(0, K1 // 2)[None, :], mask=n_ok[:, None])
-            w2 = w1
-            w3 = w1
-            if K2 > 0:
-                w2 = tl.load(w_rows + K1 // 2 + tl.arange(0, K2 // 2)[None, :], mask=n_ok[:, None])
-            if K3 > 0:
-                w3 = tl.load(w_rows + (K1 + K2) // 2 + tl.arange(0, K3 // 2)[None, :], mask=n_ok[:, None])
+            w1, w2, w3 = _weight_slice(w_rows, n_ok, K1 // 2, K2 // 2, K3 // 2)
         else:
-            w1 = tl.load(w_rows + tl.arange(0, K1)[None, :], mask=n_ok[:, None])
-            w2 = w1
-            w3 = w1
-            if K2 > 0:
-                w2 = tl.load(w_rows + K1 + tl.arange(0, K2)[None, :], mask=n_ok[:, None])
-            if K3 > 0:
-                w3 = tl.load(w_rows + K1 + K2 + tl.arange(0, K3)[None, :], mask=n_ok[:, None])
+            w1, w2, w3 = _weight_slice(w_rows, n_ok, K1, K2, K3)
         return w1, w2, w3
 
     @triton.jit
