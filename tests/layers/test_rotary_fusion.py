@@ -31,11 +31,11 @@ def _tokens(model, monkeypatch, fused: bool) -> list[list[int]]:
     monkeypatch.setattr(TritonAttentionBackend, "fuses_rotary", fused)
     calls = {"n": 0}
 
-    def on_cpu(self, positions, q, k):  # kernel_tables without its CUDA check (q is on the CPU here)
+    def on_cpu(self, positions, q=None, k=None):  # kernel_tables without its CUDA check (CPU tensors here)
         calls["n"] += 1
         if isinstance(self, ErnieMRotaryEmbedding):
             cos, sin = self.token_tables(positions)
-            return torch.arange(q.shape[0]), cos, sin
+            return torch.arange(positions.shape[-1]), cos, sin
         return positions, self.cos, self.sin
 
     monkeypatch.setattr(RotaryEmbedding, "kernel_tables", on_cpu)
