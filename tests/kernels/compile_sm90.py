@@ -514,6 +514,16 @@ def run_cases(s: Session) -> None:
                 fmq.fused_moe_quant_triton(zeros(1, H), experts, weights, ids, t, path=fmq.QuantMoEPath.FUSED)
     finally:
         fm.down_early = real_down_early
+    # the per-assignment GEMVs (moe_gemv.assignment_path): shared experts' programs first, early down reads
+    real = fm.shared_early, fm.down_early
+    fm.shared_early = fm.down_early = lambda: True
+    try:
+        for scheme in (fmq.ExpertScheme.WINT8, fmq.ExpertScheme.WINT4):
+            experts = fmq.QuantizedExperts.empty(scheme, 0, E, H, I, cpu)
+            with s.in_case(f"moe_gemv assignment_path {scheme.value} T=1 shared experts"):
+                moe_gemv.assignment_path(zeros(1, H), experts, weights, ids.to(torch.int32), shared_slots=2)
+    finally:
+        fm.shared_early, fm.down_early = real
     weights, ids = routing(4)
     with s.in_case("fused_moe_triton bf16 foreign_experts"):
         fm.fused_moe_triton(zeros(4, H), w13, w2, weights, ids, foreign_experts=True)

@@ -295,6 +295,7 @@ class QuantMoEPath(enum.Enum):
     FUSED = "fused"  # weight tiles dequantized in the K loop of each program (decode: a weight stream)
     DEQUANT = "dequant"  # touched experts dequantized once into a scratch, then the bf16 kernels
     GEMV = "gemv"  # no dot: weight tiles dequantized in registers, few rows per expert (moe_gemv.py)
+    ASSIGN = "assign"  # no dot, one GEMV per assignment, weight slices before the PDL wait (moe_gemv.py)
 
 
 # Token counts from which AUTO takes the dequant path (None: never). The fused kernels dequantize a
@@ -633,8 +634,17 @@ def fused_moe_quant_triton(
     shared_slots: the last columns of topk_ids that are folded shared experts (fused_moe_triton's).
     """
     assert HAS_TRITON, "triton is not installed"
+    if path is QuantMoEPath.AUTO and alignment is not None and alignment.per_assignment and not foreign_experts:
+        from ernieserve.layers.moe import moe_gemv  # it imports this module's kernels and types
+
+        if moe_gemv.assign_gemv_enabled() and moe_gemv.assign_supported(experts):
+            path = QuantMoEPath.ASSIGN
     if path is QuantMoEPath.AUTO:
         path = choose_path(x.shape[0], experts.scheme, scratch, grouped=experts.scale_group > 0)
+    if path is QuantMoEPath.ASSIGN:
+        from ernieserve.layers.moe import moe_gemv
+
+        return moe_gemv.assignment_path(x, experts, topk_weights, topk_ids, sum_slots, shared_slots)
     if path is QuantMoEPath.DEQUANT:
         scratch = scratch if scratch is not None else DequantScratch()
         return _dequant_path(x, experts, topk_weights, topk_ids, scratch, tiles, foreign_experts, sum_slots,

@@ -28,10 +28,13 @@ is the token count up to which AUTO picks it: one token for per-channel wint4, n
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 
 import torch
 
+from ernieserve.kernels.pdl import pdl_enabled, pdl_launch
 from ernieserve.layers.moe import fused_moe as fm
 from ernieserve.layers.moe.fused_moe import HAS_TRITON, GemmTile
 from ernieserve.layers.moe.fused_moe_quant import (
@@ -270,3 +273,232 @@ def gemv_path(
         return fm.combine_slots(per_slot, num_tokens, top_k, sum_slots)
     # K splits and top-k slots in one fixed-order reduction
     return per_slot.view(split, num_tokens, top_k, hidden).sum(dim=(0, 2)).to(x.dtype)
+
+
+# ---- the per-assignment layout (one token): a weight slice per program, loaded before the wait ------
+#
+# With one GEMM block per assignment (fused_moe.per_assignment_alignment: one token, whose top-k and
+# folded shared experts are all distinct) each (assignment, row tile) is one GEMV over its expert's
+# rows. These kernels do it as kernels/gemv.py's one-row GEMV does: program p holds its whole slice
+# of the stored weight rows ([rows, K] int8 or [rows, K / 2] packed int4, K in up to three
+# power-of-two chunks, no K loop) in registers, multiplies it into the activation row in fp32, no
+# tensor cores, no padding of one row to sixteen. What can be read before the PDL wait is:
+#
+# * gate/up: everything of the folded shared experts' programs (their expert is the slot's, x is the
+#   norm's, two launches back); they come first in launch order so they are the ones resident while
+#   the router runs. The routed programs wait for the router's ids, then read their slice.
+# * down: the expert, routing weight, scales and the whole weight slice (the router is two launches
+#   back, kernels/pdl.py); after the wait only the activation row (gate/up's) is read.
+#
+# Rows per program: as many as fit ASSIGN_SLICE_BYTES of stored weight (gate/up: pairs of a gate and
+# its up row, interleaved, so silu(gate) * up is a local product). Per output channel scales only.
+
+ASSIGN_SLICE_BYTES = 20 * 1024
+
+
+@functools.cache  # asked by every quantized MoE layer of every step: read the environment once
+def assign_gemv_enabled() -> bool:
+    """Whether AUTO takes the per-assignment GEMV kernels for the one-block-per-assignment layout
+    (ERNIESERVE_MOE_ASSIGN_GEMV; off by default until measured)."""
+    return os.environ.get("ERNIESERVE_MOE_ASSIGN_GEMV", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _stored_row_bytes(experts: QuantizedExperts, k: int) -> int:
+    return (k + 1) // 2 if experts.scheme is ExpertScheme.WINT4 else k
+
+
+def _pow2_floor(v: int) -> int:
+    return 1 << (max(1, v).bit_length() - 1)
+
+
+def assign_tiles(experts: QuantizedExperts, slice_bytes: int = ASSIGN_SLICE_BYTES) -> tuple[int, int]:
+    """(gate/up BLOCK_N: gate rows per program, each with its up row; down BLOCK_N: rows per program),
+    powers of two filling at most `slice_bytes` of stored weight per program (at least one)."""
+    gate_up = _pow2_floor(slice_bytes // (2 * _stored_row_bytes(experts, experts.hidden)))
+    down = _pow2_floor(slice_bytes // _stored_row_bytes(experts, experts.inter))
+    return (min(gate_up, triton.next_power_of_2(experts.inter)) if HAS_TRITON else gate_up,
+            min(down, triton.next_power_of_2(experts.hidden)) if HAS_TRITON else down)
+
+
+def assign_supported(experts: QuantizedExperts) -> bool:
+    """wint8 / wint4 with one scale per output channel, H and I sums of at most three powers of two
+    (int4: each chunk at least two columns), a stored row of at most ASSIGN_SLICE_BYTES."""
+    from ernieserve.kernels.gemv import k_chunks
+
+    if experts.scheme not in (ExpertScheme.WINT4, ExpertScheme.WINT8) or experts.group_size:
+        return False
+    for k in (experts.hidden, experts.inter):
+        chunks = k_chunks(k)
+        if chunks is None or _stored_row_bytes(experts, k) > ASSIGN_SLICE_BYTES:
+            return False
+        if experts.scheme is ExpertScheme.WINT4 and min(c for c in chunks if c) < 2:
+            return False
+    return True
+
+
+if HAS_TRITON:
+    from ernieserve.kernels.gemv import _quant_row_dot, _quant_weight_slice
+    from ernieserve.kernels.pdl import pdl_wait
+
+    @triton.jit
+    def _gate_up_assign_tile(x_row, w_ptr, s_ptr, expert, tile, I, up_scale_row,
+                             stride_we, stride_wn, stride_se, stride_sn,
+                             K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr, BLOCK_N: tl.constexpr,
+                             INT4: tl.constexpr, INLINE_ASM: tl.constexpr):
+        """silu(gate) * up, fp32 [BLOCK_N], of gate rows tile * BLOCK_N.. of `expert` and x_row:
+        2 * BLOCK_N stored rows, gate n and up n side by side."""
+        i = tl.arange(0, 2 * BLOCK_N)
+        n = tile * BLOCK_N + i // 2
+        up = i % 2
+        ok = n < I
+        expert = expert.to(tl.int64)
+        w_rows = w_ptr + expert * stride_we + (n + up * I).to(tl.int64)[:, None] * stride_wn
+        w1, w2, w3 = _quant_weight_slice(w_rows, ok, K1, K2, K3, INT4)
+        scale = tl.load(s_ptr + expert * stride_se + (n + up * up_scale_row) * stride_sn, mask=ok, other=0.0)
+        acc = _quant_row_dot(w1, w2, w3, x_row, K1, K2, K3, INT4, INLINE_ASM) * scale
+        gate, upv = tl.split(tl.reshape(acc, [BLOCK_N, 2]))
+        return gate / (1.0 + tl.exp(-gate)) * upv
+
+    @triton.jit(do_not_specialize=["num_tokens"])
+    def _gate_up_assign_kernel(
+        x_ptr, ids_ptr, w_ptr, s_ptr, out_ptr, num_tokens, I, up_scale_row,
+        stride_xt, stride_we, stride_wn, stride_se, stride_sn,
+        TOP_K: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr, BLOCK_N: tl.constexpr,
+        INT4: tl.constexpr, INLINE_ASM: tl.constexpr = False, PDL: tl.constexpr = False,
+        SHARED_SLOT0: tl.constexpr = 0, SHARED_EXPERT0: tl.constexpr = 0,
+    ):
+        """act [N, I] (assignment order) = silu(x W_gate^T) * (x W_up^T) of each assignment's expert.
+        SHARED_SLOT0 > 0: slots SHARED_SLOT0.. of every token are the folded shared experts
+        SHARED_EXPERT0.. ; their programs come first and run whole before the wait."""
+        tiles = tl.cdiv(I, BLOCK_N)
+        pid = tl.program_id(0)
+        offs = tl.arange(0, BLOCK_N)
+        if SHARED_SLOT0 > 0:
+            SHARED: tl.constexpr = TOP_K - SHARED_SLOT0
+            shared_programs = num_tokens * SHARED * tiles
+            if pid < shared_programs:
+                j = pid // tiles
+                tile = pid % tiles
+                slot = SHARED_SLOT0 + j % SHARED
+                a = (j // SHARED) * TOP_K + slot
+                act = _gate_up_assign_tile(
+                    x_ptr + (j // SHARED).to(tl.int64) * stride_xt, w_ptr, s_ptr, slot - SHARED_SLOT0 + SHARED_EXPERT0,
+                    tile, I, up_scale_row, stride_we, stride_wn, stride_se, stride_sn,
+                    K1, K2, K3, BLOCK_N, INT4, INLINE_ASM)
+                pdl_wait(PDL)  # the output may reuse memory an earlier kernel still reads: store after it
+                n = tile * BLOCK_N + offs
+                tl.store(out_ptr + a.to(tl.int64) * I + n, act.to(out_ptr.dtype.element_ty), mask=n < I)
+                return
+            pid -= shared_programs
+            j = pid // tiles
+            a = (j // SHARED_SLOT0) * TOP_K + j % SHARED_SLOT0
+        else:
+            a = pid // tiles
+        tile = pid % tiles
+        pdl_wait(PDL)  # the router's ids: the kernel just before
+        expert = tl.load(ids_ptr + a)
+        act = _gate_up_assign_tile(
+            x_ptr + (a // TOP_K).to(tl.int64) * stride_xt, w_ptr, s_ptr, expert, tile, I, up_scale_row,
+            stride_we, stride_wn, stride_se, stride_sn, K1, K2, K3, BLOCK_N, INT4, INLINE_ASM)
+        n = tile * BLOCK_N + offs
+        tl.store(out_ptr + a.to(tl.int64) * I + n, act.to(out_ptr.dtype.element_ty), mask=n < I)
+
+    @triton.jit(do_not_specialize=["num_tokens"])
+    def _down_assign_kernel(
+        act_ptr, ids_ptr, tw_ptr, w_ptr, s_ptr, out_ptr, num_tokens, H,
+        stride_we, stride_wn, stride_se, stride_sn,
+        K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr, BLOCK_N: tl.constexpr,
+        INT4: tl.constexpr, INLINE_ASM: tl.constexpr = False, PDL: tl.constexpr = False,
+        EARLY: tl.constexpr = False,
+    ):
+        """out [N, H] (assignment order) = routing weight x act row W_down^T of each assignment's
+        expert. EARLY: the routing (the router's, two launches back: kernels/pdl.py, fused_moe's
+        _down_block), the scales and the whole weight slice are read before the wait."""
+        tiles = tl.cdiv(H, BLOCK_N)
+        pid = tl.program_id(0)
+        a = pid // tiles
+        rn = (pid % tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+        ok = rn < H
+        if not EARLY:
+            pdl_wait(PDL)
+        expert = tl.load(ids_ptr + a).to(tl.int64)
+        wt = tl.load(tw_ptr + a)
+        w1, w2, w3 = _quant_weight_slice(w_ptr + expert * stride_we + rn.to(tl.int64)[:, None] * stride_wn, ok,
+                                         K1, K2, K3, INT4)
+        scale = tl.load(s_ptr + expert * stride_se + rn * stride_sn, mask=ok, other=0.0)
+        if EARLY:
+            pdl_wait(PDL)  # the activation row is the kernel just before's
+        acc = _quant_row_dot(w1, w2, w3, act_ptr + a.to(tl.int64) * (K1 + K2 + K3), K1, K2, K3, INT4, INLINE_ASM)
+        acc = acc * scale * wt
+        tl.store(out_ptr + a.to(tl.int64) * H + rn, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@functools.cache
+def _env_tiles() -> tuple[int, int] | None:
+    """ERNIESERVE_MOE_ASSIGN_TILES="GATE_UP,DOWN": the BLOCK_N pair (benchmarking; read once)."""
+    value = os.environ.get("ERNIESERVE_MOE_ASSIGN_TILES", "").strip()
+    if not value:
+        return None
+    try:
+        gate_up, down = (int(v) for v in value.split(","))
+    except ValueError:
+        raise ValueError(f"ERNIESERVE_MOE_ASSIGN_TILES={value!r}: expected two powers of two, e.g. 8,16") from None
+    if min(gate_up, down) < 1 or gate_up & (gate_up - 1) or down & (down - 1):
+        raise ValueError(f"ERNIESERVE_MOE_ASSIGN_TILES={value!r}: expected two powers of two, e.g. 8,16")
+    return gate_up, down
+
+
+def assignment_path(
+    x: torch.Tensor,  # [T, H]
+    experts: QuantizedExperts,
+    topk_weights: torch.Tensor,  # [T, K] float32
+    topk_ids: torch.Tensor,  # [T, K] int32, each token's ids distinct
+    sum_slots: bool = True,
+    shared_slots: int = 0,
+    tiles: tuple[int, int] | None = None,
+) -> torch.Tensor:  # [T, H], or [T, K, H] with sum_slots=False
+    """The per-assignment GEMV kernels above (no alignment at all: each assignment reads its own
+    expert's rows, so an expert picked by two tokens is read twice; meant for one token).
+    tiles: (gate/up, down) BLOCK_N, `assign_tiles`' by default."""
+    from ernieserve.kernels.gemv import k_chunks
+
+    if not assign_supported(experts):
+        raise ValueError(f"the per-assignment GEMV takes per-channel wint8 / wint4 experts whose H and I "
+                         f"split into at most three powers of two, not {experts.scheme.value} "
+                         f"(group {experts.group_size}, H {experts.hidden}, I {experts.inter})")
+    num_tokens, hidden = x.shape
+    top_k = topk_ids.shape[1]
+    n = num_tokens * top_k
+    if n == 0:
+        return torch.zeros_like(x)
+    assert hidden == experts.hidden, f"x has {hidden} features, the experts {experts.hidden}"
+    assert topk_ids.dtype == torch.int32 and topk_ids.is_contiguous(), "the router's int32 ids"
+    x = x.contiguous()
+    inter = experts.inter
+    bn_gate_up, bn_down = tiles or _env_tiles() or assign_tiles(experts)
+    int4 = experts.scheme is ExpertScheme.WINT4
+    inline_asm = x.is_cuda
+    pdl = pdl_launch(pdl_enabled(x.device))
+    early = {}
+    if shared_slots and fm.shared_early():
+        early = {"SHARED_SLOT0": top_k - shared_slots, "SHARED_EXPERT0": experts.num_experts - shared_slots}
+
+    act = torch.empty(n, inter, dtype=x.dtype, device=x.device)  # [N, I], assignment order
+    w13, s13 = experts.w13, experts.w13_scale
+    _gate_up_assign_kernel[(n * triton.cdiv(inter, bn_gate_up),)](
+        x, topk_ids, w13, s13, act, num_tokens, inter, experts.up_scale_row,
+        x.stride(0), w13.stride(0), w13.stride(1), s13.stride(0), s13.stride(1),
+        TOP_K=top_k, K1=k_chunks(hidden)[0], K2=k_chunks(hidden)[1], K3=k_chunks(hidden)[2], BLOCK_N=bn_gate_up,
+        INT4=int4, INLINE_ASM=inline_asm, num_warps=4, **early, **pdl)
+
+    per_slot = torch.empty(n, hidden, dtype=x.dtype, device=x.device)  # [N, H], weighted
+    w2, s2 = experts.w2, experts.w2_scale
+    weights = topk_weights if topk_weights.dtype == torch.float32 and topk_weights.is_contiguous() \
+        else topk_weights.float().contiguous()
+    k1, k2, k3 = k_chunks(inter)
+    _down_assign_kernel[(n * triton.cdiv(hidden, bn_down),)](
+        act, topk_ids, weights, w2, s2, per_slot, num_tokens, hidden,
+        w2.stride(0), w2.stride(1), s2.stride(0), s2.stride(1),
+        K1=k1, K2=k2, K3=k3, BLOCK_N=bn_down, INT4=int4, INLINE_ASM=inline_asm,
+        EARLY=fm.down_early(), num_warps=4, **pdl)
+    return fm.combine_slots(per_slot, num_tokens, top_k, sum_slots)
