@@ -51,7 +51,7 @@ try:
     import triton.language as tl
 
     from ernieserve.kernels.pdl import pdl_wait
-    from ernieserve.kernels.quant_matmul import int4_values
+    from ernieserve.kernels.quant_matmul import int4_values_f32, int8_values_f32
 
     HAS_TRITON = True
 except ImportError:  # CPU-only installs use torch
@@ -205,14 +205,11 @@ if HAS_TRITON:
         xt = tl.load(x_row + START + tl.arange(0, C)).to(tl.float32)
         if INT4:
             x_even, x_odd = tl.split(tl.reshape(xt, [C // 2, 2]))
-            if INLINE_ASM:  # compiled: PTX nibble conversion, 4 bytes a register
-                low, high = int4_values(w, tl.bfloat16, True)
-            else:  # the interpreter (no inline asm, and its bf16 bitcasts are not exact): fp32 bits
-                low, high = int4_values(w, tl.float32, False)
-            acc = tl.sum(low.to(tl.float32) * x_even[None, :], axis=1)
-            acc += tl.sum(high.to(tl.float32) * x_odd[None, :], axis=1)
+            # compiled: PTX straight to fp32, 4 bytes a register (quant_matmul.int4_values_f32)
+            low, high = int4_values_f32(w, INLINE_ASM)
+            acc = tl.sum(low * x_even[None, :] + high * x_odd[None, :], axis=1)  # one reduction
         else:
-            acc = tl.sum(w.to(tl.float32) * xt[None, :], axis=1)
+            acc = tl.sum(int8_values_f32(w, INLINE_ASM) * xt[None, :], axis=1)
         return acc
 
     @triton.jit

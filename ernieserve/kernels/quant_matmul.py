@@ -267,6 +267,65 @@ if HAS_TRITON:
             low, high = low - 136.0, high - 136.0
         return low, high
 
+    # fp32 values for the CUDA-core GEMVs (kernels/gemv.py, layers/moe/moe_gemv.py), where the
+    # conversion, not the multiply, decides the speed: on sm_90 integer and logic ops issue at half
+    # the fp32 rate and I2F at an eighth, and the half-type route above costs one more integer op
+    # per value to widen bf16 to fp32 (ptxas: ~9 fp32-op equivalents per int4 value, the kernels
+    # ALU-bound at twice their read time). Here, per 4 packed bytes (one register, pack=4):
+    # int4: each nibble is masked in place and the exponent of 2^23 ORed in (one LOP3: 2^23 + s n for
+    # the nibble's place value s = 16^i, up to 2^16 while it stays inside the mantissa; the top
+    # half is shifted down once), then one FFMA by 1/s minus 2^23 / s + 8 leaves q exactly (every
+    # step is a power-of-two scaling or an exact integer): 8 LOP3, 1 SHR, 8 FFMA per 8 values.
+    # int8: q + 128 per byte by one XOR of the sign bits, each byte placed under 2^23's exponent by
+    # one PRMT, minus 2^23 + 128 by one FADD: 1 XOR, 4 PRMT, 4 FADD per 4 values.
+    _ASM_INT4_LOW_F32 = tl.constexpr(
+        "{\n    .reg .b32 t, d<4>;\n    shr.u32 t, $4, 16;\n"
+        "    lop3.b32 d0, $4, 0x0000000F, 0x4B000000, 0xEA;\n"
+        "    lop3.b32 d1, $4, 0x00000F00, 0x4B000000, 0xEA;\n"
+        "    lop3.b32 d2, $4, 0x000F0000, 0x4B000000, 0xEA;\n"
+        "    lop3.b32 d3, t, 0x00000F00, 0x4B000000, 0xEA;\n"
+        "    sub.f32 $0, d0, 0fCB000008;\n"  # - (2^23 + 8)
+        "    fma.rn.f32 $1, d1, 0f3B800000, 0fC7000800;\n"  # / 256 - (2^15 + 8)
+        "    fma.rn.f32 $2, d2, 0f37800000, 0fC3080000;\n"  # / 65536 - (2^7 + 8)
+        "    fma.rn.f32 $3, d3, 0f3B800000, 0fC7000800;\n}")
+    _ASM_INT4_HIGH_F32 = tl.constexpr(
+        "{\n    .reg .b32 t, d<4>;\n    shr.u32 t, $4, 16;\n"
+        "    lop3.b32 d0, $4, 0x000000F0, 0x4B000000, 0xEA;\n"
+        "    lop3.b32 d1, $4, 0x0000F000, 0x4B000000, 0xEA;\n"
+        "    lop3.b32 d2, t, 0x000000F0, 0x4B000000, 0xEA;\n"
+        "    lop3.b32 d3, t, 0x0000F000, 0x4B000000, 0xEA;\n"
+        "    fma.rn.f32 $0, d0, 0f3D800000, 0fC9000080;\n"  # / 16 - (2^19 + 8)
+        "    fma.rn.f32 $1, d1, 0f39800000, 0fC5008000;\n"  # / 4096 - (2^11 + 8)
+        "    fma.rn.f32 $2, d2, 0f3D800000, 0fC9000080;\n"
+        "    fma.rn.f32 $3, d3, 0f39800000, 0fC5008000;\n}")
+    _ASM_INT8_F32 = tl.constexpr(
+        "{\n    .reg .b32 u, d<4>;\n    xor.b32 u, $4, 0x80808080;\n"
+        "    prmt.b32 d0, u, 0x4B000000, 0x7440;\n    prmt.b32 d1, u, 0x4B000000, 0x7441;\n"
+        "    prmt.b32 d2, u, 0x4B000000, 0x7442;\n    prmt.b32 d3, u, 0x4B000000, 0x7443;\n"
+        "    sub.f32 $0, d0, 0fCB000080;\n    sub.f32 $1, d1, 0fCB000080;\n"  # - (2^23 + 128)
+        "    sub.f32 $2, d2, 0fCB000080;\n    sub.f32 $3, d3, 0fCB000080;\n}")
+
+    @triton.jit
+    def int4_values_f32(byte, INLINE_ASM: tl.constexpr = False):
+        """Packed bytes (uint8, q + 8 per nibble) -> (low, high) nibbles as q in float32, exactly
+        (compiled: the PTX above; the interpreter: `int4_values`' Triton ops)."""
+        if INLINE_ASM:
+            low = tl.inline_asm_elementwise(_ASM_INT4_LOW_F32, "=r,=r,=r,=r,r", [byte], dtype=tl.float32,
+                                            is_pure=True, pack=4)
+            high = tl.inline_asm_elementwise(_ASM_INT4_HIGH_F32, "=r,=r,=r,=r,r", [byte], dtype=tl.float32,
+                                             is_pure=True, pack=4)
+        else:
+            low, high = int4_values(byte, tl.float32, False)
+        return low, high
+
+    @triton.jit
+    def int8_values_f32(q, INLINE_ASM: tl.constexpr = False):
+        """int8 -> float32 exactly (compiled: the PTX above, no I2F; the interpreter: a cast)."""
+        if INLINE_ASM:
+            return tl.inline_asm_elementwise(_ASM_INT8_F32, "=r,=r,=r,=r,r", [q], dtype=tl.float32,
+                                             is_pure=True, pack=4)
+        return q.to(tl.float32)
+
     # Counts that change from step to step are not specialised: Triton would otherwise compile
     # a variant for each of their classes (1, a multiple of 16, other) at first use, mid-serving.
     @triton.jit(do_not_specialize=["M"])

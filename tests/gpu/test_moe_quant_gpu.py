@@ -212,6 +212,35 @@ def test_int4_values_exact_for_every_byte(dtype: torch.dtype, inline_asm: bool) 
     assert torch.equal(out.float(), torch.cat([q[:, 0], q[:, 1]]).float())
 
 
+if CUDA:
+    from ernieserve.kernels.quant_matmul import int4_values_f32, int8_values_f32
+
+    @triton.jit
+    def _f32_values_probe(byte_ptr, q8_ptr, out_ptr, INLINE_ASM: tl.constexpr):
+        j = tl.arange(0, 256)
+        low, high = int4_values_f32(tl.load(byte_ptr + j), INLINE_ASM)
+        tl.store(out_ptr + j, low)
+        tl.store(out_ptr + 256 + j, high)
+        tl.store(out_ptr + 512 + j, int8_values_f32(tl.load(q8_ptr + j), INLINE_ASM))
+
+
+@pytest.mark.parametrize("inline_asm", [True, False], ids=["ptx", "triton-ops"])
+@pytest.mark.parametrize("num_warps", [1, 4])
+def test_fp32_values_of_the_gemvs_exact_for_every_byte(inline_asm: bool, num_warps: int) -> None:
+    """The CUDA-core GEMVs' conversions (quant_matmul.int4_values_f32 / int8_values_f32): every
+    packed int4 byte and every int8 value, 8 or 2 per thread (a byte's place in its register matters
+    to the PTX)."""
+    from ernieserve.kernels.quant_matmul import unpack_int4
+
+    byte = torch.arange(256, dtype=torch.int32, device="cuda").to(torch.uint8)
+    q8 = torch.arange(-128, 128, dtype=torch.int32, device="cuda").to(torch.int8).roll(37)
+    out = torch.empty(768, dtype=torch.float32, device="cuda")
+    _f32_values_probe[(1,)](byte, q8, out, inline_asm, num_warps=num_warps)
+    q = unpack_int4(byte[:, None], 2)  # [256, 2]: low nibble, high nibble as q
+    assert torch.equal(out[:512], torch.cat([q[:, 0], q[:, 1]]).float())
+    assert torch.equal(out[512:], q8.float())
+
+
 WINT = [(ExpertScheme.WINT4, 0), (ExpertScheme.WINT4, 128), (ExpertScheme.WINT8, 0), (ExpertScheme.WINT8, 128)]
 WINT_IDS = ["wint4", "wint4-g128", "wint8", "wint8-g128"]
 
