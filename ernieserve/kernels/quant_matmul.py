@@ -284,7 +284,7 @@ if HAS_TRITON:
         "    lop3.b32 d1, $4, 0x00000F00, 0x4B000000, 0xEA;\n"
         "    lop3.b32 d2, $4, 0x000F0000, 0x4B000000, 0xEA;\n"
         "    lop3.b32 d3, t, 0x00000F00, 0x4B000000, 0xEA;\n"
-        "    sub.f32 $0, d0, 0fCB000008;\n"  # - (2^23 + 8)
+        "    add.f32 $0, d0, 0fCB000008;\n"  # - (2^23 + 8)
         "    fma.rn.f32 $1, d1, 0f3B800000, 0fC7000800;\n"  # / 256 - (2^15 + 8)
         "    fma.rn.f32 $2, d2, 0f37800000, 0fC3080000;\n"  # / 65536 - (2^7 + 8)
         "    fma.rn.f32 $3, d3, 0f3B800000, 0fC7000800;\n}")
@@ -302,8 +302,8 @@ if HAS_TRITON:
         "{\n    .reg .b32 u, d<4>;\n    xor.b32 u, $4, 0x80808080;\n"
         "    prmt.b32 d0, u, 0x4B000000, 0x7440;\n    prmt.b32 d1, u, 0x4B000000, 0x7441;\n"
         "    prmt.b32 d2, u, 0x4B000000, 0x7442;\n    prmt.b32 d3, u, 0x4B000000, 0x7443;\n"
-        "    sub.f32 $0, d0, 0fCB000080;\n    sub.f32 $1, d1, 0fCB000080;\n"  # - (2^23 + 128)
-        "    sub.f32 $2, d2, 0fCB000080;\n    sub.f32 $3, d3, 0fCB000080;\n}")
+        "    add.f32 $0, d0, 0fCB000080;\n    add.f32 $1, d1, 0fCB000080;\n"  # - (2^23 + 128)
+        "    add.f32 $2, d2, 0fCB000080;\n    add.f32 $3, d3, 0fCB000080;\n}")
 
     @triton.jit
     def int4_values_f32(byte, INLINE_ASM: tl.constexpr = False):
