@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -275,25 +276,39 @@ def gemv_path(
     return per_slot.view(split, num_tokens, top_k, hidden).sum(dim=(0, 2)).to(x.dtype)
 
 
-# ---- the per-assignment layout (one token): a weight slice per program, loaded before the wait ------
+# ---- the per-assignment layout (one token): weight slices in registers, prefetched a tile ahead ------
 #
 # With one GEMM block per assignment (fused_moe.per_assignment_alignment: one token, whose top-k and
-# folded shared experts are all distinct) each (assignment, row tile) is one GEMV over its expert's
-# rows. These kernels do it as kernels/gemv.py's one-row GEMV does: program p holds its whole slice
-# of the stored weight rows ([rows, K] int8 or [rows, K / 2] packed int4, K in up to three
-# power-of-two chunks, no K loop) in registers, multiplies it into the activation row in fp32, no
-# tensor cores, no padding of one row to sixteen. What can be read before the PDL wait is:
+# folded shared experts are all distinct) each (assignment, row tile) is a GEMV over its expert's
+# rows. A tile is BLOCK_N rows of the stored weight whole ([rows, K] int8 or [rows, K / 2] packed
+# int4, K in up to three power-of-two chunks, kernels/gemv.py's `_quant_weight_slice`), multiplied
+# into the activation row in fp32 on CUDA cores (`_quant_row_dot`: the values converted straight to
+# fp32 in PTX), no tensor cores, no padding of one row to sixteen.
 #
-# * gate/up: everything of the folded shared experts' programs (their expert is the slot's, x is the
-#   norm's, two launches back); they come first in launch order so they are the ones resident while
-#   the router runs. The routed programs wait for the router's ids, then read their slice.
-# * down: the expert, routing weight, scales and the whole weight slice (the router is two launches
-#   back, kernels/pdl.py); after the wait only the activation row (gate/up's) is read.
+# Programs are persistent: program p takes tiles p, p + G, p + 2G, ... and loads tile i + 1's weights
+# before it computes tile i, so its next loads are in flight while it converts and multiplies (one
+# program a tile would load, stall, then compute, and the programs of an SM go in lockstep). G is
+# a few programs per SM, so the down GEMV's programs are resident beside the gate/up's. Before the
+# PDL wait (kernels/pdl.py) each program loads what is known already:
 #
-# Rows per program: as many as fit ASSIGN_SLICE_BYTES of stored weight (gate/up: pairs of a gate and
-# its up row, interleaved, so silu(gate) * up is a local product). Per output channel scales only.
+# * gate/up: its first tile's weights when that tile is a folded shared expert's (the slot names the
+#   expert; those tiles come first). It computes only after the wait: int4 conversion is ALU work,
+#   which would slow the router that runs meanwhile.
+# * down: the routing of its first tile (the router is two launches back), the scales and the whole
+#   weight slice; after the wait only the activation rows (gate/up's) are read.
+#
+# Tiles: as many rows as fit ASSIGN_SLICE_BYTES of stored weight (gate/up: pairs of a gate and its
+# up row side by side, so silu(gate) * up is a local product); per output channel scales only.
 
-ASSIGN_SLICE_BYTES = 20 * 1024
+ASSIGN_SLICE_BYTES = 10 * 1024
+ASSIGN_PROGRAMS_PER_SM = (3, 3)  # (gate/up, down) TODO(lead, GPU): from the sweep
+
+
+class AssignTiles(NamedTuple):
+    gate_up: int  # gate rows per tile (each with its up row)
+    down: int  # rows per tile
+    gate_up_per_sm: int = 0  # persistent programs per SM; 0: a program per tile
+    down_per_sm: int = 0
 
 
 @functools.cache  # asked by every quantized MoE layer of every step: read the environment once
@@ -311,13 +326,15 @@ def _pow2_floor(v: int) -> int:
     return 1 << (max(1, v).bit_length() - 1)
 
 
-def assign_tiles(experts: QuantizedExperts, slice_bytes: int = ASSIGN_SLICE_BYTES) -> tuple[int, int]:
-    """(gate/up BLOCK_N: gate rows per program, each with its up row; down BLOCK_N: rows per program),
-    powers of two filling at most `slice_bytes` of stored weight per program (at least one)."""
+def assign_tiles(experts: QuantizedExperts, slice_bytes: int = ASSIGN_SLICE_BYTES) -> AssignTiles:
+    """Rows per tile: powers of two filling at most `slice_bytes` of stored weight (at least one);
+    ASSIGN_PROGRAMS_PER_SM persistent programs per SM."""
     gate_up = _pow2_floor(slice_bytes // (2 * _stored_row_bytes(experts, experts.hidden)))
     down = _pow2_floor(slice_bytes // _stored_row_bytes(experts, experts.inter))
-    return (min(gate_up, triton.next_power_of_2(experts.inter)) if HAS_TRITON else gate_up,
-            min(down, triton.next_power_of_2(experts.hidden)) if HAS_TRITON else down)
+    if HAS_TRITON:
+        gate_up = min(gate_up, triton.next_power_of_2(experts.inter))
+        down = min(down, triton.next_power_of_2(experts.hidden))
+    return AssignTiles(gate_up, down, *ASSIGN_PROGRAMS_PER_SM)
 
 
 def assign_supported(experts: QuantizedExperts) -> bool:
@@ -341,111 +358,157 @@ if HAS_TRITON:
     from ernieserve.kernels.pdl import pdl_wait
 
     @triton.jit
-    def _gate_up_assign_tile(x_row, w_ptr, s_ptr, expert, tile, I, up_scale_row,
-                             stride_we, stride_wn, stride_se, stride_sn,
-                             K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr, BLOCK_N: tl.constexpr,
-                             INT4: tl.constexpr, INLINE_ASM: tl.constexpr):
-        """silu(gate) * up, fp32 [BLOCK_N], of gate rows tile * BLOCK_N.. of `expert` and x_row:
-        2 * BLOCK_N stored rows, gate n and up n side by side."""
+    def _gate_up_coords(t, tiles, shared_tiles, TOP_K: tl.constexpr, SHARED_SLOT0: tl.constexpr,
+                        SHARED_EXPERT0: tl.constexpr):
+        """(assignment, row tile, expert or -1: the router's) of gate/up tile t; with SHARED_SLOT0
+        the folded shared experts' tiles (slots SHARED_SLOT0.. of each token) come first."""
+        tile = t % tiles
+        if SHARED_SLOT0 > 0:
+            SHARED: tl.constexpr = TOP_K - SHARED_SLOT0
+            j = t // tiles
+            jr = (t - shared_tiles) // tiles
+            shared = t < shared_tiles
+            a = tl.where(shared, (j // SHARED) * TOP_K + SHARED_SLOT0 + j % SHARED,
+                         (jr // SHARED_SLOT0) * TOP_K + jr % SHARED_SLOT0)
+            expert = tl.where(shared, SHARED_EXPERT0 + j % SHARED, -1)
+        else:
+            a = t // tiles
+            expert = a * 0 - 1
+        return a, tile, expert
+
+    @triton.jit
+    def _gate_up_slice(w_ptr, s_ptr, expert, tile, I, up_scale_row, live, stride_we, stride_wn, stride_se,
+                       stride_sn, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr, BLOCK_N: tl.constexpr,
+                       INT4: tl.constexpr):
+        """A gate/up tile's stored rows (gate n and up n side by side: 2 * BLOCK_N) and their scales;
+        nothing is read where `live` (a scalar, 0 or 1) is 0."""
         i = tl.arange(0, 2 * BLOCK_N)
         n = tile * BLOCK_N + i // 2
         up = i % 2
-        ok = n < I
+        ok = (n < I) & (n * 0 + live > 0)  # vector compares (the interpreter refuses scalar & vector masks)
         expert = expert.to(tl.int64)
         w_rows = w_ptr + expert * stride_we + (n + up * I).to(tl.int64)[:, None] * stride_wn
         w1, w2, w3 = _quant_weight_slice(w_rows, ok, K1, K2, K3, INT4)
         scale = tl.load(s_ptr + expert * stride_se + (n + up * up_scale_row) * stride_sn, mask=ok, other=0.0)
-        acc = _quant_row_dot(w1, w2, w3, x_row, K1, K2, K3, INT4, INLINE_ASM) * scale
-        gate, upv = tl.split(tl.reshape(acc, [BLOCK_N, 2]))
-        return gate / (1.0 + tl.exp(-gate)) * upv
+        return w1, w2, w3, scale
 
-    @triton.jit(do_not_specialize=["num_tokens"])
+    @triton.jit(do_not_specialize=["num_tokens", "n_assign"])
     def _gate_up_assign_kernel(
-        x_ptr, ids_ptr, w_ptr, s_ptr, out_ptr, num_tokens, I, up_scale_row,
+        x_ptr, ids_ptr, w_ptr, s_ptr, out_ptr, num_tokens, n_assign, I, up_scale_row,
         stride_xt, stride_we, stride_wn, stride_se, stride_sn,
         TOP_K: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr, BLOCK_N: tl.constexpr,
         INT4: tl.constexpr, INLINE_ASM: tl.constexpr = False, PDL: tl.constexpr = False,
         SHARED_SLOT0: tl.constexpr = 0, SHARED_EXPERT0: tl.constexpr = 0,
     ):
-        """act [N, I] (assignment order) = silu(x W_gate^T) * (x W_up^T) of each assignment's expert.
-        SHARED_SLOT0 > 0: slots SHARED_SLOT0.. of every token are the folded shared experts
-        SHARED_EXPERT0.. ; their programs come first and run whole before the wait."""
+        """act [N, I] (assignment order) = silu(x W_gate^T) * (x W_up^T) of each assignment's expert,
+        persistent over tiles (see above). SHARED_SLOT0 > 0: slots SHARED_SLOT0.. of every token are
+        the folded shared experts SHARED_EXPERT0.. : a first tile of theirs is loaded before the wait."""
         tiles = tl.cdiv(I, BLOCK_N)
-        pid = tl.program_id(0)
-        offs = tl.arange(0, BLOCK_N)
+        total = n_assign * tiles
+        step = tl.num_programs(0)
+        shared_tiles = 0
         if SHARED_SLOT0 > 0:
-            SHARED: tl.constexpr = TOP_K - SHARED_SLOT0
-            shared_programs = num_tokens * SHARED * tiles
-            if pid < shared_programs:
-                j = pid // tiles
-                tile = pid % tiles
-                slot = SHARED_SLOT0 + j % SHARED
-                a = (j // SHARED) * TOP_K + slot
-                act = _gate_up_assign_tile(
-                    x_ptr + (j // SHARED).to(tl.int64) * stride_xt, w_ptr, s_ptr, slot - SHARED_SLOT0 + SHARED_EXPERT0,
-                    tile, I, up_scale_row, stride_we, stride_wn, stride_se, stride_sn,
-                    K1, K2, K3, BLOCK_N, INT4, INLINE_ASM)
-                pdl_wait(PDL)  # the output may reuse memory an earlier kernel still reads: store after it
-                n = tile * BLOCK_N + offs
-                tl.store(out_ptr + a.to(tl.int64) * I + n, act.to(out_ptr.dtype.element_ty), mask=n < I)
-                return
-            pid -= shared_programs
-            j = pid // tiles
-            a = (j // SHARED_SLOT0) * TOP_K + j % SHARED_SLOT0
-        else:
-            a = pid // tiles
-        tile = pid % tiles
+            shared_tiles = num_tokens * (TOP_K - SHARED_SLOT0) * tiles
+        t = tl.program_id(0)
+        a, tile, expert = _gate_up_coords(t, tiles, shared_tiles, TOP_K, SHARED_SLOT0, SHARED_EXPERT0)
+        w1, w2, w3, scale = _gate_up_slice(w_ptr, s_ptr, tl.maximum(expert, 0), tile, I, up_scale_row,
+                                           tl.where((expert >= 0) & (t < total), 1, 0), stride_we, stride_wn, stride_se,
+                                           stride_sn, K1, K2, K3, BLOCK_N, INT4)
         pdl_wait(PDL)  # the router's ids: the kernel just before
-        expert = tl.load(ids_ptr + a)
-        act = _gate_up_assign_tile(
-            x_ptr + (a // TOP_K).to(tl.int64) * stride_xt, w_ptr, s_ptr, expert, tile, I, up_scale_row,
-            stride_we, stride_wn, stride_se, stride_sn, K1, K2, K3, BLOCK_N, INT4, INLINE_ASM)
-        n = tile * BLOCK_N + offs
-        tl.store(out_ptr + a.to(tl.int64) * I + n, act.to(out_ptr.dtype.element_ty), mask=n < I)
+        if expert < 0:
+            expert = tl.load(ids_ptr + a, mask=t < total, other=0)
+            w1, w2, w3, scale = _gate_up_slice(w_ptr, s_ptr, expert, tile, I, up_scale_row, tl.where(t < total, 1, 0),
+                                               stride_we, stride_wn, stride_se, stride_sn, K1, K2, K3, BLOCK_N, INT4)
+        offs = tl.arange(0, BLOCK_N)
+        for _ in range(tl.program_id(0), total, step):
+            # the next tile's weights first: in flight while this one is computed
+            t_next = t + step
+            live = t_next < total
+            a_next, tile_next, e_next = _gate_up_coords(t_next, tiles, shared_tiles, TOP_K, SHARED_SLOT0,
+                                                        SHARED_EXPERT0)
+            e_next = tl.where(e_next >= 0, e_next, tl.load(ids_ptr + a_next, mask=live & (e_next < 0), other=0))
+            n1, n2, n3, n_scale = _gate_up_slice(w_ptr, s_ptr, e_next, tile_next, I, up_scale_row, tl.where(live, 1, 0),
+                                                 stride_we, stride_wn, stride_se, stride_sn, K1, K2, K3, BLOCK_N, INT4)
+            acc = _quant_row_dot(w1, w2, w3, x_ptr + (a // TOP_K).to(tl.int64) * stride_xt, K1, K2, K3, INT4,
+                                 INLINE_ASM) * scale
+            gate, upv = tl.split(tl.reshape(acc, [BLOCK_N, 2]))
+            act = gate / (1.0 + tl.exp(-gate)) * upv  # silu(gate) * up, float32
+            n = tile * BLOCK_N + offs
+            tl.store(out_ptr + a.to(tl.int64) * I + n, act.to(out_ptr.dtype.element_ty), mask=n < I)
+            w1, w2, w3, scale = n1, n2, n3, n_scale
+            t, a, tile = t_next, a_next, tile_next
 
-    @triton.jit(do_not_specialize=["num_tokens"])
+    @triton.jit
+    def _down_slice(w_ptr, s_ptr, ids_ptr, tw_ptr, t, tiles, total, H, stride_we, stride_wn, stride_se, stride_sn,
+                    K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr, BLOCK_N: tl.constexpr, INT4: tl.constexpr):
+        """Down tile t: (assignment, rows, its routing weight, stored rows, scales); nothing is read
+        for t >= total."""
+        live = t < total
+        a = t // tiles
+        rn = (t % tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+        ok = (rn < H) & (rn * 0 + t < total)  # vector compares (the interpreter refuses scalar & vector masks)
+        expert = tl.load(ids_ptr + a, mask=live, other=0).to(tl.int64)
+        wt = tl.load(tw_ptr + a, mask=live, other=0.0)
+        w1, w2, w3 = _quant_weight_slice(w_ptr + expert * stride_we + rn.to(tl.int64)[:, None] * stride_wn, ok,
+                                         K1, K2, K3, INT4)
+        scale = tl.load(s_ptr + expert * stride_se + rn * stride_sn, mask=ok, other=0.0)
+        return a, rn, wt, w1, w2, w3, scale
+
+    @triton.jit(do_not_specialize=["n_assign"])
     def _down_assign_kernel(
-        act_ptr, ids_ptr, tw_ptr, w_ptr, s_ptr, out_ptr, num_tokens, H,
+        act_ptr, ids_ptr, tw_ptr, w_ptr, s_ptr, out_ptr, n_assign, H,
         stride_we, stride_wn, stride_se, stride_sn,
         K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr, BLOCK_N: tl.constexpr,
         INT4: tl.constexpr, INLINE_ASM: tl.constexpr = False, PDL: tl.constexpr = False,
         EARLY: tl.constexpr = False,
     ):
         """out [N, H] (assignment order) = routing weight x act row W_down^T of each assignment's
-        expert. EARLY: the routing (the router's, two launches back: kernels/pdl.py, fused_moe's
-        _down_block), the scales and the whole weight slice are read before the wait."""
+        expert, persistent over tiles. EARLY: the first tile's routing (the router's, two launches
+        back: kernels/pdl.py, fused_moe's _down_block), scales and weights are read before the wait."""
         tiles = tl.cdiv(H, BLOCK_N)
-        pid = tl.program_id(0)
-        a = pid // tiles
-        rn = (pid % tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
-        ok = rn < H
+        total = n_assign * tiles
+        step = tl.num_programs(0)
+        t = tl.program_id(0)
         if not EARLY:
             pdl_wait(PDL)
-        expert = tl.load(ids_ptr + a).to(tl.int64)
-        wt = tl.load(tw_ptr + a)
-        w1, w2, w3 = _quant_weight_slice(w_ptr + expert * stride_we + rn.to(tl.int64)[:, None] * stride_wn, ok,
-                                         K1, K2, K3, INT4)
-        scale = tl.load(s_ptr + expert * stride_se + rn * stride_sn, mask=ok, other=0.0)
+        a, rn, wt, w1, w2, w3, scale = _down_slice(w_ptr, s_ptr, ids_ptr, tw_ptr, t, tiles, total, H, stride_we,
+                                                   stride_wn, stride_se, stride_sn, K1, K2, K3, BLOCK_N, INT4)
         if EARLY:
-            pdl_wait(PDL)  # the activation row is the kernel just before's
-        acc = _quant_row_dot(w1, w2, w3, act_ptr + a.to(tl.int64) * (K1 + K2 + K3), K1, K2, K3, INT4, INLINE_ASM)
-        acc = acc * scale * wt
-        tl.store(out_ptr + a.to(tl.int64) * H + rn, acc.to(out_ptr.dtype.element_ty), mask=ok)
+            pdl_wait(PDL)  # the activation rows are the kernel just before's
+        for _ in range(tl.program_id(0), total, step):
+            t_next = t + step
+            a_n, rn_n, wt_n, n1, n2, n3, n_scale = _down_slice(
+                w_ptr, s_ptr, ids_ptr, tw_ptr, t_next, tiles, total, H, stride_we, stride_wn, stride_se,
+                stride_sn, K1, K2, K3, BLOCK_N, INT4)
+            acc = _quant_row_dot(w1, w2, w3, act_ptr + a.to(tl.int64) * (K1 + K2 + K3), K1, K2, K3, INT4,
+                                 INLINE_ASM)
+            acc = acc * scale * wt
+            tl.store(out_ptr + a.to(tl.int64) * H + rn, acc.to(out_ptr.dtype.element_ty), mask=rn < H)
+            a, rn, wt, w1, w2, w3, scale = a_n, rn_n, wt_n, n1, n2, n3, n_scale
+            t = t_next
 
 
 @functools.cache
-def _env_tiles() -> tuple[int, int] | None:
-    """ERNIESERVE_MOE_ASSIGN_TILES="GATE_UP,DOWN": the BLOCK_N pair (benchmarking; read once)."""
+def _env_tiles() -> AssignTiles | None:
+    """ERNIESERVE_MOE_ASSIGN_TILES="GATE_UP,DOWN[,GATE_UP_PER_SM,DOWN_PER_SM]": rows per tile (powers
+    of two) and persistent programs per SM (0: a program per tile), for benchmarking; read once."""
     value = os.environ.get("ERNIESERVE_MOE_ASSIGN_TILES", "").strip()
     if not value:
         return None
+    err = f"ERNIESERVE_MOE_ASSIGN_TILES={value!r}: expected GATE_UP,DOWN[,GATE_UP_PER_SM,DOWN_PER_SM], e.g. 4,8,3,3"
     try:
-        gate_up, down = (int(v) for v in value.split(","))
+        parts = [int(v) for v in value.split(",")]
     except ValueError:
-        raise ValueError(f"ERNIESERVE_MOE_ASSIGN_TILES={value!r}: expected two powers of two, e.g. 8,16") from None
-    if min(gate_up, down) < 1 or gate_up & (gate_up - 1) or down & (down - 1):
-        raise ValueError(f"ERNIESERVE_MOE_ASSIGN_TILES={value!r}: expected two powers of two, e.g. 8,16")
-    return gate_up, down
+        raise ValueError(err) from None
+    if len(parts) not in (2, 4) or min(parts[:2]) < 1 or any(p & (p - 1) for p in parts[:2]) or min(parts) < 0:
+        raise ValueError(err)
+    return AssignTiles(*parts)
+
+
+def _grid(total: int, per_sm: int, device: torch.device) -> int:
+    if per_sm <= 0 or device.type != "cuda":
+        return total
+    return max(1, min(total, per_sm * _num_sms(device.index or 0)))
 
 
 def assignment_path(
@@ -455,11 +518,13 @@ def assignment_path(
     topk_ids: torch.Tensor,  # [T, K] int32, each token's ids distinct
     sum_slots: bool = True,
     shared_slots: int = 0,
-    tiles: tuple[int, int] | None = None,
+    tiles: AssignTiles | tuple[int, ...] | None = None,
+    programs: tuple[int, int] | None = None,
 ) -> torch.Tensor:  # [T, H], or [T, K, H] with sum_slots=False
     """The per-assignment GEMV kernels above (no alignment at all: each assignment reads its own
     expert's rows, so an expert picked by two tokens is read twice; meant for one token).
-    tiles: (gate/up, down) BLOCK_N, `assign_tiles`' by default."""
+    tiles: `AssignTiles` (or its tuple), `assign_tiles`' by default. programs: (gate/up, down) grid
+    sizes, overriding tiles' programs per SM (tests: a few programs looping over many tiles)."""
     from ernieserve.kernels.gemv import k_chunks
 
     if not assign_supported(experts):
@@ -475,7 +540,7 @@ def assignment_path(
     assert topk_ids.dtype == torch.int32 and topk_ids.is_contiguous(), "the router's int32 ids"
     x = x.contiguous()
     inter = experts.inter
-    bn_gate_up, bn_down = tiles or _env_tiles() or assign_tiles(experts)
+    t = AssignTiles(*tiles) if tiles is not None else (_env_tiles() or assign_tiles(experts))
     int4 = experts.scheme is ExpertScheme.WINT4
     inline_asm = x.is_cuda
     pdl = pdl_launch(pdl_enabled(x.device))
@@ -485,20 +550,25 @@ def assignment_path(
 
     act = torch.empty(n, inter, dtype=x.dtype, device=x.device)  # [N, I], assignment order
     w13, s13 = experts.w13, experts.w13_scale
-    _gate_up_assign_kernel[(n * triton.cdiv(inter, bn_gate_up),)](
-        x, topk_ids, w13, s13, act, num_tokens, inter, experts.up_scale_row,
+    k1, k2, k3 = k_chunks(hidden)
+    gate_up_total = n * triton.cdiv(inter, t.gate_up)
+    grid = programs[0] if programs else _grid(gate_up_total, t.gate_up_per_sm, x.device)
+    _gate_up_assign_kernel[(grid,)](
+        x, topk_ids, w13, s13, act, num_tokens, n, inter, experts.up_scale_row,
         x.stride(0), w13.stride(0), w13.stride(1), s13.stride(0), s13.stride(1),
-        TOP_K=top_k, K1=k_chunks(hidden)[0], K2=k_chunks(hidden)[1], K3=k_chunks(hidden)[2], BLOCK_N=bn_gate_up,
-        INT4=int4, INLINE_ASM=inline_asm, num_warps=4, **early, **pdl)
+        TOP_K=top_k, K1=k1, K2=k2, K3=k3, BLOCK_N=t.gate_up, INT4=int4, INLINE_ASM=inline_asm,
+        num_warps=4, num_stages=1, **early, **pdl)
 
     per_slot = torch.empty(n, hidden, dtype=x.dtype, device=x.device)  # [N, H], weighted
     w2, s2 = experts.w2, experts.w2_scale
     weights = topk_weights if topk_weights.dtype == torch.float32 and topk_weights.is_contiguous() \
         else topk_weights.float().contiguous()
     k1, k2, k3 = k_chunks(inter)
-    _down_assign_kernel[(n * triton.cdiv(hidden, bn_down),)](
-        act, topk_ids, weights, w2, s2, per_slot, num_tokens, hidden,
+    down_total = n * triton.cdiv(hidden, t.down)
+    grid = programs[1] if programs else _grid(down_total, t.down_per_sm, x.device)
+    _down_assign_kernel[(grid,)](
+        act, topk_ids, weights, w2, s2, per_slot, n, hidden,
         w2.stride(0), w2.stride(1), s2.stride(0), s2.stride(1),
-        K1=k1, K2=k2, K3=k3, BLOCK_N=bn_down, INT4=int4, INLINE_ASM=inline_asm,
-        EARLY=fm.down_early(), num_warps=4, **pdl)
+        K1=k1, K2=k2, K3=k3, BLOCK_N=t.down, INT4=int4, INLINE_ASM=inline_asm,
+        EARLY=fm.down_early(), num_warps=4, num_stages=1, **pdl)
     return fm.combine_slots(per_slot, num_tokens, top_k, sum_slots)
