@@ -7,7 +7,7 @@ experts (slots 6 and 7, experts 64 and 65), one GEMM block per assignment
 GEMM's early reads; outputs per slot (the next RMSNorm adds them). One CUDA graph applies the layer
 over `--layers` weight sets in a row, so the experts come from HBM rather than L2. Prints
 microseconds per layer and the time to read the 8 experts' bytes once at `--bandwidth` (3.0 TB/s).
-`--sweep` tries the GEMVs' rows per tile (gate/up, down) and persistent programs per SM.
+`--sweep` tries the GEMVs' rows per tile (gate/up, down).
 
     python3 benchmarks/bench_moe_assign.py [--methods bf16 wint8 wint4] [--sweep]
 """
@@ -96,16 +96,11 @@ def main() -> None:
         row("fused", "policy", timed(QuantMoEPath.FUSED))
         default = moe_gemv.assign_tiles(layers[0])
         row("assign", f"{tuple(default)} (default)", timed(QuantMoEPath.ASSIGN))
-        if args.sweep:  # rows per tile at the default programs per SM, then programs per SM (0: one a tile)
-            per_sm = tuple(default[2:])
-            for gu in (2, 4, 8):
-                for dn in (4, 8, 16):
-                    if (gu, dn) != tuple(default[:2]):
-                        row("assign", f"({gu}, {dn}, {per_sm[0]}, {per_sm[1]})",
-                            timed(QuantMoEPath.ASSIGN, (gu, dn) + per_sm))
-            for p_gu, p_dn in ((1, 1), (2, 2), (4, 4), (6, 6), (2, 4), (4, 2), (0, 0)):
-                row("assign", f"({default[0]}, {default[1]}, {p_gu}, {p_dn})",
-                    timed(QuantMoEPath.ASSIGN, (default[0], default[1], p_gu, p_dn)))
+        if args.sweep:  # rows per tile (gate/up, down)
+            for gu in (4, 8, 16):
+                for dn in (8, 16, 32):
+                    if (gu, dn) != tuple(default):
+                        row("assign", f"({gu}, {dn})", timed(QuantMoEPath.ASSIGN, (gu, dn)))
         layers = []  # noqa: F841 (frees this method's weights before the next)
         torch.cuda.empty_cache()
 

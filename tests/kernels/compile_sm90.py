@@ -591,6 +591,12 @@ def compile_one(index: int) -> tuple[bool, str, float]:
         return True, f"shared={shared}", time.perf_counter() - start
     except Exception as exc:  # noqa: BLE001 - every compiler error is a result to report
         text = "".join(traceback.format_exception_only(type(exc), exc)).rstrip()
+        cause = exc.__cause__
+        while cause is not None:  # the innermost error of a Triton CompilationError is the informative one
+            last = cause
+            cause = cause.__cause__
+        if exc.__cause__ is not None:
+            text += "\n" + "".join(traceback.format_exception_only(type(last), last)).rstrip()
         lines = [ln for ln in text.splitlines() if ln.strip()]
         if len(lines) > 12:  # the first line names the error and its place, the last ones show it
             lines = lines[:1] + ["..."] + lines[-10:]

@@ -1,7 +1,7 @@
 """The per-assignment GEMV kernels of weight-only quantized experts (moe_gemv.assignment_path,
 ERNIESERVE_MOE_ASSIGN_GEMV), through the Triton interpreter, against the plain-torch reference:
 
-* wint8 and wint4 (per output channel), fp32 and bf16, K split into two or three power-of-two chunks,
+* wint8 and wint4 (per output channel), fp32 and bf16, K split into one to three power-of-two chunks,
   row tiles that do not divide H or I, one and several tokens;
 * the folded shared experts (the last slots, whose programs run before the PDL wait) and the down
   kernel's early reads give the same result as without them;
@@ -41,22 +41,18 @@ def _routing(num_tokens: int, num_experts: int, top_k: int, shared: int,
 
 
 @pytest.mark.parametrize("scheme", WINT, ids=lambda s: s.value)
-@pytest.mark.parametrize("shape", [(1, 8, 4, 96, 40, 2, (8, 16), None), (3, 6, 3, 112, 24, 1, (4, 32), (5, 3)),
-                                   (1, 8, 4, 96, 40, 2, (8, 16), (3, 7)), (2, 5, 3, 64, 48, 0, None, None)],
-                         ids=str)  # (T, E, K, H, I, shared, tiles, programs)
+@pytest.mark.parametrize("shape", [(1, 8, 4, 96, 48, 2, (8, 16)), (3, 6, 3, 112, 24, 1, (4, 32)),
+                                   (2, 5, 3, 64, 48, 0, None)], ids=str)  # (T, E, K, H, I, shared, tiles)
 def test_assignment_path_matches_reference(scheme: ExpertScheme, shape: tuple) -> None:
-    """H 96 = 64 + 32, 112 = 64 + 32 + 16; I 40 = 32 + 8 (a partial gate/up tile at BLOCK_N 16 and 32),
-    24, 48; down tiles of 16 / 32 rows over H 96 / 112 (the last partial); a program per tile, or a
-    few persistent programs looping over tiles (shared and routed ones in one program, the last
-    round partial); default tiles once."""
-    num_tokens, num_experts, top_k, hidden, inter, shared, tiles, programs = shape
+    """H 96 = 64 + 32, 112 = 64 + 32 + 16; I 48 = 32 + 16 (a partial gate/up tile at BLOCK_N 32), 24 =
+    16 + 8; down tiles of 16 / 32 rows over H 96 / 112 (the last partial); default tiles once."""
+    num_tokens, num_experts, top_k, hidden, inter, shared, tiles = shape
     experts = quantize_all(*make_weights(num_experts, hidden, inter, seed=hidden + inter), scheme, 0)
     x = torch.randn(num_tokens, hidden, generator=torch.Generator().manual_seed(3))
     weights, ids = _routing(num_tokens, num_experts, top_k, shared, seed=inter)
-    out = moe_gemv.assignment_path(x, experts, weights, ids, shared_slots=shared, tiles=tiles, programs=programs)
+    out = moe_gemv.assignment_path(x, experts, weights, ids, shared_slots=shared, tiles=tiles)
     _close(out, fmq.fused_moe_quant_ref(x, experts, weights, ids))
-    slots = moe_gemv.assignment_path(x, experts, weights, ids, sum_slots=False, shared_slots=shared, tiles=tiles,
-                                     programs=programs)
+    slots = moe_gemv.assignment_path(x, experts, weights, ids, sum_slots=False, shared_slots=shared, tiles=tiles)
     assert slots.shape == (num_tokens, top_k, hidden)
     assert torch.equal(slots.sum(dim=1), out)
 
@@ -73,17 +69,18 @@ def test_assignment_path_bf16(scheme: ExpertScheme) -> None:
 
 @pytest.mark.parametrize("scheme", WINT, ids=lambda s: s.value)
 def test_early_reads_and_shared_programs_keep_the_bits(monkeypatch: pytest.MonkeyPatch, scheme: ExpertScheme) -> None:
-    """Only the order of loads (and of programs) changes with the shared experts' programs first and
-    the down kernel's early reads: the output's bits do not."""
-    experts = quantize_all(*make_weights(8, 96, 40, seed=11), scheme, 0)
+    """Only the order of loads (and of programs) changes with the shared experts' programs first
+    (computing before the wait or after it) and the down kernel's early reads: the output's bits do not."""
+    experts = quantize_all(*make_weights(8, 96, 48, seed=11), scheme, 0)
     x = torch.randn(2, 96, generator=torch.Generator().manual_seed(12)).bfloat16()
     weights, ids = _routing(2, 8, 4, 2, seed=13)
     on = moe_gemv.assignment_path(x, experts, weights, ids, shared_slots=2, tiles=(16, 32))
-    looped = moe_gemv.assignment_path(x, experts, weights, ids, shared_slots=2, tiles=(16, 32), programs=(2, 3))
+    monkeypatch.setattr(moe_gemv, "assign_shared_compute", lambda: False)
+    load_only = moe_gemv.assignment_path(x, experts, weights, ids, shared_slots=2, tiles=(16, 32))
     monkeypatch.setattr(fm, "shared_early", lambda: False)
     monkeypatch.setattr(fm, "down_early", lambda: False)
     off = moe_gemv.assignment_path(x, experts, weights, ids, shared_slots=2, tiles=(16, 32))
-    assert torch.equal(on, off) and torch.equal(on, looped)
+    assert torch.equal(on, off) and torch.equal(on, load_only)
 
 
 def test_auto_takes_it_for_the_per_assignment_layout_only(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -112,12 +109,14 @@ def test_supported_and_tiles() -> None:
     e4 = QuantizedExperts.empty(ExpertScheme.WINT4, 0, 64, 2560, 1536, meta)  # ERNIE-4.5-21B-A3B
     e8 = QuantizedExperts.empty(ExpertScheme.WINT8, 0, 64, 2560, 1536, meta)
     assert moe_gemv.assign_supported(e4) and moe_gemv.assign_supported(e8)
-    # 10 KiB of stored weight a tile: int4 gate/up 4 pairs of 1280-byte rows, down 8 of 768
-    assert moe_gemv.assign_tiles(e4)[:2] == (4, 8)
-    assert moe_gemv.assign_tiles(e8)[:2] == (2, 4)
+    # 20 KiB of stored weight a program: int4 gate/up 8 pairs of 1280-byte rows, down 16 of 768
+    assert moe_gemv.assign_tiles(e4) == (8, 16)
+    assert moe_gemv.assign_tiles(e8) == (4, 8)
     assert not moe_gemv.assign_supported(QuantizedExperts.empty(ExpertScheme.WINT4, 128, 64, 2560, 1536, meta))
     assert not moe_gemv.assign_supported(QuantizedExperts.empty(ExpertScheme.FP8, 0, 64, 2560, 1536, meta))
     assert not moe_gemv.assign_supported(QuantizedExperts.empty(ExpertScheme.WINT8, 0, 4, 1000, 1536, meta))
+    # H 2564 = 2048 + 512 + 4: a chunk of 4 columns, under the 4-byte weight vectors
+    assert not moe_gemv.assign_supported(QuantizedExperts.empty(ExpertScheme.WINT4, 0, 4, 2564, 1536, meta))
     with pytest.raises(ValueError, match="per-channel wint8 / wint4"):
         moe_gemv.assignment_path(torch.zeros(1, 64), QuantizedExperts.empty(ExpertScheme.WINT4, 32, 4, 64, 32),
                                  torch.ones(1, 2), torch.zeros(1, 2, dtype=torch.int32))

@@ -31,7 +31,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-from typing import NamedTuple
 
 import torch
 
@@ -276,39 +275,33 @@ def gemv_path(
     return per_slot.view(split, num_tokens, top_k, hidden).sum(dim=(0, 2)).to(x.dtype)
 
 
-# ---- the per-assignment layout (one token): weight slices in registers, prefetched a tile ahead ------
+# ---- the per-assignment layout (one token): a weight tile per program, in registers -------------------
 #
 # With one GEMM block per assignment (fused_moe.per_assignment_alignment: one token, whose top-k and
 # folded shared experts are all distinct) each (assignment, row tile) is a GEMV over its expert's
-# rows. A tile is BLOCK_N rows of the stored weight whole ([rows, K] int8 or [rows, K / 2] packed
-# int4, K in up to three power-of-two chunks, kernels/gemv.py's `_quant_weight_slice`), multiplied
-# into the activation row in fp32 on CUDA cores (`_quant_row_dot`: the values converted straight to
-# fp32 in PTX), no tensor cores, no padding of one row to sixteen.
+# rows. Program p holds its tile of the stored weight whole (BLOCK_N rows, K in up to three
+# power-of-two chunks: no K loop) in registers, converts it to fp32 in PTX
+# (quant_matmul.int4_values_f32 / int8_values_f32: no I2F, no bf16 widening) and multiplies it into
+# the activation row on CUDA cores, no tensor cores, no padding of one row to sixteen.
 #
-# Programs are persistent: program p takes tiles p, p + G, p + 2G, ... and loads tile i + 1's weights
-# before it computes tile i, so its next loads are in flight while it converts and multiplies (one
-# program a tile would load, stall, then compute, and the programs of an SM go in lockstep). G is
-# a few programs per SM, so the down GEMV's programs are resident beside the gate/up's. Before the
-# PDL wait (kernels/pdl.py) each program loads what is known already:
+# Layouts. The weight chunk [rows, C] is loaded with 4-byte vectors and the activation as a tile of
+# the same shape [rows, C] through a pointer that is the same along the rows (int4: 32-bit pairs of
+# bf16, the partners of a byte's two nibbles; int8: bf16 in 4-element groups), so both get the same
+# register layout and no layout conversion (a shared-memory round trip with barriers, the x of
+# kernels/gemv.py's chunks costs several) sits between load and multiply; the loads of equal
+# addresses in a thread are one load.
 #
-# * gate/up: its first tile's weights when that tile is a folded shared expert's (the slot names the
-#   expert; those tiles come first). It computes only after the wait: int4 conversion is ALU work,
-#   which would slow the router that runs meanwhile.
-# * down: the routing of its first tile (the router is two launches back), the scales and the whole
-#   weight slice; after the wait only the activation rows (gate/up's) are read.
+# Before the PDL wait (kernels/pdl.py) each program reads what is known already:
+# * gate/up: the folded shared experts' programs (their expert is the slot's, x the norm's, two
+#   launches back; they come first in launch order) load their tile, and with SHARED_COMPUTE compute
+#   it too; the routed programs wait for the router's ids, then read their tile.
+# * down: the expert, routing weight, scales and the whole weight tile (the router is two launches
+#   back); after the wait only the activation row (gate/up's) is read.
 #
-# Tiles: as many rows as fit ASSIGN_SLICE_BYTES of stored weight (gate/up: pairs of a gate and its
-# up row side by side, so silu(gate) * up is a local product); per output channel scales only.
+# Rows per tile: as many as fit ASSIGN_SLICE_BYTES of stored weight (gate/up: BLOCK_N gate rows
+# and their BLOCK_N up rows, so silu(gate) * up is a local product). Per output channel scales only.
 
-ASSIGN_SLICE_BYTES = 10 * 1024
-ASSIGN_PROGRAMS_PER_SM = (3, 3)  # (gate/up, down) TODO(lead, GPU): from the sweep
-
-
-class AssignTiles(NamedTuple):
-    gate_up: int  # gate rows per tile (each with its up row)
-    down: int  # rows per tile
-    gate_up_per_sm: int = 0  # persistent programs per SM; 0: a program per tile
-    down_per_sm: int = 0
+ASSIGN_SLICE_BYTES = 20 * 1024
 
 
 @functools.cache  # asked by every quantized MoE layer of every step: read the environment once
@@ -316,6 +309,13 @@ def assign_gemv_enabled() -> bool:
     """Whether AUTO takes the per-assignment GEMV kernels for the one-block-per-assignment layout
     (ERNIESERVE_MOE_ASSIGN_GEMV; off by default until measured)."""
     return os.environ.get("ERNIESERVE_MOE_ASSIGN_GEMV", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+@functools.cache
+def assign_shared_compute() -> bool:
+    """Whether the shared experts' gate/up programs compute before the wait, not only load
+    (ERNIESERVE_MOE_ASSIGN_SHARED_COMPUTE, on by default; read once)."""
+    return os.environ.get("ERNIESERVE_MOE_ASSIGN_SHARED_COMPUTE", "1").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _stored_row_bytes(experts: QuantizedExperts, k: int) -> int:
@@ -326,189 +326,210 @@ def _pow2_floor(v: int) -> int:
     return 1 << (max(1, v).bit_length() - 1)
 
 
-def assign_tiles(experts: QuantizedExperts, slice_bytes: int = ASSIGN_SLICE_BYTES) -> AssignTiles:
-    """Rows per tile: powers of two filling at most `slice_bytes` of stored weight (at least one);
-    ASSIGN_PROGRAMS_PER_SM persistent programs per SM."""
+def assign_tiles(experts: QuantizedExperts, slice_bytes: int = ASSIGN_SLICE_BYTES) -> tuple[int, int]:
+    """(gate/up BLOCK_N: gate rows per program, each with its up row; down BLOCK_N: rows per program),
+    powers of two filling at most `slice_bytes` of stored weight per program (at least one)."""
     gate_up = _pow2_floor(slice_bytes // (2 * _stored_row_bytes(experts, experts.hidden)))
     down = _pow2_floor(slice_bytes // _stored_row_bytes(experts, experts.inter))
     if HAS_TRITON:
         gate_up = min(gate_up, triton.next_power_of_2(experts.inter))
         down = min(down, triton.next_power_of_2(experts.hidden))
-    return AssignTiles(gate_up, down, *ASSIGN_PROGRAMS_PER_SM)
+    return gate_up, down
 
 
 def assign_supported(experts: QuantizedExperts) -> bool:
     """wint8 / wint4 with one scale per output channel, H and I sums of at most three powers of two
-    (int4: each chunk at least two columns), a stored row of at most ASSIGN_SLICE_BYTES."""
+    of at least 8 columns each (4-byte weight vectors), a stored row of at most ASSIGN_SLICE_BYTES."""
     from ernieserve.kernels.gemv import k_chunks
 
     if experts.scheme not in (ExpertScheme.WINT4, ExpertScheme.WINT8) or experts.group_size:
         return False
     for k in (experts.hidden, experts.inter):
         chunks = k_chunks(k)
-        if chunks is None or _stored_row_bytes(experts, k) > ASSIGN_SLICE_BYTES:
-            return False
-        if experts.scheme is ExpertScheme.WINT4 and min(c for c in chunks if c) < 2:
+        if chunks is None or _stored_row_bytes(experts, k) > ASSIGN_SLICE_BYTES or min(c for c in chunks if c) < 8:
             return False
     return True
 
 
 if HAS_TRITON:
-    from ernieserve.kernels.gemv import _quant_row_dot, _quant_weight_slice
     from ernieserve.kernels.pdl import pdl_wait
+    from ernieserve.kernels.quant_matmul import int4_values_f32, int8_values_f32
 
     @triton.jit
-    def _gate_up_coords(t, tiles, shared_tiles, TOP_K: tl.constexpr, SHARED_SLOT0: tl.constexpr,
-                        SHARED_EXPERT0: tl.constexpr):
-        """(assignment, row tile, expert or -1: the router's) of gate/up tile t; with SHARED_SLOT0
-        the folded shared experts' tiles (slots SHARED_SLOT0.. of each token) come first."""
-        tile = t % tiles
-        if SHARED_SLOT0 > 0:
-            SHARED: tl.constexpr = TOP_K - SHARED_SLOT0
-            j = t // tiles
-            jr = (t - shared_tiles) // tiles
-            shared = t < shared_tiles
-            a = tl.where(shared, (j // SHARED) * TOP_K + SHARED_SLOT0 + j % SHARED,
-                         (jr // SHARED_SLOT0) * TOP_K + jr % SHARED_SLOT0)
-            expert = tl.where(shared, SHARED_EXPERT0 + j % SHARED, -1)
-        else:
-            a = t // tiles
-            expert = a * 0 - 1
-        return a, tile, expert
+    def _by4(C: tl.constexpr):
+        """0..C-1 as runs of 4 (the compiler sees contiguity 4: 4-element vectors)."""
+        j = tl.arange(0, C)
+        return (j // 4) * 4 + j % 4
 
     @triton.jit
-    def _gate_up_slice(w_ptr, s_ptr, expert, tile, I, up_scale_row, live, stride_we, stride_wn, stride_se,
-                       stride_sn, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr, BLOCK_N: tl.constexpr,
-                       INT4: tl.constexpr):
-        """A gate/up tile's stored rows (gate n and up n side by side: 2 * BLOCK_N) and their scales;
-        nothing is read where `live` (a scalar, 0 or 1) is 0."""
-        i = tl.arange(0, 2 * BLOCK_N)
-        n = tile * BLOCK_N + i // 2
-        up = i % 2
-        ok = (n < I) & (n * 0 + live > 0)  # vector compares (the interpreter refuses scalar & vector masks)
-        expert = expert.to(tl.int64)
-        w_rows = w_ptr + expert * stride_we + (n + up * I).to(tl.int64)[:, None] * stride_wn
-        w1, w2, w3 = _quant_weight_slice(w_rows, ok, K1, K2, K3, INT4)
-        scale = tl.load(s_ptr + expert * stride_se + (n + up * up_scale_row) * stride_sn, mask=ok, other=0.0)
-        return w1, w2, w3, scale
+    def _tile_chunk(w_rows, ok, START: tl.constexpr, C: tl.constexpr):
+        """Stored bytes [C / SEG, rows, SEG] from column START of each row (rows where ok): segments of
+        SEG bytes outermost, so the 4 warps split the rows (not K) and each thread adds its segments
+        up before any shuffle."""
+        SEG: tl.constexpr = 128 if C >= 128 else C
+        seg = tl.arange(0, C // SEG)[:, None, None] * SEG
+        return tl.load(w_rows[None, :, :] + START + seg + _by4(SEG)[None, None, :], mask=ok[None, :, None])
 
-    @triton.jit(do_not_specialize=["num_tokens", "n_assign"])
+    @triton.jit
+    def _tile(w_rows, ok, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr, INT4: tl.constexpr):
+        """A tile's stored rows in chunks of K1, K2, K3 columns (bytes: halved for int4; an absent
+        chunk is the first again, never read). w_rows: [rows, 1] pointers."""
+        D: tl.constexpr = 2 if INT4 else 1
+        w1 = _tile_chunk(w_rows, ok, 0, K1 // D)
+        w2 = w1
+        w3 = w1
+        if K2 > 0:
+            w2 = _tile_chunk(w_rows, ok, K1 // D, K2 // D)
+        if K3 > 0:
+            w3 = _tile_chunk(w_rows, ok, (K1 + K2) // D, K3 // D)
+        return w1, w2, w3
+
+    @triton.jit
+    def _chunk_dot(w, x_row, rows, START: tl.constexpr, C: tl.constexpr, INT4: tl.constexpr,
+                   INLINE_ASM: tl.constexpr):
+        """fp32 [rows]: the chunk's integer values (scale not applied) times x's columns
+        [START, START + C). x is loaded as a tile of w's shape [C / SEG, rows, SEG], the same for
+        every row."""
+        B: tl.constexpr = C // 2 if INT4 else C  # stored bytes
+        SEG: tl.constexpr = 128 if B >= 128 else B
+        col = tl.arange(0, B // SEG)[:, None, None] * SEG + (rows * 0)[None, :, None] + _by4(SEG)[None, None, :]
+        if INT4:
+            if x_row.dtype.element_ty == tl.bfloat16:  # the model's dtype
+                pairs = x_row.to(tl.pointer_type(tl.int32))  # bf16 (x[2j], x[2j + 1]) as one 32-bit word
+                xp = tl.load(pairs + START // 2 + col)
+                x_even = (xp << 16).to(tl.float32, bitcast=True)
+                x_odd = (xp & -65536).to(tl.float32, bitcast=True)
+            else:  # fp16 / fp32 activations: the even and odd columns each
+                x_even = tl.load(x_row + START + 2 * col).to(tl.float32)
+                x_odd = tl.load(x_row + START + 2 * col + 1).to(tl.float32)
+            low, high = int4_values_f32(w, INLINE_ASM)
+            # the segments, in each thread: two sums, so each product is one FFMA into its sum
+            part = tl.sum(low * x_even, axis=0) + tl.sum(high * x_odd, axis=0)
+        else:  # (an if / else: Triton compiles the code after a constexpr branch's return too)
+            xt = tl.load(x_row + START + col).to(tl.float32)
+            part = tl.sum(int8_values_f32(w, INLINE_ASM) * xt, axis=0)
+        return tl.sum(part, axis=1)
+
+    @triton.jit
+    def _tile_dot(w1, w2, w3, x_row, rows, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr,
+                  INT4: tl.constexpr, INLINE_ASM: tl.constexpr):
+        acc = _chunk_dot(w1, x_row, rows, 0, K1, INT4, INLINE_ASM)
+        if K2 > 0:
+            acc += _chunk_dot(w2, x_row, rows, K1, K2, INT4, INLINE_ASM)
+        if K3 > 0:
+            acc += _chunk_dot(w3, x_row, rows, K1 + K2, K3, INT4, INLINE_ASM)
+        return acc
+
+    @triton.jit
+    def _gate_up_tiles(w_ptr, s_ptr, expert, n, ok, I, up_scale_row, stride_we, stride_wn, stride_se, stride_sn,
+                       K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr, INT4: tl.constexpr):
+        """The gate rows n and up rows I + n of `expert`, and their scales."""
+        base = w_ptr + expert.to(tl.int64) * stride_we
+        g1, g2, g3 = _tile(base + n.to(tl.int64)[:, None] * stride_wn, ok, K1, K2, K3, INT4)
+        u1, u2, u3 = _tile(base + (n + I).to(tl.int64)[:, None] * stride_wn, ok, K1, K2, K3, INT4)
+        s_base = s_ptr + expert.to(tl.int64) * stride_se
+        sg = tl.load(s_base + n * stride_sn, mask=ok, other=0.0)
+        su = tl.load(s_base + (n + up_scale_row) * stride_sn, mask=ok, other=0.0)
+        return g1, g2, g3, u1, u2, u3, sg, su
+
+    @triton.jit
+    def _gate_up_act(g1, g2, g3, u1, u2, u3, sg, su, x_row, n, K1: tl.constexpr, K2: tl.constexpr,
+                     K3: tl.constexpr, INT4: tl.constexpr, INLINE_ASM: tl.constexpr):
+        gate = _tile_dot(g1, g2, g3, x_row, n, K1, K2, K3, INT4, INLINE_ASM) * sg
+        up = _tile_dot(u1, u2, u3, x_row, n, K1, K2, K3, INT4, INLINE_ASM) * su
+        return gate / (1.0 + tl.exp(-gate)) * up  # silu(gate) * up, float32
+
+    @triton.jit(do_not_specialize=["num_tokens"])
     def _gate_up_assign_kernel(
-        x_ptr, ids_ptr, w_ptr, s_ptr, out_ptr, num_tokens, n_assign, I, up_scale_row,
+        x_ptr, ids_ptr, w_ptr, s_ptr, out_ptr, num_tokens, I, up_scale_row,
         stride_xt, stride_we, stride_wn, stride_se, stride_sn,
         TOP_K: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr, BLOCK_N: tl.constexpr,
         INT4: tl.constexpr, INLINE_ASM: tl.constexpr = False, PDL: tl.constexpr = False,
-        SHARED_SLOT0: tl.constexpr = 0, SHARED_EXPERT0: tl.constexpr = 0,
+        SHARED_SLOT0: tl.constexpr = 0, SHARED_EXPERT0: tl.constexpr = 0, SHARED_COMPUTE: tl.constexpr = True,
     ):
-        """act [N, I] (assignment order) = silu(x W_gate^T) * (x W_up^T) of each assignment's expert,
-        persistent over tiles (see above). SHARED_SLOT0 > 0: slots SHARED_SLOT0.. of every token are
-        the folded shared experts SHARED_EXPERT0.. : a first tile of theirs is loaded before the wait."""
+        """act [N, I] (assignment order) = silu(x W_gate^T) * (x W_up^T) of each assignment's expert.
+        SHARED_SLOT0 > 0: slots SHARED_SLOT0.. of every token are the folded shared experts
+        SHARED_EXPERT0.. ; their programs come first and load (SHARED_COMPUTE: and compute) their
+        tile before the wait."""
         tiles = tl.cdiv(I, BLOCK_N)
-        total = n_assign * tiles
-        step = tl.num_programs(0)
-        shared_tiles = 0
-        if SHARED_SLOT0 > 0:
-            shared_tiles = num_tokens * (TOP_K - SHARED_SLOT0) * tiles
-        t = tl.program_id(0)
-        a, tile, expert = _gate_up_coords(t, tiles, shared_tiles, TOP_K, SHARED_SLOT0, SHARED_EXPERT0)
-        w1, w2, w3, scale = _gate_up_slice(w_ptr, s_ptr, tl.maximum(expert, 0), tile, I, up_scale_row,
-                                           tl.where((expert >= 0) & (t < total), 1, 0), stride_we, stride_wn, stride_se,
-                                           stride_sn, K1, K2, K3, BLOCK_N, INT4)
-        pdl_wait(PDL)  # the router's ids: the kernel just before
-        if expert < 0:
-            expert = tl.load(ids_ptr + a, mask=t < total, other=0)
-            w1, w2, w3, scale = _gate_up_slice(w_ptr, s_ptr, expert, tile, I, up_scale_row, tl.where(t < total, 1, 0),
-                                               stride_we, stride_wn, stride_se, stride_sn, K1, K2, K3, BLOCK_N, INT4)
+        pid = tl.program_id(0)
         offs = tl.arange(0, BLOCK_N)
-        for _ in range(tl.program_id(0), total, step):
-            # the next tile's weights first: in flight while this one is computed
-            t_next = t + step
-            live = t_next < total
-            a_next, tile_next, e_next = _gate_up_coords(t_next, tiles, shared_tiles, TOP_K, SHARED_SLOT0,
-                                                        SHARED_EXPERT0)
-            e_next = tl.where(e_next >= 0, e_next, tl.load(ids_ptr + a_next, mask=live & (e_next < 0), other=0))
-            n1, n2, n3, n_scale = _gate_up_slice(w_ptr, s_ptr, e_next, tile_next, I, up_scale_row, tl.where(live, 1, 0),
-                                                 stride_we, stride_wn, stride_se, stride_sn, K1, K2, K3, BLOCK_N, INT4)
-            acc = _quant_row_dot(w1, w2, w3, x_ptr + (a // TOP_K).to(tl.int64) * stride_xt, K1, K2, K3, INT4,
-                                 INLINE_ASM) * scale
-            gate, upv = tl.split(tl.reshape(acc, [BLOCK_N, 2]))
-            act = gate / (1.0 + tl.exp(-gate)) * upv  # silu(gate) * up, float32
-            n = tile * BLOCK_N + offs
-            tl.store(out_ptr + a.to(tl.int64) * I + n, act.to(out_ptr.dtype.element_ty), mask=n < I)
-            w1, w2, w3, scale = n1, n2, n3, n_scale
-            t, a, tile = t_next, a_next, tile_next
+        if SHARED_SLOT0 > 0:
+            SHARED: tl.constexpr = TOP_K - SHARED_SLOT0
+            shared_programs = num_tokens * SHARED * tiles
+            if pid < shared_programs:
+                j = pid // tiles
+                n = (pid % tiles) * BLOCK_N + offs
+                ok = n < I
+                a = (j // SHARED) * TOP_K + SHARED_SLOT0 + j % SHARED
+                x_row = x_ptr + (j // SHARED).to(tl.int64) * stride_xt
+                g1, g2, g3, u1, u2, u3, sg, su = _gate_up_tiles(
+                    w_ptr, s_ptr, SHARED_EXPERT0 + j % SHARED, n, ok, I, up_scale_row,
+                    stride_we, stride_wn, stride_se, stride_sn, K1, K2, K3, INT4)
+                if SHARED_COMPUTE:
+                    act = _gate_up_act(g1, g2, g3, u1, u2, u3, sg, su, x_row, n, K1, K2, K3, INT4, INLINE_ASM)
+                    pdl_wait(PDL)  # the output may reuse memory an earlier kernel still reads: store after it
+                else:
+                    pdl_wait(PDL)
+                    act = _gate_up_act(g1, g2, g3, u1, u2, u3, sg, su, x_row, n, K1, K2, K3, INT4, INLINE_ASM)
+                tl.store(out_ptr + a.to(tl.int64) * I + n, act.to(out_ptr.dtype.element_ty), mask=ok)
+                return
+            pid -= shared_programs
+            j = pid // tiles
+            a = (j // SHARED_SLOT0) * TOP_K + j % SHARED_SLOT0
+        else:
+            a = pid // tiles
+        n = (pid % tiles) * BLOCK_N + offs
+        ok = n < I
+        pdl_wait(PDL)  # the router's ids: the kernel just before
+        expert = tl.load(ids_ptr + a)
+        g1, g2, g3, u1, u2, u3, sg, su = _gate_up_tiles(w_ptr, s_ptr, expert, n, ok, I, up_scale_row, stride_we,
+                                                        stride_wn, stride_se, stride_sn, K1, K2, K3, INT4)
+        act = _gate_up_act(g1, g2, g3, u1, u2, u3, sg, su, x_ptr + (a // TOP_K).to(tl.int64) * stride_xt, n,
+                           K1, K2, K3, INT4, INLINE_ASM)
+        tl.store(out_ptr + a.to(tl.int64) * I + n, act.to(out_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _down_slice(w_ptr, s_ptr, ids_ptr, tw_ptr, t, tiles, total, H, stride_we, stride_wn, stride_se, stride_sn,
-                    K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr, BLOCK_N: tl.constexpr, INT4: tl.constexpr):
-        """Down tile t: (assignment, rows, its routing weight, stored rows, scales); nothing is read
-        for t >= total."""
-        live = t < total
-        a = t // tiles
-        rn = (t % tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
-        ok = (rn < H) & (rn * 0 + t < total)  # vector compares (the interpreter refuses scalar & vector masks)
-        expert = tl.load(ids_ptr + a, mask=live, other=0).to(tl.int64)
-        wt = tl.load(tw_ptr + a, mask=live, other=0.0)
-        w1, w2, w3 = _quant_weight_slice(w_ptr + expert * stride_we + rn.to(tl.int64)[:, None] * stride_wn, ok,
-                                         K1, K2, K3, INT4)
-        scale = tl.load(s_ptr + expert * stride_se + rn * stride_sn, mask=ok, other=0.0)
-        return a, rn, wt, w1, w2, w3, scale
-
-    @triton.jit(do_not_specialize=["n_assign"])
     def _down_assign_kernel(
-        act_ptr, ids_ptr, tw_ptr, w_ptr, s_ptr, out_ptr, n_assign, H,
+        act_ptr, ids_ptr, tw_ptr, w_ptr, s_ptr, out_ptr, H,
         stride_we, stride_wn, stride_se, stride_sn,
         K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr, BLOCK_N: tl.constexpr,
         INT4: tl.constexpr, INLINE_ASM: tl.constexpr = False, PDL: tl.constexpr = False,
         EARLY: tl.constexpr = False,
     ):
         """out [N, H] (assignment order) = routing weight x act row W_down^T of each assignment's
-        expert, persistent over tiles. EARLY: the first tile's routing (the router's, two launches
-        back: kernels/pdl.py, fused_moe's _down_block), scales and weights are read before the wait."""
+        expert. EARLY: the routing (the router's, two launches back: kernels/pdl.py, fused_moe's
+        _down_block), the scales and the whole weight tile are read before the wait."""
         tiles = tl.cdiv(H, BLOCK_N)
-        total = n_assign * tiles
-        step = tl.num_programs(0)
-        t = tl.program_id(0)
+        pid = tl.program_id(0)
+        a = pid // tiles
+        rn = (pid % tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+        ok = rn < H
         if not EARLY:
             pdl_wait(PDL)
-        a, rn, wt, w1, w2, w3, scale = _down_slice(w_ptr, s_ptr, ids_ptr, tw_ptr, t, tiles, total, H, stride_we,
-                                                   stride_wn, stride_se, stride_sn, K1, K2, K3, BLOCK_N, INT4)
+        expert = tl.load(ids_ptr + a).to(tl.int64)
+        wt = tl.load(tw_ptr + a)
+        w1, w2, w3 = _tile(w_ptr + expert * stride_we + rn.to(tl.int64)[:, None] * stride_wn, ok, K1, K2, K3, INT4)
+        scale = tl.load(s_ptr + expert * stride_se + rn * stride_sn, mask=ok, other=0.0)
         if EARLY:
-            pdl_wait(PDL)  # the activation rows are the kernel just before's
-        for _ in range(tl.program_id(0), total, step):
-            t_next = t + step
-            a_n, rn_n, wt_n, n1, n2, n3, n_scale = _down_slice(
-                w_ptr, s_ptr, ids_ptr, tw_ptr, t_next, tiles, total, H, stride_we, stride_wn, stride_se,
-                stride_sn, K1, K2, K3, BLOCK_N, INT4)
-            acc = _quant_row_dot(w1, w2, w3, act_ptr + a.to(tl.int64) * (K1 + K2 + K3), K1, K2, K3, INT4,
-                                 INLINE_ASM)
-            acc = acc * scale * wt
-            tl.store(out_ptr + a.to(tl.int64) * H + rn, acc.to(out_ptr.dtype.element_ty), mask=rn < H)
-            a, rn, wt, w1, w2, w3, scale = a_n, rn_n, wt_n, n1, n2, n3, n_scale
-            t = t_next
+            pdl_wait(PDL)  # the activation row is the kernel just before's
+        acc = _tile_dot(w1, w2, w3, act_ptr + a.to(tl.int64) * (K1 + K2 + K3), rn, K1, K2, K3, INT4, INLINE_ASM)
+        tl.store(out_ptr + a.to(tl.int64) * H + rn, (acc * scale * wt).to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @functools.cache
-def _env_tiles() -> AssignTiles | None:
-    """ERNIESERVE_MOE_ASSIGN_TILES="GATE_UP,DOWN[,GATE_UP_PER_SM,DOWN_PER_SM]": rows per tile (powers
-    of two) and persistent programs per SM (0: a program per tile), for benchmarking; read once."""
+def _env_tiles() -> tuple[int, int] | None:
+    """ERNIESERVE_MOE_ASSIGN_TILES="GATE_UP,DOWN": the BLOCK_N pair (benchmarking; read once)."""
     value = os.environ.get("ERNIESERVE_MOE_ASSIGN_TILES", "").strip()
     if not value:
         return None
-    err = f"ERNIESERVE_MOE_ASSIGN_TILES={value!r}: expected GATE_UP,DOWN[,GATE_UP_PER_SM,DOWN_PER_SM], e.g. 4,8,3,3"
     try:
-        parts = [int(v) for v in value.split(",")]
+        gate_up, down = (int(v) for v in value.split(","))
     except ValueError:
-        raise ValueError(err) from None
-    if len(parts) not in (2, 4) or min(parts[:2]) < 1 or any(p & (p - 1) for p in parts[:2]) or min(parts) < 0:
-        raise ValueError(err)
-    return AssignTiles(*parts)
-
-
-def _grid(total: int, per_sm: int, device: torch.device) -> int:
-    if per_sm <= 0 or device.type != "cuda":
-        return total
-    return max(1, min(total, per_sm * _num_sms(device.index or 0)))
+        raise ValueError(f"ERNIESERVE_MOE_ASSIGN_TILES={value!r}: expected two powers of two, e.g. 8,16") from None
+    if min(gate_up, down) < 1 or gate_up & (gate_up - 1) or down & (down - 1):
+        raise ValueError(f"ERNIESERVE_MOE_ASSIGN_TILES={value!r}: expected two powers of two, e.g. 8,16")
+    return gate_up, down
 
 
 def assignment_path(
@@ -518,13 +539,11 @@ def assignment_path(
     topk_ids: torch.Tensor,  # [T, K] int32, each token's ids distinct
     sum_slots: bool = True,
     shared_slots: int = 0,
-    tiles: AssignTiles | tuple[int, ...] | None = None,
-    programs: tuple[int, int] | None = None,
+    tiles: tuple[int, int] | None = None,
 ) -> torch.Tensor:  # [T, H], or [T, K, H] with sum_slots=False
     """The per-assignment GEMV kernels above (no alignment at all: each assignment reads its own
     expert's rows, so an expert picked by two tokens is read twice; meant for one token).
-    tiles: `AssignTiles` (or its tuple), `assign_tiles`' by default. programs: (gate/up, down) grid
-    sizes, overriding tiles' programs per SM (tests: a few programs looping over many tiles)."""
+    tiles: (gate/up, down) BLOCK_N, `assign_tiles`' by default."""
     from ernieserve.kernels.gemv import k_chunks
 
     if not assign_supported(experts):
@@ -540,23 +559,22 @@ def assignment_path(
     assert topk_ids.dtype == torch.int32 and topk_ids.is_contiguous(), "the router's int32 ids"
     x = x.contiguous()
     inter = experts.inter
-    t = AssignTiles(*tiles) if tiles is not None else (_env_tiles() or assign_tiles(experts))
+    bn_gate_up, bn_down = tiles or _env_tiles() or assign_tiles(experts)
     int4 = experts.scheme is ExpertScheme.WINT4
     inline_asm = x.is_cuda
     pdl = pdl_launch(pdl_enabled(x.device))
     early = {}
     if shared_slots and fm.shared_early():
-        early = {"SHARED_SLOT0": top_k - shared_slots, "SHARED_EXPERT0": experts.num_experts - shared_slots}
+        early = {"SHARED_SLOT0": top_k - shared_slots, "SHARED_EXPERT0": experts.num_experts - shared_slots,
+                 "SHARED_COMPUTE": assign_shared_compute()}
 
     act = torch.empty(n, inter, dtype=x.dtype, device=x.device)  # [N, I], assignment order
     w13, s13 = experts.w13, experts.w13_scale
     k1, k2, k3 = k_chunks(hidden)
-    gate_up_total = n * triton.cdiv(inter, t.gate_up)
-    grid = programs[0] if programs else _grid(gate_up_total, t.gate_up_per_sm, x.device)
-    _gate_up_assign_kernel[(grid,)](
-        x, topk_ids, w13, s13, act, num_tokens, n, inter, experts.up_scale_row,
+    _gate_up_assign_kernel[(n * triton.cdiv(inter, bn_gate_up),)](
+        x, topk_ids, w13, s13, act, num_tokens, inter, experts.up_scale_row,
         x.stride(0), w13.stride(0), w13.stride(1), s13.stride(0), s13.stride(1),
-        TOP_K=top_k, K1=k1, K2=k2, K3=k3, BLOCK_N=t.gate_up, INT4=int4, INLINE_ASM=inline_asm,
+        TOP_K=top_k, K1=k1, K2=k2, K3=k3, BLOCK_N=bn_gate_up, INT4=int4, INLINE_ASM=inline_asm,
         num_warps=4, num_stages=1, **early, **pdl)
 
     per_slot = torch.empty(n, hidden, dtype=x.dtype, device=x.device)  # [N, H], weighted
@@ -564,11 +582,9 @@ def assignment_path(
     weights = topk_weights if topk_weights.dtype == torch.float32 and topk_weights.is_contiguous() \
         else topk_weights.float().contiguous()
     k1, k2, k3 = k_chunks(inter)
-    down_total = n * triton.cdiv(hidden, t.down)
-    grid = programs[1] if programs else _grid(down_total, t.down_per_sm, x.device)
-    _down_assign_kernel[(grid,)](
-        act, topk_ids, weights, w2, s2, per_slot, n, hidden,
+    _down_assign_kernel[(n * triton.cdiv(hidden, bn_down),)](
+        act, topk_ids, weights, w2, s2, per_slot, hidden,
         w2.stride(0), w2.stride(1), s2.stride(0), s2.stride(1),
-        K1=k1, K2=k2, K3=k3, BLOCK_N=t.down, INT4=int4, INLINE_ASM=inline_asm,
+        K1=k1, K2=k2, K3=k3, BLOCK_N=bn_down, INT4=int4, INLINE_ASM=inline_asm,
         EARLY=fm.down_early(), num_warps=4, num_stages=1, **pdl)
     return fm.combine_slots(per_slot, num_tokens, top_k, sum_slots)
