@@ -97,8 +97,8 @@ def main() -> None:
         default = moe_gemv.assign_tiles(layers[0])
         row("assign", f"{tuple(default)} (default)", timed(QuantMoEPath.ASSIGN))
         if args.sweep:  # rows per tile (gate/up, down)
-            for gu in (4, 8, 16):
-                for dn in (8, 16, 32):
+            for gu in (1, 2, 4):
+                for dn in (4, 8, 16):
                     if (gu, dn) != tuple(default):
                         row("assign", f"({gu}, {dn})", timed(QuantMoEPath.ASSIGN, (gu, dn)))
         layers = []  # noqa: F841 (frees this method's weights before the next)

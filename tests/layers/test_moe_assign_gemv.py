@@ -109,9 +109,9 @@ def test_supported_and_tiles() -> None:
     e4 = QuantizedExperts.empty(ExpertScheme.WINT4, 0, 64, 2560, 1536, meta)  # ERNIE-4.5-21B-A3B
     e8 = QuantizedExperts.empty(ExpertScheme.WINT8, 0, 64, 2560, 1536, meta)
     assert moe_gemv.assign_supported(e4) and moe_gemv.assign_supported(e8)
-    # 20 KiB of stored weight a program: int4 gate/up 8 pairs of 1280-byte rows, down 16 of 768
-    assert moe_gemv.assign_tiles(e4) == (8, 16)
-    assert moe_gemv.assign_tiles(e8) == (4, 8)
+    # 8 KiB of stored weight a program (one warp): int4 gate/up 2 pairs of 1280-byte rows, down 8 of 768
+    assert moe_gemv.assign_tiles(e4) == (2, 8)
+    assert moe_gemv.assign_tiles(e8) == (1, 4)
     assert not moe_gemv.assign_supported(QuantizedExperts.empty(ExpertScheme.WINT4, 128, 64, 2560, 1536, meta))
     assert not moe_gemv.assign_supported(QuantizedExperts.empty(ExpertScheme.FP8, 0, 64, 2560, 1536, meta))
     assert not moe_gemv.assign_supported(QuantizedExperts.empty(ExpertScheme.WINT8, 0, 4, 1000, 1536, meta))

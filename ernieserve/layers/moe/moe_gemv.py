@@ -284,12 +284,14 @@ def gemv_path(
 # (quant_matmul.int4_values_f32 / int8_values_f32: no I2F, no bf16 widening) and multiplies it into
 # the activation row on CUDA cores, no tensor cores, no padding of one row to sixteen.
 #
-# Layouts. The weight chunk [rows, C] is loaded with 4-byte vectors and the activation as a tile of
-# the same shape [rows, C] through a pointer that is the same along the rows (int4: 32-bit pairs of
-# bf16, the partners of a byte's two nibbles; int8: bf16 in 4-element groups), so both get the same
-# register layout and no layout conversion (a shared-memory round trip with barriers, the x of
-# kernels/gemv.py's chunks costs several) sits between load and multiply; the loads of equal
-# addresses in a thread are one load.
+# Layouts. A program is one warp (no cross-warp reduction, no barrier). The weight chunk [rows, C]
+# is loaded with 4-byte vectors and the activation as a tile of the same shape [rows, C] through a
+# pointer that is the same along the rows (int4: 32-bit pairs of bf16, the partners of a byte's two
+# nibbles; int8: bf16 in 4-element groups), so both get the same register layout on any Triton
+# (the 32 lanes along K, every row in every lane) and no layout conversion (a shared-memory round
+# trip with barriers; kernels/gemv.py's x costs several) sits between load and multiply; the loads
+# of equal addresses in a thread are one load. Each lane adds its products of a row up before the
+# five shuffles of the row's sum.
 #
 # Before the PDL wait (kernels/pdl.py) each program reads what is known already:
 # * gate/up: the folded shared experts' programs (their expert is the slot's, x the norm's, two
@@ -301,7 +303,7 @@ def gemv_path(
 # Rows per tile: as many as fit ASSIGN_SLICE_BYTES of stored weight (gate/up: BLOCK_N gate rows
 # and their BLOCK_N up rows, so silu(gate) * up is a local product). Per output channel scales only.
 
-ASSIGN_SLICE_BYTES = 20 * 1024
+ASSIGN_SLICE_BYTES = 8 * 1024  # a warp's tile: up to 256 bytes of weight a lane
 
 
 @functools.cache  # asked by every quantized MoE layer of every step: read the environment once
@@ -363,12 +365,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _tile_chunk(w_rows, ok, START: tl.constexpr, C: tl.constexpr):
-        """Stored bytes [C / SEG, rows, SEG] from column START of each row (rows where ok): segments of
-        SEG bytes outermost, so the 4 warps split the rows (not K) and each thread adds its segments
-        up before any shuffle."""
-        SEG: tl.constexpr = 128 if C >= 128 else C
-        seg = tl.arange(0, C // SEG)[:, None, None] * SEG
-        return tl.load(w_rows[None, :, :] + START + seg + _by4(SEG)[None, None, :], mask=ok[None, :, None])
+        """Stored bytes [rows, C] from column START of each row (rows where ok), in 4-byte vectors."""
+        return tl.load(w_rows + START + _by4(C)[None, :], mask=ok[:, None])
 
     @triton.jit
     def _tile(w_rows, ok, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr, INT4: tl.constexpr):
@@ -388,27 +386,28 @@ if HAS_TRITON:
     def _chunk_dot(w, x_row, rows, START: tl.constexpr, C: tl.constexpr, INT4: tl.constexpr,
                    INLINE_ASM: tl.constexpr):
         """fp32 [rows]: the chunk's integer values (scale not applied) times x's columns
-        [START, START + C). x is loaded as a tile of w's shape [C / SEG, rows, SEG], the same for
-        every row."""
-        B: tl.constexpr = C // 2 if INT4 else C  # stored bytes
-        SEG: tl.constexpr = 128 if B >= 128 else B
-        col = tl.arange(0, B // SEG)[:, None, None] * SEG + (rows * 0)[None, :, None] + _by4(SEG)[None, None, :]
+        [START, START + C). x is loaded as a tile of w's shape and vector width, the same for every
+        row, so both take one register layout."""
+        same = (rows * 0)[:, None]
         if INT4:
+            j = tl.arange(0, C // 2)[None, :]
             if x_row.dtype.element_ty == tl.bfloat16:  # the model's dtype
                 pairs = x_row.to(tl.pointer_type(tl.int32))  # bf16 (x[2j], x[2j + 1]) as one 32-bit word
-                xp = tl.load(pairs + START // 2 + col)
+                xp = tl.load(pairs + START // 2 + same + j)
                 x_even = (xp << 16).to(tl.float32, bitcast=True)
                 x_odd = (xp & -65536).to(tl.float32, bitcast=True)
             else:  # fp16 / fp32 activations: the even and odd columns each
-                x_even = tl.load(x_row + START + 2 * col).to(tl.float32)
-                x_odd = tl.load(x_row + START + 2 * col + 1).to(tl.float32)
+                x_even = tl.load(x_row + START + same + 2 * j).to(tl.float32)
+                x_odd = tl.load(x_row + START + same + 2 * j + 1).to(tl.float32)
             low, high = int4_values_f32(w, INLINE_ASM)
-            # the segments, in each thread: two sums, so each product is one FFMA into its sum
-            part = tl.sum(low * x_even, axis=0) + tl.sum(high * x_odd, axis=0)
+            # one reduction over both nibbles' products in k order: each product is one FFMA into the
+            # lane's sum, then one shuffle tree per row
+            prods = tl.reshape(tl.join(low * x_even, high * x_odd), [w.shape[0], C])
+            acc = tl.sum(prods, axis=1)
         else:  # (an if / else: Triton compiles the code after a constexpr branch's return too)
-            xt = tl.load(x_row + START + col).to(tl.float32)
-            part = tl.sum(int8_values_f32(w, INLINE_ASM) * xt, axis=0)
-        return tl.sum(part, axis=1)
+            xt = tl.load(x_row + START + same + _by4(C)[None, :]).to(tl.float32)
+            acc = tl.sum(int8_values_f32(w, INLINE_ASM) * xt, axis=1)
+        return acc
 
     @triton.jit
     def _tile_dot(w1, w2, w3, x_row, rows, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr,
@@ -575,7 +574,7 @@ def assignment_path(
         x, topk_ids, w13, s13, act, num_tokens, inter, experts.up_scale_row,
         x.stride(0), w13.stride(0), w13.stride(1), s13.stride(0), s13.stride(1),
         TOP_K=top_k, K1=k1, K2=k2, K3=k3, BLOCK_N=bn_gate_up, INT4=int4, INLINE_ASM=inline_asm,
-        num_warps=4, num_stages=1, **early, **pdl)
+        num_warps=1, num_stages=1, **early, **pdl)
 
     per_slot = torch.empty(n, hidden, dtype=x.dtype, device=x.device)  # [N, H], weighted
     w2, s2 = experts.w2, experts.w2_scale
@@ -586,5 +585,5 @@ def assignment_path(
         act, topk_ids, weights, w2, s2, per_slot, hidden,
         w2.stride(0), w2.stride(1), s2.stride(0), s2.stride(1),
         K1=k1, K2=k2, K3=k3, BLOCK_N=bn_down, INT4=int4, INLINE_ASM=inline_asm,
-        EARLY=fm.down_early(), num_warps=4, num_stages=1, **pdl)
+        EARLY=fm.down_early(), num_warps=1, num_stages=1, **pdl)
     return fm.combine_slots(per_slot, num_tokens, top_k, sum_slots)
