@@ -41,6 +41,12 @@ alignment is computed at all; taken before the router-side alignment),
 weights and scales before the PDL wait, `fused_moe._down_block`),
 `ERNIESERVE_MOE_SHARED_EARLY=0` (default on: with one block per assignment, the MoE gate/up GEMM
 computes the folded shared experts' blocks before the PDL wait, while the router runs),
+`ERNIESERVE_MOE_ASSIGN_GEMV=0` (default on: with one block per assignment, wint8 / wint4 experts
+with per-channel scales run `layers/moe/moe_gemv.py`'s per-assignment GEMVs, a weight tile per
+one-warp program in registers, on CUDA cores, instead of the tensor-core fused kernels;
+`ERNIESERVE_MOE_ASSIGN_TILES=GATE_UP,DOWN` sets their rows per program and
+`ERNIESERVE_MOE_ASSIGN_SHARED_COMPUTE=0` makes the shared experts' programs only load, not compute,
+before the PDL wait; both for benchmarking),
 `ERNIESERVE_PDL=0` (turns off programmatic dependent launch, on by default on sm_90+: the decode
 path's Triton kernels may start while the previous kernel finishes, also inside CUDA graphs; see
 `ernieserve/kernels/pdl.py`).

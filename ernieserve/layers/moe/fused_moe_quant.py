@@ -42,6 +42,10 @@ Decode path (`QuantMoEPath.GEMV`, wint8 / wint4; `moe_gemv.py`): no tensor-core 
 tile dequantized in registers and multiplied into at most 8 rows per expert in fp32. Taken up to
 `GEMV_MAX_TOKENS` (measured: since the fused kernels' inline-PTX int4 conversion, never).
 
+One-token path (`QuantMoEPath.ASSIGN`, per-channel wint8 / wint4; `moe_gemv.assignment_path`): with
+the one-block-per-assignment alignment (fused_moe.per_assignment_alignment) AUTO takes the
+per-assignment GEMVs instead of the fused kernels (ERNIESERVE_MOE_ASSIGN_GEMV=0: not).
+
 Prefill path (`QuantMoEPath.DEQUANT`, wint8 / wint4): the fused GEMMs dequantize each weight tile
 once per BLOCK_M rows of its expert, which at thousands of tokens can cost more than the matmul
 (measured: only for group-wise wint4, whose prefill tiles spill registers). From

@@ -22,8 +22,12 @@ fixed order (no atomics). The same align kernel and sorted ids as the fused path
 no host sync and no routing-dependent allocation: capturable in CUDA graphs.
 
 `fused_moe_quant_triton(..., path=QuantMoEPath.GEMV)` runs it; `GEMV_MAX_TOKENS` (fused_moe_quant.py)
-is the token count up to which AUTO picks it: one token for per-channel wint4, never otherwise
-(measured on an H100; the numbers are beside it).
+is the token count up to which AUTO picks it: never since the fused kernels' inline-PTX int4
+conversion (measured on an H100; the numbers are beside it).
+
+The per-assignment GEMVs (second half of this file, `assignment_path`, `QuantMoEPath.ASSIGN`) are
+what AUTO takes at one token: no alignment at all, one warp per tile of one assignment's expert,
+the weight tile whole in registers, and the down GEMV's tile read before the PDL wait.
 """
 
 from __future__ import annotations
@@ -306,11 +310,17 @@ def gemv_path(
 ASSIGN_SLICE_BYTES = 8 * 1024  # a warp's tile: up to 256 bytes of weight a lane
 
 
+# Whether AUTO takes the per-assignment GEMVs for the one-block-per-assignment layout (one token).
+# H100, 21B-A3B layer at one token (benchmarks/bench_moe_assign.py, docs/performance.md): wint4
+# 31.5 -> 24.7 us, wint8 44.8 -> 37.0 us against the fused kernels; ERNIESERVE_MOE_ASSIGN_GEMV=0
+# turns it off.
+ASSIGN_GEMV = True
+
+
 @functools.cache  # asked by every quantized MoE layer of every step: read the environment once
 def assign_gemv_enabled() -> bool:
-    """Whether AUTO takes the per-assignment GEMV kernels for the one-block-per-assignment layout
-    (ERNIESERVE_MOE_ASSIGN_GEMV; off by default until measured)."""
-    return os.environ.get("ERNIESERVE_MOE_ASSIGN_GEMV", "0").strip().lower() in ("1", "true", "yes", "on")
+    value = os.environ.get("ERNIESERVE_MOE_ASSIGN_GEMV")
+    return ASSIGN_GEMV if value is None else value.strip().lower() not in ("0", "false", "no", "off", "")
 
 
 @functools.cache
