@@ -18,7 +18,8 @@ for stage in "$@"; do
     # on an H100; the kernels first, so a broken kernel shows before the engine tests that use it
     tests)  timeout 540 python3 -m pytest -m gpu tests/gpu/test_paged_attention_gpu.py tests/gpu/test_gemv_gpu.py tests/gpu/test_quantization_gpu.py \
               tests/gpu/test_fused_elementwise_gpu.py tests/gpu/test_sampling_gpu.py tests/gpu/test_fused_moe_gpu.py \
-              tests/gpu/test_moe_quant_gpu.py tests/gpu/test_swap_gpu.py tests/gpu/test_engine_gpu.py tests/gpu/test_vl_gpu.py \
+              tests/gpu/test_moe_quant_gpu.py tests/gpu/test_moe_assign_gpu.py tests/gpu/test_swap_gpu.py tests/gpu/test_engine_gpu.py \
+              tests/gpu/test_vl_gpu.py \
               -q -s --no-header -p no:cacheprovider --durations=8 2>&1 \
               | grep -E "passed|failed|GREEDY|logit std|^E |FAILED|Error|s call" | head -60 ;;
     # ERNIESERVE_STEP_STATS: where each step's time goes (engine/step_stats.py), printed per run
