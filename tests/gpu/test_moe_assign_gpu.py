@@ -18,6 +18,7 @@ from ernieserve.layers.moe import fused_moe as fm
 from ernieserve.layers.moe import fused_moe_quant as fmq
 from ernieserve.layers.moe import moe_gemv
 from ernieserve.layers.moe.fused_moe_quant import ExpertScheme, QuantizedExperts, QuantMoEPath
+from tests.gpu.graph_capture import capture
 
 CUDA = torch.cuda.is_available()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA device")]
@@ -86,14 +87,7 @@ def test_replayed_graph(scheme: ExpertScheme) -> None:
                                          shared_slots=SHARED) for _ in range(3)]
 
     eager = run()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        run()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = run()
+    graph, captured = capture(run)
     graph.replay()
     torch.cuda.synchronize()
     for out in captured:

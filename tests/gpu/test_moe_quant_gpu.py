@@ -30,6 +30,7 @@ from ernieserve.layers.moe.fused_moe_quant import (
     QuantMoEPath,
     QuantMoETiles,
 )
+from tests.gpu.graph_capture import capture
 
 CUDA = torch.cuda.is_available()
 HOPPER = CUDA and torch.cuda.get_device_capability() >= (9, 0)
@@ -169,14 +170,7 @@ def test_quantized_moe_under_cuda_graph(bf16_experts, scheme: ExpertScheme, grou
     def run() -> torch.Tensor:
         return fmq.fused_moe_quant_triton(static[0], experts, static[1], static[2])
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        run()  # compile and warm the allocator outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = run()
+    graph, captured = capture(run)  # compiled and the allocator warmed outside the capture
     for seed in (4, 5):  # new inputs and routing, replayed without re-capture
         x2 = torch.randn(num_tokens, H, device="cuda").bfloat16()
         w2_, ids2 = route(num_tokens, seed=seed)
@@ -291,14 +285,7 @@ def test_dequant_path_under_cuda_graph(bf16_experts) -> None:
         return fmq.fused_moe_quant_triton(static[0], experts, static[1], static[2], scratch=scratch,
                                           path=QuantMoEPath.DEQUANT)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        run()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = run()
+    graph, captured = capture(run)  # compiled and the allocator warmed outside the capture
     w2_, ids2 = route(512, seed=9)
     static[1].copy_(w2_)
     static[2].copy_(ids2)
@@ -431,14 +418,7 @@ def test_gemv_under_cuda_graph(bf16_experts, scheme: ExpertScheme, group: int, n
     def run() -> torch.Tensor:
         return fmq.fused_moe_quant_triton(static[0], experts, static[1], static[2], tiles, path=QuantMoEPath.GEMV)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        run()  # compile and warm the allocator outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = run()
+    graph, captured = capture(run)  # compiled and the allocator warmed outside the capture
     for seed in (15, 16):  # new inputs and routing, replayed without re-capture
         x2 = torch.randn(num_tokens, H, device="cuda").bfloat16()
         w2_, ids2 = route(num_tokens, seed=seed)

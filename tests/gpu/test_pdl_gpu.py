@@ -20,8 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -43,6 +42,7 @@ from ernieserve.kernels.rotary import apply_rotary_and_store_kv_  # noqa: E402
 from ernieserve.layers.moe import fused_moe as fm  # noqa: E402
 from ernieserve.layers.moe.fused_moe import fused_moe_triton, triton_route  # noqa: E402
 from ernieserve.layers.moe.router import RouterConfig  # noqa: E402
+from tests.gpu.graph_capture import capture  # noqa: E402
 
 DEV = torch.device("cuda")
 # ERNIE-4.5-21B-A3B
@@ -172,20 +172,6 @@ def _assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], wh
         assert torch.equal(got[name], want[name]), f"{where}: {name} differs with PDL"
 
 
-def _capture(fn: Callable[[], Any]) -> tuple[torch.cuda.CUDAGraph, Any]:
-    """fn run once on a side stream (compiles the variants, warms cuBLAS), then captured: (the
-    graph, fn's outputs inside it)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outputs = fn()
-    return graph, outputs
-
-
 @pytest.mark.parametrize("tokens", [1, 4])
 def test_decode_layer_chain_pdl_matches_plain_eager_and_in_graphs(tokens: int) -> None:
     layer = Layer(tokens)
@@ -208,7 +194,7 @@ def test_decode_layer_chain_pdl_matches_plain_eager_and_in_graphs(tokens: int) -
     graphs = {}
     for on in (False, True):
         with pdl.override(on):
-            graphs[on] = _capture(functools.partial(layer.step, caches[on]))
+            graphs[on] = capture(functools.partial(layer.step, caches[on]))
     for seed in range(1, 21):
         layer.new_inputs(seed)
         graphs[False][0].replay()
@@ -240,7 +226,7 @@ def test_decode_layer_chain_moe_shortcuts_keep_the_bits(tokens: int, moe_alignme
         got = _snapshot(layer.step(caches[True], moe_alignment))
         torch.cuda.synchronize()
         _assert_same(got, want, "eager")
-        graph, out = _capture(functools.partial(layer.step, caches[True], moe_alignment))
+        graph, out = capture(functools.partial(layer.step, caches[True], moe_alignment))
     for seed in range(1, 21):
         layer.new_inputs(seed)
         with pdl.override(False):
@@ -270,7 +256,7 @@ def test_fused_moe_pdl_graph_many_replays() -> None:
             x.copy_(rows[i:i + 1])
             want.append(moe().clone())
     with pdl.override(True):
-        graph, out = _capture(moe)
+        graph, out = capture(moe)
     got = torch.empty(rows.shape[0], HIDDEN, device=DEV, dtype=torch.bfloat16)
     for i in range(rows.shape[0]):
         x.copy_(rows[i:i + 1])
@@ -299,7 +285,7 @@ def test_decode_attention_pdl_graph_matches_eager(tokens: int) -> None:
 
     layer.new_inputs(0)
     with pdl.override(True):
-        attn_graph, attn_out = _capture(functools.partial(attend, cache_pdl))
+        attn_graph, attn_out = capture(functools.partial(attend, cache_pdl))
     with pdl.override(False):
         attend(cache_plain)  # the same warm-up write as the PDL side's
     torch.cuda.synchronize()
