@@ -19,6 +19,7 @@ triton = require_interpreter()  # before ernieserve.layers.moe: kernels pick int
 
 from ernieserve.layers.moe import fused_moe as fm  # noqa: E402
 from ernieserve.layers.moe import fused_moe_quant as fmq  # noqa: E402
+from ernieserve.layers.moe import moe_gemv  # noqa: E402
 from tests.layers.test_route_align import folded_block, run_block  # noqa: E402
 
 
@@ -52,6 +53,9 @@ def test_block_output_is_the_same_without_the_align_launch(monkeypatch: pytest.M
     experts launch no align kernel and the output keeps its bits. At 3 tokens the shared experts
     are picked by every token: their weights are read once per token, the sums stay the same."""
     assert fm.STATIC_ALIGN_MAX_TOKENS == 1 and fm.DOWN_EARLY  # on by default (measured on an H100)
+    # the fused kernels' layouts (quantized experts at one token take the per-assignment GEMVs by
+    # default: test_block_takes_the_per_assignment_gemvs_for_quantized_experts)
+    monkeypatch.setattr(moe_gemv, "assign_gemv_enabled", lambda: False)
     block = folded_block(quantization)
     x = torch.randn(num_tokens, 64, generator=torch.Generator().manual_seed(3 + num_tokens)).to(torch.bfloat16)
     off, off_aligns = run_block(block, x, monkeypatch, 0, static_max_tokens=0)
@@ -121,6 +125,7 @@ def test_shared_experts_computed_before_the_wait_keep_the_bits(monkeypatch: pyte
     blocks take their expert, token and row from the slot alone (before the PDL wait on the GPU);
     the output keeps its bits."""
     assert fm.SHARED_EARLY  # on by default (measured on an H100)
+    monkeypatch.setattr(moe_gemv, "assign_gemv_enabled", lambda: False)  # the fused kernels' blocks
     block = folded_block(quantization)
     x = torch.randn(num_tokens, 64, generator=torch.Generator().manual_seed(20 + num_tokens)).to(torch.bfloat16)
     monkeypatch.setattr(fm, "shared_early", lambda: False)
@@ -141,3 +146,23 @@ def test_shared_experts_computed_before_the_wait_keep_the_bits(monkeypatch: pyte
     on, _ = run_block(block, x, monkeypatch, 0, static_max_tokens=num_tokens)
     assert launches == [block.experts.top_k]  # the 4 routed slots, then the 2 shared ones
     assert torch.equal(on, off)
+
+
+@pytest.mark.parametrize("quantization", ["wint8", "wint4"])
+@pytest.mark.parametrize("num_tokens", [1, 3])
+def test_block_takes_the_per_assignment_gemvs_for_quantized_experts(monkeypatch: pytest.MonkeyPatch,
+                                                                   quantization: str, num_tokens: int) -> None:
+    """ERNIESERVE_MOE_ASSIGN_GEMV (on by default): with the static layout, per-channel wint8 / wint4
+    experts run moe_gemv's per-assignment GEMVs (CUDA cores, fp32 sums in another order than the
+    fused kernels' dots): no align launch, the output within rounding of the sorted layout's."""
+    assert moe_gemv.ASSIGN_GEMV  # on by default (measured on an H100)
+    block = folded_block(quantization)
+    x = torch.randn(num_tokens, 64, generator=torch.Generator().manual_seed(30 + num_tokens)).to(torch.bfloat16)
+    off, _ = run_block(block, x, monkeypatch, 0, static_max_tokens=0)
+    calls = []
+    real = moe_gemv.assignment_path
+    monkeypatch.setattr(moe_gemv, "assignment_path", lambda *a, **k: calls.append(1) or real(*a, **k))
+    on, aligns = run_block(block, x, monkeypatch, 0, static_max_tokens=num_tokens)
+    assert calls == [1] and aligns == 0
+    rel = ((on.float() - off.float()).norm() / off.float().norm()).item()
+    assert rel < 1e-2, rel

@@ -570,7 +570,7 @@ def assignment_path(
     inter = experts.inter
     bn_gate_up, bn_down = tiles or _env_tiles() or assign_tiles(experts)
     int4 = experts.scheme is ExpertScheme.WINT4
-    inline_asm = x.is_cuda
+    inline_asm = x.device.type == "cuda"  # compiled code (the interpreter cannot run inline PTX)
     pdl = pdl_launch(pdl_enabled(x.device))
     early = {}
     if shared_slots and fm.shared_early():
