@@ -522,10 +522,6 @@ def run_cases(s: Session) -> None:
             experts = fmq.QuantizedExperts.empty(scheme, 0, E, H, I, cpu)
             with s.in_case(f"moe_gemv assignment_path {scheme.value} T=1 shared experts"):
                 moe_gemv.assignment_path(zeros(1, H), experts, weights, ids.to(torch.int32), shared_slots=2)
-            if moe_gemv.mma_supported(experts):
-                with s.in_case(f"moe_gemv assignment_path {scheme.value} T=1 shared experts tensor cores"):
-                    moe_gemv.assignment_path(zeros(1, H), experts, weights, ids.to(torch.int32), shared_slots=2,
-                                             mma=True)
     finally:
         fm.shared_early, fm.down_early = real
     weights, ids = routing(4)

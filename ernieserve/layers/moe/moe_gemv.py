@@ -330,23 +330,6 @@ def assign_shared_compute() -> bool:
     return os.environ.get("ERNIESERVE_MOE_ASSIGN_SHARED_COMPUTE", "1").strip().lower() in ("1", "true", "yes", "on")
 
 
-@functools.cache
-def assign_mma() -> bool:
-    """Whether the int4 per-assignment GEMVs multiply on the tensor cores (ERNIESERVE_MOE_ASSIGN_MMA;
-    off until measured; read once): 16-row tiles walked 256 columns a step, the nibbles converted to
-    x's dtype and dotted with x in 8 identical columns (one warp's mma), instead of fp32 FFMAs on
-    CUDA cores; the weights are then read after the PDL wait."""
-    return os.environ.get("ERNIESERVE_MOE_ASSIGN_MMA", "0").strip().lower() in ("1", "true", "yes", "on")
-
-
-def mma_supported(experts: QuantizedExperts) -> bool:
-    """int4 whose H and I are multiples of the 256-column step."""
-    return experts.scheme is ExpertScheme.WINT4 and experts.hidden % 256 == 0 and experts.inter % 256 == 0
-
-
-MMA_TILES = (8, 16)  # 16 rows a tile: 8 gate rows with their up rows, 16 down rows
-
-
 def _stored_row_bytes(experts: QuantizedExperts, k: int) -> int:
     return (k + 1) // 2 if experts.scheme is ExpertScheme.WINT4 else k
 
@@ -382,7 +365,7 @@ def assign_supported(experts: QuantizedExperts) -> bool:
 
 if HAS_TRITON:
     from ernieserve.kernels.pdl import pdl_wait
-    from ernieserve.kernels.quant_matmul import int4_values, int4_values_f32, int8_values_f32
+    from ernieserve.kernels.quant_matmul import int4_values_f32, int8_values_f32
 
     @triton.jit
     def _by4(C: tl.constexpr):
@@ -447,57 +430,22 @@ if HAS_TRITON:
         return acc
 
     @triton.jit
-    def _mma_rows_dot(w_rows, ok, x_row, K: tl.constexpr, KS: tl.constexpr, INLINE_ASM: tl.constexpr):
-        """fp32 [rows] (16 or more): packed int4 rows (w_rows [rows, 1]) times x over K columns on the
-        tensor cores, KS columns a step (the nibbles as x's dtype, exact, times x in 8 identical
-        columns; fp32 sums). Loads inside the loop, which Triton pipelines."""
-        DT: tl.constexpr = x_row.dtype.element_ty if INLINE_ASM else tl.float32
-        PREC: tl.constexpr = "ieee" if DT == tl.float32 else "tf32"
-        j = tl.arange(0, KS // 2)
-        acc8 = tl.zeros([w_rows.shape[0], 8], dtype=tl.float32)
-        for k0 in range(0, K, KS):
-            wb = tl.load(w_rows + k0 // 2 + _by4(KS // 2)[None, :], mask=ok[:, None])
-            low, high = int4_values(wb, DT, INLINE_ASM)  # even k, odd k
-            x_even = tl.broadcast_to(tl.load(x_row + k0 + 2 * j).to(DT)[:, None], [KS // 2, 8])
-            x_odd = tl.broadcast_to(tl.load(x_row + k0 + 2 * j + 1).to(DT)[:, None], [KS // 2, 8])
-            acc8 = tl.dot(low, x_even, acc8, input_precision=PREC)
-            acc8 = tl.dot(high, x_odd, acc8, input_precision=PREC)
-        return tl.sum(tl.where(tl.arange(0, 8)[None, :] == 0, acc8, 0.0), axis=1)
-
-    @triton.jit
     def _gate_up_tiles(w_ptr, s_ptr, expert, n, ok, I, up_scale_row, stride_we, stride_wn, stride_se, stride_sn,
-                       K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr, INT4: tl.constexpr,
-                       MMA: tl.constexpr = False):
-        """The gate rows n and up rows I + n of `expert`, and their scales. MMA: nothing loaded yet,
-        the rows' pointers instead, gate n and up n side by side (2 * BLOCK_N rows, in g1), with
-        their scales (sg) and row mask (g2)."""
+                       K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr, INT4: tl.constexpr):
+        """The gate rows n and up rows I + n of `expert`, and their scales."""
         base = w_ptr + expert.to(tl.int64) * stride_we
+        g1, g2, g3 = _tile(base + n.to(tl.int64)[:, None] * stride_wn, ok, K1, K2, K3, INT4)
+        u1, u2, u3 = _tile(base + (n + I).to(tl.int64)[:, None] * stride_wn, ok, K1, K2, K3, INT4)
         s_base = s_ptr + expert.to(tl.int64) * stride_se
-        if MMA:
-            B: tl.constexpr = n.shape[0]
-            ok2 = tl.reshape(tl.join(ok, ok), [2 * B])
-            g1 = base + tl.reshape(tl.join(n, n + I), [2 * B]).to(tl.int64)[:, None] * stride_wn
-            g2 = ok2
-            g3 = g2
-            sg = tl.load(s_base + tl.reshape(tl.join(n, n + up_scale_row), [2 * B]) * stride_sn, mask=ok2,
-                         other=0.0)
-            u1, u2, u3, su = g1, g2, g3, sg
-        else:
-            g1, g2, g3 = _tile(base + n.to(tl.int64)[:, None] * stride_wn, ok, K1, K2, K3, INT4)
-            u1, u2, u3 = _tile(base + (n + I).to(tl.int64)[:, None] * stride_wn, ok, K1, K2, K3, INT4)
-            sg = tl.load(s_base + n * stride_sn, mask=ok, other=0.0)
-            su = tl.load(s_base + (n + up_scale_row) * stride_sn, mask=ok, other=0.0)
+        sg = tl.load(s_base + n * stride_sn, mask=ok, other=0.0)
+        su = tl.load(s_base + (n + up_scale_row) * stride_sn, mask=ok, other=0.0)
         return g1, g2, g3, u1, u2, u3, sg, su
 
     @triton.jit
     def _gate_up_act(g1, g2, g3, u1, u2, u3, sg, su, x_row, n, K1: tl.constexpr, K2: tl.constexpr,
-                     K3: tl.constexpr, INT4: tl.constexpr, INLINE_ASM: tl.constexpr, MMA: tl.constexpr = False):
-        if MMA:  # g1: the pointers of gate and up rows side by side, g2 their mask (_gate_up_tiles)
-            acc = _mma_rows_dot(g1, g2, x_row, K1 + K2 + K3, 256, INLINE_ASM) * sg
-            gate, up = tl.split(tl.reshape(acc, [n.shape[0], 2]))
-        else:
-            gate = _tile_dot(g1, g2, g3, x_row, n, K1, K2, K3, INT4, INLINE_ASM) * sg
-            up = _tile_dot(u1, u2, u3, x_row, n, K1, K2, K3, INT4, INLINE_ASM) * su
+                     K3: tl.constexpr, INT4: tl.constexpr, INLINE_ASM: tl.constexpr):
+        gate = _tile_dot(g1, g2, g3, x_row, n, K1, K2, K3, INT4, INLINE_ASM) * sg
+        up = _tile_dot(u1, u2, u3, x_row, n, K1, K2, K3, INT4, INLINE_ASM) * su
         return gate / (1.0 + tl.exp(-gate)) * up  # silu(gate) * up, float32
 
     @triton.jit(do_not_specialize=["num_tokens"])
@@ -507,7 +455,6 @@ if HAS_TRITON:
         TOP_K: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr, BLOCK_N: tl.constexpr,
         INT4: tl.constexpr, INLINE_ASM: tl.constexpr = False, PDL: tl.constexpr = False,
         SHARED_SLOT0: tl.constexpr = 0, SHARED_EXPERT0: tl.constexpr = 0, SHARED_COMPUTE: tl.constexpr = True,
-        MMA: tl.constexpr = False,
     ):
         """act [N, I] (assignment order) = silu(x W_gate^T) * (x W_up^T) of each assignment's expert.
         SHARED_SLOT0 > 0: slots SHARED_SLOT0.. of every token are the folded shared experts
@@ -527,13 +474,13 @@ if HAS_TRITON:
                 x_row = x_ptr + (j // SHARED).to(tl.int64) * stride_xt
                 g1, g2, g3, u1, u2, u3, sg, su = _gate_up_tiles(
                     w_ptr, s_ptr, SHARED_EXPERT0 + j % SHARED, n, ok, I, up_scale_row,
-                    stride_we, stride_wn, stride_se, stride_sn, K1, K2, K3, INT4, MMA)
+                    stride_we, stride_wn, stride_se, stride_sn, K1, K2, K3, INT4)
                 if SHARED_COMPUTE:
-                    act = _gate_up_act(g1, g2, g3, u1, u2, u3, sg, su, x_row, n, K1, K2, K3, INT4, INLINE_ASM, MMA)
+                    act = _gate_up_act(g1, g2, g3, u1, u2, u3, sg, su, x_row, n, K1, K2, K3, INT4, INLINE_ASM)
                     pdl_wait(PDL)  # the output may reuse memory an earlier kernel still reads: store after it
                 else:
                     pdl_wait(PDL)
-                    act = _gate_up_act(g1, g2, g3, u1, u2, u3, sg, su, x_row, n, K1, K2, K3, INT4, INLINE_ASM, MMA)
+                    act = _gate_up_act(g1, g2, g3, u1, u2, u3, sg, su, x_row, n, K1, K2, K3, INT4, INLINE_ASM)
                 tl.store(out_ptr + a.to(tl.int64) * I + n, act.to(out_ptr.dtype.element_ty), mask=ok)
                 return
             pid -= shared_programs
@@ -546,9 +493,9 @@ if HAS_TRITON:
         pdl_wait(PDL)  # the router's ids: the kernel just before
         expert = tl.load(ids_ptr + a)
         g1, g2, g3, u1, u2, u3, sg, su = _gate_up_tiles(w_ptr, s_ptr, expert, n, ok, I, up_scale_row, stride_we,
-                                                        stride_wn, stride_se, stride_sn, K1, K2, K3, INT4, MMA)
+                                                        stride_wn, stride_se, stride_sn, K1, K2, K3, INT4)
         act = _gate_up_act(g1, g2, g3, u1, u2, u3, sg, su, x_ptr + (a // TOP_K).to(tl.int64) * stride_xt, n,
-                           K1, K2, K3, INT4, INLINE_ASM, MMA)
+                           K1, K2, K3, INT4, INLINE_ASM)
         tl.store(out_ptr + a.to(tl.int64) * I + n, act.to(out_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
@@ -557,7 +504,7 @@ if HAS_TRITON:
         stride_we, stride_wn, stride_se, stride_sn,
         K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr, BLOCK_N: tl.constexpr,
         INT4: tl.constexpr, INLINE_ASM: tl.constexpr = False, PDL: tl.constexpr = False,
-        EARLY: tl.constexpr = False, MMA: tl.constexpr = False,
+        EARLY: tl.constexpr = False,
     ):
         """out [N, H] (assignment order) = routing weight x act row W_down^T of each assignment's
         expert. EARLY: the routing (the router's, two launches back: kernels/pdl.py, fused_moe's
@@ -571,17 +518,11 @@ if HAS_TRITON:
             pdl_wait(PDL)
         expert = tl.load(ids_ptr + a).to(tl.int64)
         wt = tl.load(tw_ptr + a)
-        w_rows = w_ptr + expert * stride_we + rn.to(tl.int64)[:, None] * stride_wn
-        if not MMA:
-            w1, w2, w3 = _tile(w_rows, ok, K1, K2, K3, INT4)
+        w1, w2, w3 = _tile(w_ptr + expert * stride_we + rn.to(tl.int64)[:, None] * stride_wn, ok, K1, K2, K3, INT4)
         scale = tl.load(s_ptr + expert * stride_se + rn * stride_sn, mask=ok, other=0.0)
         if EARLY:
             pdl_wait(PDL)  # the activation row is the kernel just before's
-        act_row = act_ptr + a.to(tl.int64) * (K1 + K2 + K3)
-        if MMA:  # the weight read in the loop, after the wait
-            acc = _mma_rows_dot(w_rows, ok, act_row, K1 + K2 + K3, 256, INLINE_ASM)
-        else:
-            acc = _tile_dot(w1, w2, w3, act_row, rn, K1, K2, K3, INT4, INLINE_ASM)
+        acc = _tile_dot(w1, w2, w3, act_ptr + a.to(tl.int64) * (K1 + K2 + K3), rn, K1, K2, K3, INT4, INLINE_ASM)
         tl.store(out_ptr + a.to(tl.int64) * H + rn, (acc * scale * wt).to(out_ptr.dtype.element_ty), mask=ok)
 
 
@@ -608,12 +549,10 @@ def assignment_path(
     sum_slots: bool = True,
     shared_slots: int = 0,
     tiles: tuple[int, int] | None = None,
-    mma: bool | None = None,
 ) -> torch.Tensor:  # [T, H], or [T, K, H] with sum_slots=False
     """The per-assignment GEMV kernels above (no alignment at all: each assignment reads its own
     expert's rows, so an expert picked by two tokens is read twice; meant for one token).
-    tiles: (gate/up, down) BLOCK_N, `assign_tiles`' by default (MMA_TILES with mma).
-    mma: int4 on the tensor cores (`assign_mma()` by default; where `mma_supported`)."""
+    tiles: (gate/up, down) BLOCK_N, `assign_tiles`' by default."""
     from ernieserve.kernels.gemv import k_chunks
 
     if not assign_supported(experts):
@@ -629,11 +568,7 @@ def assignment_path(
     assert topk_ids.dtype == torch.int32 and topk_ids.is_contiguous(), "the router's int32 ids"
     x = x.contiguous()
     inter = experts.inter
-    mma = (assign_mma() if mma is None else mma) and mma_supported(experts)
-    bn_gate_up, bn_down = tiles or _env_tiles() or (MMA_TILES if mma else assign_tiles(experts))
-    if mma and (bn_gate_up < 8 or bn_down < 16):
-        raise ValueError(f"tensor-core tiles need 16 rows: gate/up BLOCK_N >= 8, down >= 16, "
-                         f"not {bn_gate_up}, {bn_down}")
+    bn_gate_up, bn_down = tiles or _env_tiles() or assign_tiles(experts)
     int4 = experts.scheme is ExpertScheme.WINT4
     inline_asm = x.device.type == "cuda"  # compiled code (the interpreter cannot run inline PTX)
     pdl = pdl_launch(pdl_enabled(x.device))
@@ -648,8 +583,8 @@ def assignment_path(
     _gate_up_assign_kernel[(n * triton.cdiv(inter, bn_gate_up),)](
         x, topk_ids, w13, s13, act, num_tokens, inter, experts.up_scale_row,
         x.stride(0), w13.stride(0), w13.stride(1), s13.stride(0), s13.stride(1),
-        TOP_K=top_k, K1=k1, K2=k2, K3=k3, BLOCK_N=bn_gate_up, INT4=int4, INLINE_ASM=inline_asm, MMA=mma,
-        num_warps=1, num_stages=3 if mma else 1, **early, **pdl)
+        TOP_K=top_k, K1=k1, K2=k2, K3=k3, BLOCK_N=bn_gate_up, INT4=int4, INLINE_ASM=inline_asm,
+        num_warps=1, num_stages=1, **early, **pdl)
 
     per_slot = torch.empty(n, hidden, dtype=x.dtype, device=x.device)  # [N, H], weighted
     w2, s2 = experts.w2, experts.w2_scale
@@ -659,6 +594,6 @@ def assignment_path(
     _down_assign_kernel[(n * triton.cdiv(hidden, bn_down),)](
         act, topk_ids, weights, w2, s2, per_slot, hidden,
         w2.stride(0), w2.stride(1), s2.stride(0), s2.stride(1),
-        K1=k1, K2=k2, K3=k3, BLOCK_N=bn_down, INT4=int4, INLINE_ASM=inline_asm, MMA=mma,
-        EARLY=fm.down_early(), num_warps=1, num_stages=3 if mma else 1, **pdl)
+        K1=k1, K2=k2, K3=k3, BLOCK_N=bn_down, INT4=int4, INLINE_ASM=inline_asm,
+        EARLY=fm.down_early(), num_warps=1, num_stages=1, **pdl)
     return fm.combine_slots(per_slot, num_tokens, top_k, sum_slots)
