@@ -13,17 +13,16 @@ should keep most of bf16's matmul rate.
 The quantized methods take the path `fused_moe_quant.choose_path` picks per token count (the
 method column names it): the fused kernels, or from `DEQUANT_MIN_TOKENS` on the dequant path
 (experts dequantized into one scratch shared by the layers, then the bf16 kernels). `--path fused`,
-`--path dequant` or `--path gemv` (moe_gemv.py's decode kernels, no tensor-core dot) forces one
-(wint8 / wint4 only for dequant and gemv) to find the crossovers (`DEQUANT_MIN_TOKENS`,
-`GEMV_MAX_TOKENS`).
+`--path dequant` or `--path assign` (moe_gemv.py's per-assignment GEMVs, which the engine takes at
+one token; benchmarks/bench_moe_assign.py measures them as the model runs them) forces one (wint8 /
+wint4 only for dequant and assign) to find the crossovers (`DEQUANT_MIN_TOKENS`).
 
-    python3 benchmarks/bench_moe_quant.py [--methods bf16 wint8 wint4] [--path auto|fused|dequant|gemv] [--sweep]
+    python3 benchmarks/bench_moe_quant.py [--methods bf16 wint8 wint4] [--path auto|fused|dequant|assign] [--sweep]
 
 Expected to take about a minute on an H100, most of it Triton compiling each method's kernels once
 per tile policy (not yet timed on the GPU); `--budget-s` bounds it either way. `--sweep` adds a tile
-search at the decode sizes for the quantized methods (minutes): the fused path's tiles, or with
-`--path gemv` the gemv path's (BLOCK_M too). Put the results in
-docs/performance.md.
+search at the decode sizes for the quantized methods (minutes): the fused path's tiles. Put the
+results in docs/performance.md.
 """
 
 from __future__ import annotations
@@ -42,7 +41,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ernieserve.layers.moe import RouterConfig  # noqa: E402
 from ernieserve.layers.moe import fused_moe as fm  # noqa: E402
 from ernieserve.layers.moe import fused_moe_quant as fmq  # noqa: E402
-from ernieserve.layers.moe import moe_gemv  # noqa: E402
 from ernieserve.layers.moe.fused_moe import GemmTile  # noqa: E402
 from ernieserve.layers.moe.fused_moe_quant import (  # noqa: E402
     DequantScratch,
@@ -119,22 +117,10 @@ GATE_UP = [GemmTile(bn, bk, w, s) for bn, bk, w, s in ((32, 128, 4, 4), (32, 256
 DOWN = [GemmTile(bn, bk, w, s) for bn, bk, w, s in ((64, 256, 4, 3), (128, 128, 4, 4), (128, 256, 4, 3),
                                                     (64, 128, 4, 4), (256, 128, 8, 3), (32, 256, 4, 4),
                                                     (64, 512, 4, 3), (128, 256, 8, 3), (32, 512, 4, 3))]
-# the gemv path: no shared memory, so the limits are registers (BLOCK_M x BLOCK_N x BLOCK_K products per
-# step) and loads in flight (programs per SM, BLOCK_N x BLOCK_K bytes per step)
-GEMV_GATE_UP = [GemmTile(bn, bk, w, s) for bn, bk, w, s in ((16, 512, 4, 2), (16, 256, 4, 2), (8, 512, 2, 2),
-                                                           (32, 256, 4, 2), (16, 1024, 8, 2), (32, 512, 8, 2),
-                                                           (8, 256, 1, 2), (16, 128, 2, 3), (64, 128, 4, 2))]
-GEMV_DOWN = [GemmTile(bn, bk, w, s) for bn, bk, w, s in ((32, 512, 4, 2), (32, 256, 4, 2), (16, 512, 4, 2),
-                                                        (64, 256, 4, 2), (64, 512, 8, 2), (16, 256, 2, 2),
-                                                        (32, 128, 4, 3), (128, 128, 8, 2), (8, 512, 1, 2))]
-
-
 def sweep(x, layers, weights, ids, default: QuantMoETiles, group: int, deadline: float,
           path: QuantMoEPath = QuantMoEPath.FUSED) -> tuple[float, QuantMoETiles]:
-    """Coordinate descent over the gate/up tile, then the down tile, then the down split (gemv:
-    then BLOCK_M)."""
-    gemv = path is QuantMoEPath.GEMV
-    gate_ups, downs = (GEMV_GATE_UP, GEMV_DOWN) if gemv else (GATE_UP, DOWN)
+    """Coordinate descent over the gate/up tile, then the down tile, then the down split."""
+    gate_ups, downs = GATE_UP, DOWN
 
     def fits(t: GemmTile) -> bool:
         return not group or group % t.block_k == 0
@@ -158,9 +144,6 @@ def sweep(x, layers, weights, ids, default: QuantMoETiles, group: int, deadline:
     for split in (1, 2, 3, 4, 6):
         cand = QuantMoETiles(default.block_m, best[1].gate_up, best[1].down, split)
         best = min(best, (timed(cand), cand), key=lambda b: b[0])
-    for block_m in (1, 2, 4, 8) if gemv else ():
-        cand = QuantMoETiles(block_m, best[1].gate_up, best[1].down, best[1].down_split)
-        best = min(best, (timed(cand), cand), key=lambda b: b[0])
     return best
 
 
@@ -178,16 +161,17 @@ def main() -> None:
     ap.add_argument("--bandwidth", type=float, default=3.0, help="TB/s for the read-time column")
     ap.add_argument("--peak-tflops", type=float, default=790.0, help="TFLOP/s for the matmul-rate column")
     ap.add_argument("--path", choices=[p.value for p in QuantMoEPath], default="auto",
-                    help="quantized methods: the path by token count (auto), or force fused / dequant / gemv")
+                    help="quantized methods: the path by token count (auto), or force fused / dequant / assign "
+                         "(moe_gemv's per-assignment GEMVs, weight-only per channel)")
     ap.add_argument("--sweep", action="store_true",
-                    help="search decode tiles for the quantized methods (the gemv path's with --path gemv, else fused)")
+                    help="search the fused path's decode tiles for the quantized methods")
     ap.add_argument("--budget-s", type=float, default=600.0, help="stop measuring (rows say so) after this long")
     args = ap.parse_args()
     start = time.monotonic()
     torch.manual_seed(0)
     path = QuantMoEPath(args.path)
     methods = [m for m in METHODS if m.name in args.methods and (HOPPER or m.scheme is None or not m.scheme.is_fp8)]
-    if path in (QuantMoEPath.DEQUANT, QuantMoEPath.GEMV):  # fp8 keeps its fp8 dots: no dequant or gemv path
+    if path in (QuantMoEPath.DEQUANT, QuantMoEPath.ASSIGN):  # fp8 keeps its fp8 dots: no dequant or assign path
         methods = [m for m in methods if m.scheme is None or not m.scheme.is_fp8]
     scratch = DequantScratch()  # shared by every method's layers, as by a model's
     print(f"# {torch.cuda.get_device_name()}: fused MoE, E={E} top_k={TOP_K} H={H} I={I}, {args.layers} layers "
@@ -221,11 +205,9 @@ def main() -> None:
                 f"| {t} | {label} | {us:.1f} | {ratio} | {touched} | {touched * per_expert / 1e6:.1f} | "
                 f"{read_us:.1f} | {us / read_us:.2f}x | {tflops:.0f} | {tflops / args.peak_tflops:.0%} |")
             if args.sweep and method.scheme is not None and t <= 64:
-                tuned = QuantMoEPath.GEMV if path is QuantMoEPath.GEMV else QuantMoEPath.FUSED
-                default = (moe_gemv.choose_gemv_tiles(t, TOP_K, layers[0], x.device) if tuned is QuantMoEPath.GEMV
-                           else fmq.choose_quant_tiles(t * TOP_K, E, layers[0], x.device))
+                default = fmq.choose_quant_tiles(t * TOP_K, E, layers[0], x.device)
                 best_ms, best = sweep(x, layers, weights, ids, default, layers[0].scale_group,
-                                      start + args.budget_s, tuned)
+                                      start + args.budget_s, QuantMoEPath.FUSED)
                 sweeps.append(f"| {t} | {method.name} | {us:.1f} | {best_ms * 1e3 / len(layers):.1f} | "
                               f"{_fmt(default)} | {_fmt(best)} |")
         del layers

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device session's measurements, stage by stage, each under its own time limit, logs to $OUT.
-# stages: tests dense densemixed mixedprof decodeprof serve moe moegemv sampling attn quant quantprof trace pdl switches
+# stages: tests dense densemixed mixedprof decodeprof serve moe sampling attn quant quantprof trace pdl switches
 # Every figure in docs/performance.md names the stage that produced it.
 # QUANT_METHODS (quant, quantprof stages): the --quantization methods to run, "none" = bf16
 #   (default "none wint8 wint4"; e.g. QUANT_METHODS="fp8 block_wise_fp8" on Hopper).
@@ -44,14 +44,6 @@ for stage in "$@"; do
     # HF's 21B does not fit beside our engine in one process: ours here, HF needs its own run
     moe)    ERNIESERVE_STEP_STATS=1 timeout 300 python3 benchmarks/compare_hf.py --preset ernie-4.5-21b-a3b --checkpoint /tmp/ckpt-21b \
               --load-format dummy --num-prompts 256 --skip-hf --out "$out/moe.json" 2>&1 | filter | tail -24 ;;
-    # the dot-free decode kernels for quantized experts (off by default: GEMV_MAX_TOKENS = 0) against
-    # the fused path, to decide the token counts up to which they take over
-    moegemv) timeout 150 python3 -m pytest -m gpu tests/gpu/test_moe_quant_gpu.py -k gemv -q --no-header -p no:cacheprovider 2>&1 \
-               | grep -E "passed|failed|^E |FAILED" | head -10
-             for path in gemv fused; do
-               timeout 100 python3 benchmarks/bench_moe_quant.py --methods bf16 wint8 wint4 wint4-g128 --tokens 1 8 16 32 64 \
-                 --path $path 2>&1 | tail -24
-             done ;;
     sampling) timeout 120 python3 benchmarks/bench_sampling.py 2>&1 | tail -8 ;;
     # decode attention as a captured graph runs it (splits fixed for the longest context) against
     # the policy's split count for the real context and no split, 0.3B and 21B layouts

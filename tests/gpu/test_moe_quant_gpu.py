@@ -9,9 +9,8 @@ I 1536), bf16 activations. Run with ``pytest -m gpu tests/gpu/test_moe_quant_gpu
   path against the reference, taken by the token threshold, its scratch sized once and reused;
 * loading 64 experts through the streaming weight loader: peak device memory stays the quantized
   layer plus one projection, never the bf16 stacked weight;
-* serving the tiny ERNIE MoE preset with each method through `LLM`;
-* the decode (gemv) path: against the reference and the fused path at decode token counts, default
-  and explicit tiles (1-8 rows per block, split K), routing edge cases, under a CUDA graph.
+* serving the tiny ERNIE MoE preset with each method through `LLM` (the per-assignment GEMVs of
+  moe_gemv.py at one token: tests/gpu/test_moe_assign_gpu.py).
 """
 
 from __future__ import annotations
@@ -356,77 +355,3 @@ def test_reference_backend_is_honoured_on_gpu() -> None:
     with torch.device("cuda"), quantization_scope(WeightOnlyConfig(8, 0, GemmBackend.REFERENCE)):
         layer = FusedMoE(4, 2, 64, 32, torch.bfloat16)
     assert not layer.expert_quant.triton
-
-
-# ---- the decode (gemv) path (moe_gemv.py) ------------------------------------------------------------
-
-from ernieserve.layers.moe import moe_gemv  # noqa: E402
-
-
-@pytest.mark.parametrize("scheme,group", WINT, ids=WINT_IDS)
-@pytest.mark.parametrize("num_tokens", [1, 7, 8, 64])
-def test_gemv_matches_reference(bf16_experts, scheme: ExpertScheme, group: int, num_tokens: int) -> None:
-    experts = quantized(bf16_experts, scheme, group)
-    x = torch.randn(num_tokens, H, device="cuda").bfloat16()
-    weights, ids = route(num_tokens, seed=num_tokens + 11)
-    out = fmq.fused_moe_quant_triton(x, experts, weights, ids, path=QuantMoEPath.GEMV)
-    assert out.shape == x.shape and out.dtype == torch.bfloat16 and torch.isfinite(out).all()
-    assert rel_err(out, fmq.fused_moe_quant_ref(x, experts, weights, ids)) < KERNEL_TOL[False]
-    fused = fmq.fused_moe_quant_triton(x, experts, weights, ids, path=QuantMoEPath.FUSED)
-    assert rel_err(out, fused) < KERNEL_TOL[False]
-
-
-@pytest.mark.parametrize("scheme,group", WINT, ids=WINT_IDS)
-def test_gemv_explicit_tiles_and_split_k(bf16_experts, scheme: ExpertScheme, group: int) -> None:
-    experts = quantized(bf16_experts, scheme, group)
-    x = torch.randn(5, H, device="cuda").bfloat16()
-    weights, ids = route(5, seed=12)
-    ref = fmq.fused_moe_quant_ref(x, experts, weights, ids)
-    bk = min(256, group or 256)
-    for tiles in (QuantMoETiles(1, GemmTile(16, bk, 4, 2), GemmTile(32, bk, 4, 2), 1),
-                  QuantMoETiles(2, GemmTile(32, bk, 4, 3), GemmTile(64, bk, 4, 3), 4),
-                  QuantMoETiles(4, GemmTile(8, bk // 2, 2, 2), GemmTile(16, bk // 2, 4, 2), 3),
-                  QuantMoETiles(8, GemmTile(16, bk // 4, 8, 2), GemmTile(32, bk // 4, 8, 2), 2)):
-        out = fmq.fused_moe_quant_triton(x, experts, weights, ids, tiles, path=QuantMoEPath.GEMV)
-        assert rel_err(out, ref) < KERNEL_TOL[False], tiles
-
-
-def test_gemv_all_tokens_on_one_expert_and_foreign_experts(bf16_experts) -> None:
-    experts = quantized(bf16_experts, ExpertScheme.WINT4, 128)
-    x = torch.randn(64, H, device="cuda").bfloat16()
-    ids = torch.full((64, 1), 17, dtype=torch.int32, device="cuda")  # every token on one expert: many blocks
-    weights = torch.ones(64, 1, device="cuda")
-    out = fmq.fused_moe_quant_triton(x, experts, weights, ids, path=QuantMoEPath.GEMV)
-    assert rel_err(out, fmq.fused_moe_quant_ref(x, experts, weights, ids)) < KERNEL_TOL[False]
-    weights, ids = route(16, seed=13)
-    foreign = torch.where(ids % 2 == 0, ids, E)  # expert parallelism: ids == E contribute nothing
-    out = fmq.fused_moe_quant_triton(x[:16], experts, weights, foreign, foreign_experts=True, path=QuantMoEPath.GEMV)
-    kept = torch.where(ids % 2 == 0, weights, 0.0)
-    assert rel_err(out, fmq.fused_moe_quant_ref(x[:16], experts, kept, ids)) < KERNEL_TOL[False]
-
-
-@pytest.mark.parametrize("scheme,group", [(ExpertScheme.WINT4, 0), (ExpertScheme.WINT4, 128), (ExpertScheme.WINT8, 0)],
-                         ids=["wint4", "wint4-g128", "wint8"])
-@pytest.mark.parametrize("num_tokens", [1, 8, 64])
-def test_gemv_under_cuda_graph(bf16_experts, scheme: ExpertScheme, group: int, num_tokens: int) -> None:
-    experts = quantized(bf16_experts, scheme, group)
-    tiles = moe_gemv.choose_gemv_tiles(num_tokens, TOP_K, experts, torch.device("cuda"))
-    x = torch.randn(num_tokens, H, device="cuda").bfloat16()
-    weights, ids = route(num_tokens, seed=14)
-    static = [x.clone(), weights.clone(), ids.clone()]
-
-    def run() -> torch.Tensor:
-        return fmq.fused_moe_quant_triton(static[0], experts, static[1], static[2], tiles, path=QuantMoEPath.GEMV)
-
-    graph, captured = capture(run)  # compiled and the allocator warmed outside the capture
-    for seed in (15, 16):  # new inputs and routing, replayed without re-capture
-        x2 = torch.randn(num_tokens, H, device="cuda").bfloat16()
-        w2_, ids2 = route(num_tokens, seed=seed)
-        static[0].copy_(x2)
-        static[1].copy_(w2_)
-        static[2].copy_(ids2)
-        graph.replay()
-        torch.cuda.synchronize()
-        eager = fmq.fused_moe_quant_triton(x2, experts, w2_, ids2, tiles, path=QuantMoEPath.GEMV)
-        assert torch.equal(captured, eager)  # fixed-order reductions: bit-identical
-        assert rel_err(captured, fmq.fused_moe_quant_ref(x2, experts, w2_, ids2)) < KERNEL_TOL[False]

@@ -297,8 +297,8 @@ def run_cases(s: Session) -> None:
 
     # The tile policies size split K from the SM count (torch.cuda.get_device_properties, no GPU
     # here): they are asked for an H100's tiles (132 SMs, device "cuda"), and the tiles are passed
-    # to the wrappers explicitly. moe_gemv imported fmq's helper by name, so it is patched there too.
-    for mod in (qm, fmq, moe_gemv):
+    # to the wrappers explicitly.
+    for mod in (qm, fmq):
         mod._num_sms = lambda _index: H100_SMS
 
     def zeros(*shape: int, dtype: torch.dtype = bf16) -> torch.Tensor:
@@ -553,10 +553,6 @@ def run_cases(s: Session) -> None:
                 with s.in_case(f"fused_moe_quant_triton dequant {tag} T={tokens}"):
                     fmq.fused_moe_quant_triton(x, experts, weights, ids, scratch=fmq.DequantScratch(),
                                                path=fmq.QuantMoEPath.DEQUANT)
-            else:
-                gt = moe_gemv.choose_gemv_tiles(tokens, top_k, experts, cuda)
-                with s.in_case(f"fused_moe_quant_triton gemv {tag} T={tokens} down_split={gt.down_split}"):
-                    fmq.fused_moe_quant_triton(x, experts, weights, ids, gt, path=fmq.QuantMoEPath.GEMV)
 
 
 # ---- compiling -------------------------------------------------------------------------------------

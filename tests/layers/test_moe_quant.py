@@ -9,9 +9,7 @@
 * int4 nibbles -> values by bit tricks, exact for every byte; the prefill (dequant) path: its
   dequantize pass equals `QuantizedExperts.dequantize` on touched experts only, its output the
   reference's, the token threshold picks it, one scratch serves every layer of a model;
-* the decode (gemv) path (moe_gemv.py) against the reference: every weight-only scheme, odd N / K,
-  partial groups, 1 to 8 rows per block, split K, empty experts, one expert taking every token,
-  other ranks' experts, an empty batch; its tile policy; AUTO never takes it while the threshold is 0;
+* which path AUTO takes by token count;
 * streaming in FusedMoE: placeholders until the last projection lands, quantized parameters
   after, TP narrowing, HF's stacked layout, a missing expert reported, nothing full precision held.
 """
@@ -543,142 +541,16 @@ def test_without_a_scope_experts_stay_unquantized() -> None:
     assert layer.w13.dtype == torch.float32 and not layer.w13.is_meta and not hasattr(layer, "expert_quant")
 
 
-# ---- the decode (gemv) path ---------------------------------------------------------------------------
+# ---- which path AUTO takes by token count -------------------------------------------------------------
 
-from ernieserve.layers.moe import moe_gemv  # noqa: E402
-
-# (BLOCK_M, gate/up tile, down tile, down split): one row per block, several, and split K on the down GEMV
-GEMV_TILES = [QuantMoETiles(2, GemmTile(16, 32, 4, 1), GemmTile(32, 32, 4, 1), 1),
-              QuantMoETiles(8, GemmTile(8, 32, 4, 1), GemmTile(16, 16, 4, 1), 3),
-              QuantMoETiles(1, GemmTile(16, 32, 4, 1), GemmTile(64, 16, 4, 1), 2)]
-
-
-def _gemv(x: torch.Tensor, experts: QuantizedExperts, weights: torch.Tensor, ids: torch.Tensor,
-          tiles: QuantMoETiles | None = None, foreign: bool = False) -> torch.Tensor:
-    return fmq.fused_moe_quant_triton(x, experts, weights, ids, tiles, foreign_experts=foreign,
-                                      path=QuantMoEPath.GEMV)
-
-
-@needs_interpreter
-@pytest.mark.parametrize("scheme,group", WINT, ids=WINT_IDS)
-@pytest.mark.parametrize("shape", [(5, 4, 2, 69, 40), (7, 6, 3, 160, 33)], ids=str)  # (T, E, top_k, H, I)
-def test_gemv_path_matches_reference(scheme: ExpertScheme, group: int, shape: tuple[int, ...]) -> None:
-    """Odd N and K (int4: a half-filled last byte per row), partial last scale groups; the first
-    shape one or two rows per block, the second 8 rows per block with the down GEMV split in 3."""
-    num_tokens, num_experts, top_k, hidden, inter = shape
-    experts = quantize_all(*make_weights(num_experts, hidden, inter, seed=hidden), scheme, group)
-    x = torch.randn(num_tokens, hidden, generator=torch.Generator().manual_seed(3))
-    weights, ids = make_routing(num_tokens, num_experts, top_k, seed=inter)
-    tiles = GEMV_TILES[0] if hidden < 128 else GEMV_TILES[1]
-    _close(_gemv(x, experts, weights, ids, tiles), fmq.fused_moe_quant_ref(x, experts, weights, ids))
-
-
-@needs_interpreter
-@pytest.mark.parametrize("scheme,group", [(ExpertScheme.WINT4, 32), (ExpertScheme.WINT8, 0)], ids=["wint4-g32", "wint8"])
-def test_gemv_path_bf16(scheme: ExpertScheme, group: int) -> None:
-    w13, w2 = make_weights(4, 96, 48, seed=5)
-    experts = quantize_all(w13.bfloat16(), w2.bfloat16(), scheme, group)
-    x = torch.randn(6, 96).bfloat16()
-    weights, ids = make_routing(6, 4, 2, seed=6)
-    ref = fmq.fused_moe_quant_ref(x, experts, weights, ids)
-    _close(_gemv(x, experts, weights, ids, GEMV_TILES[2]), ref)  # split K: fp32 partials, bf16 out
-    _close(_gemv(x, experts, weights, ids), ref)  # default tiles
-
-
-@needs_interpreter
-@pytest.mark.parametrize("scheme,group", [(ExpertScheme.WINT4, 0), (ExpertScheme.WINT8, 32)], ids=["wint4", "wint8-g32"])
-def test_gemv_path_routing_edge_cases(scheme: ExpertScheme, group: int) -> None:
-    num_experts, hidden, inter = 8, 64, 40
-    experts = quantize_all(*make_weights(num_experts, hidden, inter, seed=7), scheme, group)
-    x = torch.randn(20, hidden, generator=torch.Generator().manual_seed(8))
-    # every token on one expert: three blocks of 8 rows (the last partial), the other 7 experts empty
-    weights, ids = make_routing(20, num_experts, 1, only=[5])
-    _close(_gemv(x, experts, weights, ids, GEMV_TILES[1]), fmq.fused_moe_quant_ref(x, experts, weights, ids))
-    # one token (default tiles: one row per block); few tokens over many experts: most get none
-    weights, ids = make_routing(1, num_experts, 3, seed=9)
-    _close(_gemv(x[:1], experts, weights, ids), fmq.fused_moe_quant_ref(x[:1], experts, weights, ids))
-    weights, ids = make_routing(2, num_experts, 2, seed=9)
-    assert torch.unique(ids).numel() < num_experts
-    _close(_gemv(x[:2], experts, weights, ids, GEMV_TILES[0]), fmq.fused_moe_quant_ref(x[:2], experts, weights, ids))
-    # expert parallelism: ids == E are another rank's experts; they contribute nothing (also split K)
-    weights, ids = make_routing(6, num_experts, 2, seed=10)
-    foreign = ids.clone()
-    foreign[::2, 0] = num_experts
-    kept = weights.clone()
-    kept[::2, 0] = 0.0
-    for tiles in (GEMV_TILES[0], GEMV_TILES[2]):
-        out = _gemv(x[:6], experts, weights, foreign, tiles, foreign=True)
-        _close(out, fmq.fused_moe_quant_ref(x[:6], experts, kept, ids))
-    # an empty batch
-    assert _gemv(x[:0], experts, weights[:0], ids[:0]).shape == (0, hidden)
-
-
-def test_gemv_tiles_follow_rows_per_expert(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fmq, "_num_sms", lambda index: 132)
-    monkeypatch.setattr(moe_gemv, "_num_sms", lambda index: 132)
-    cuda = torch.device("cuda")
-    experts = QuantizedExperts.empty(ExpertScheme.WINT4, 0, 64, 2560, 1536, torch.device("meta"))
-    blocks = {t: moe_gemv.choose_gemv_tiles(t, 6, experts, cuda) for t in (1, 8, 64, 512)}
-    assert [blocks[t].block_m for t in (1, 8, 64, 512)] == [1, 2, 8, 8]
-    assert blocks[1].gate_up.block_k == 512 and blocks[64].gate_up.block_k == 128  # fewer K as rows grow
-    assert blocks[1].down_split == 1  # 6 x 80 down tiles already fill 132 SMs
-    assert moe_gemv.expected_rows_per_expert(64, 6, 64) == pytest.approx(6.0, abs=0.1)
-    grouped = QuantizedExperts.empty(ExpertScheme.WINT8, 64, 64, 2560, 1536, torch.device("meta"))
-    assert moe_gemv.choose_gemv_tiles(1, 6, grouped, cuda).gate_up.block_k == 64  # capped by the group
-    small = QuantizedExperts.empty(ExpertScheme.WINT4, 0, 8, 256, 2048, torch.device("meta"))
-    assert moe_gemv.choose_gemv_tiles(1, 2, small, cuda).down_split == 4  # 2 x 8 down tiles: split K
-    fp8 = QuantizedExperts.empty(ExpertScheme.FP8, 0, 4, 64, 32, torch.device("meta"))
-    with pytest.raises(ValueError, match="weight-only"):
-        moe_gemv.choose_gemv_tiles(1, 2, fp8, cuda)
-
-
-@needs_interpreter
-def test_gemv_path_rejects_fp8_and_bad_tiles() -> None:
-    weights, ids = make_routing(2, 2, 1)
-    fp8 = quantize_all(*make_weights(2, 32, 32), ExpertScheme.FP8, 0)
-    with pytest.raises(ValueError, match="weight-only"):
-        _gemv(torch.randn(2, 32), fp8, weights, ids)
-    wint4 = quantize_all(*make_weights(2, 64, 32), ExpertScheme.WINT4, 32)
-    with pytest.raises(ValueError, match=r"tiles.gate_up.block_k \(64\) must divide the scale group \(32\)"):
-        _gemv(torch.randn(2, 64), wint4, weights, ids, QuantMoETiles(1, GemmTile(16, 64, 4, 1), GemmTile(16, 32, 4, 1)))
-    with pytest.raises(ValueError, match=r"tiles.down.block_k \(24\) must be a power of two"):
-        _gemv(torch.randn(2, 64), wint4, weights, ids, QuantMoETiles(1, GemmTile(16, 32, 4, 1), GemmTile(16, 24, 4, 1)))
-
-
-def test_auto_takes_gemv_where_measured_faster(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_path_by_token_count() -> None:
+    """The measured policy (H100): the fused kernels at decode sizes for every scheme (at one token
+    MoEBlock's per-assignment alignment sends weight-only experts to moe_gemv's GEMVs instead:
+    tests/layers/test_moe_assign_gemv.py); the dequant path only for group-wise wint4 prefill."""
     scratch = DequantScratch()
-    # the measured policy (H100): never, since the fused kernels convert nibbles with inline PTX
-    assert fmq.choose_path(1, ExpertScheme.WINT4, scratch) is QuantMoEPath.FUSED
-    assert fmq.choose_path(1, ExpertScheme.WINT4, scratch, grouped=True) is QuantMoEPath.FUSED
-    assert fmq.choose_path(2, ExpertScheme.WINT4, scratch) is QuantMoEPath.FUSED
-    for scheme in (ExpertScheme.WINT8, ExpertScheme.FP8, ExpertScheme.BLOCK_FP8):
-        assert all(fmq.choose_path(t, scheme, scratch) is not QuantMoEPath.GEMV for t in (0, 1, 8, 64))
-    monkeypatch.setitem(fmq.GEMV_MAX_TOKENS, ExpertScheme.WINT4, 16)
-    assert fmq.choose_path(1, ExpertScheme.WINT4, scratch) is QuantMoEPath.GEMV
-    assert fmq.choose_path(16, ExpertScheme.WINT4, None) is QuantMoEPath.GEMV
-    assert fmq.choose_path(17, ExpertScheme.WINT4, scratch) is QuantMoEPath.FUSED
-    assert fmq.choose_path(0, ExpertScheme.WINT4, scratch) is QuantMoEPath.FUSED
-    assert fmq.choose_path(1, ExpertScheme.WINT8, scratch) is QuantMoEPath.FUSED
-    # fused_moe_quant_triton (AUTO) dispatches to the gemv launcher below the threshold
-    calls: list[int] = []
-    monkeypatch.setattr(moe_gemv, "gemv_path", lambda x, *args: calls.append(x.shape[0]) or torch.zeros_like(x))
-    experts = QuantizedExperts.empty(ExpertScheme.WINT4, 0, 4, 32, 16)
-    weights, ids = make_routing(3, 4, 2)
-    fmq.fused_moe_quant_triton(torch.randn(3, 32), experts, weights, ids)
-    assert calls == [3]
-
-
-if _INTERPRETED:
-
-    @triton.jit
-    def _int8_values_probe(q_ptr, out_ptr):
-        j = tl.arange(0, 256)
-        tl.store(out_ptr + j, moe_gemv._int8_values(tl.load(q_ptr + j)))
-
-
-@needs_interpreter
-def test_int8_values_exact_for_every_byte() -> None:
-    q = torch.arange(-128, 128, dtype=torch.int8)
-    out = torch.empty(256, dtype=torch.float32)
-    _int8_values_probe[(1,)](q, out)
-    assert torch.equal(out, q.float())
+    for scheme, grouped in ((ExpertScheme.WINT4, False), (ExpertScheme.WINT4, True), (ExpertScheme.WINT8, False),
+                            (ExpertScheme.FP8, False), (ExpertScheme.BLOCK_FP8, True)):
+        assert all(fmq.choose_path(t, scheme, scratch, grouped) is QuantMoEPath.FUSED for t in (0, 1, 8, 64))
+    assert fmq.choose_path(1024, ExpertScheme.WINT4, scratch, grouped=True) is QuantMoEPath.DEQUANT
+    assert fmq.choose_path(1024, ExpertScheme.WINT4, None, grouped=True) is QuantMoEPath.FUSED  # no scratch
+    assert fmq.choose_path(4096, ExpertScheme.WINT4, scratch) is QuantMoEPath.FUSED

@@ -38,10 +38,6 @@ The down GEMM can split K: its partial sums land in ``[splits, N, H]``
 fp32 and are added together with the top-k combine, in a fixed order. No host sync, no
 routing-dependent allocation: capturable in CUDA graphs.
 
-Decode path (`QuantMoEPath.GEMV`, wint8 / wint4; `moe_gemv.py`): no tensor-core dot, each weight
-tile dequantized in registers and multiplied into at most 8 rows per expert in fp32. Taken up to
-`GEMV_MAX_TOKENS` (measured: since the fused kernels' inline-PTX int4 conversion, never).
-
 One-token path (`QuantMoEPath.ASSIGN`, per-channel wint8 / wint4; `moe_gemv.assignment_path`): with
 the one-block-per-assignment alignment (fused_moe.per_assignment_alignment) AUTO takes the
 per-assignment GEMVs instead of the fused kernels (ERNIESERVE_MOE_ASSIGN_GEMV=0: not).
@@ -298,7 +294,6 @@ class QuantMoEPath(enum.Enum):
     AUTO = "auto"  # by token count: `choose_path`
     FUSED = "fused"  # weight tiles dequantized in the K loop of each program (decode: a weight stream)
     DEQUANT = "dequant"  # touched experts dequantized once into a scratch, then the bf16 kernels
-    GEMV = "gemv"  # no dot: weight tiles dequantized in registers, few rows per expert (moe_gemv.py)
     ASSIGN = "assign"  # no dot, one GEMV per assignment, weight slices before the PDL wait (moe_gemv.py)
 
 
@@ -322,27 +317,10 @@ DEQUANT_MIN_TOKENS: dict[tuple[ExpertScheme, bool], int | None] = {
     (ExpertScheme.FP8, False): None, (ExpertScheme.BLOCK_FP8, True): None}
 
 
-# Token counts up to which AUTO takes the gemv path (moe_gemv.py) for per-channel scales; 0 = never.
-# The gemv kernels read each weight byte once per block of at most 8 rows of an expert and multiply
-# in fp32 CUDA cores, no tensor cores. Measured on an H100 (docs/performance.md, 2026-11-22 16:37,
-# `benchmarks/bench_moe_quant.py --path gemv|fused`, 21B-A3B layer shapes, us per layer):
-#   wint4:      1 token 71.2 gemv vs 82.8 fused; 8 tokens 455.5 vs 282.0  -> gemv at 1 token only
-#   wint8:      1 token 78.0 gemv vs 43.3 fused                           -> never
-#   wint4-g128: 1 token 101.0 gemv vs 88.2 fused                          -> never (grouped scales)
-# Since the fused kernels convert packed nibbles with inline PTX and stream unmasked K steps
-# (quant_matmul.int4_values, 2026-11-22 19:14), one token: wint4 fused 36.0 vs gemv 72.3, wint4-g128
-# 39.0 vs 100.7 (6 experts) -> never for any scheme.
-# fp8 schemes have no gemv kernels.
-GEMV_MAX_TOKENS: dict[ExpertScheme, int] = {
-    ExpertScheme.WINT4: 0, ExpertScheme.WINT8: 0, ExpertScheme.FP8: 0, ExpertScheme.BLOCK_FP8: 0}
-
-
 def choose_path(num_tokens: int, scheme: ExpertScheme, scratch: DequantScratch | None,
                 grouped: bool = False) -> QuantMoEPath:
-    """GEMV for decode-sized batches up to `GEMV_MAX_TOKENS` (per-channel scales only); DEQUANT for
-    prefill-sized batches of the schemes that have a threshold, when a scratch exists; else FUSED."""
-    if not grouped and 0 < num_tokens <= GEMV_MAX_TOKENS[scheme]:
-        return QuantMoEPath.GEMV
+    """DEQUANT for prefill-sized batches of the schemes that have a threshold, when a scratch
+    exists; else FUSED. (ASSIGN, at one token, is chosen from the alignment: fused_moe_quant_triton.)"""
     threshold = DEQUANT_MIN_TOKENS.get((scheme, grouped))
     if scratch is None or threshold is None or num_tokens < threshold:
         return QuantMoEPath.FUSED
@@ -623,8 +601,8 @@ def fused_moe_quant_triton(
     shared_slots: int = 0,
 ) -> torch.Tensor:  # [T, H]
     """The routed experts on quantized weights, by the path `choose_path` picks (or `path`: FUSED,
-    DEQUANT, or GEMV, the decode kernels of moe_gemv.py, wint8 / wint4 only; `tiles` then are
-    `moe_gemv.choose_gemv_tiles`' kind, BLOCK_M 1..8).
+    DEQUANT, or ASSIGN, moe_gemv's per-assignment GEMVs for per-channel wint8 / wint4, which AUTO
+    takes for the one-block-per-assignment alignment).
 
     foreign_experts: some ids equal E (another rank's experts, expert parallelism); the align
     kernel leaves them out and their rows of the per-assignment output stay zero.
@@ -632,9 +610,9 @@ def fused_moe_quant_triton(
     one; a forced DEQUANT without one allocates a temporary buffer).
     sum_slots=False: the per-slot outputs [T, K, H] unsummed where a path has them in the model
     dtype (fused_moe.combine_slots); paths whose down GEMM splits K still return the sum [T, H].
-    alignment: moe_align's outputs for topk_ids already made (fused_moe.triton_route_align) for
-    the FUSED and DEQUANT paths' block_m (choose_tile_config's); the GEMV path, whose block_m is its
-    own, aligns anew.
+    alignment: moe_align's outputs for topk_ids already made (fused_moe.triton_route_align, or
+    fused_moe.per_assignment_alignment) for the FUSED and DEQUANT paths' block_m
+    (choose_tile_config's); ASSIGN needs none.
     shared_slots: the last columns of topk_ids that are folded shared experts (fused_moe_triton's).
     """
     assert HAS_TRITON, "triton is not installed"
@@ -653,10 +631,6 @@ def fused_moe_quant_triton(
         scratch = scratch if scratch is not None else DequantScratch()
         return _dequant_path(x, experts, topk_weights, topk_ids, scratch, tiles, foreign_experts, sum_slots,
                              alignment)
-    if path is QuantMoEPath.GEMV:
-        from ernieserve.layers.moe import moe_gemv  # it imports this module's kernels and types
-
-        return moe_gemv.gemv_path(x, experts, topk_weights, topk_ids, tiles, foreign_experts, sum_slots)
     return _fused_path(x, experts, topk_weights, topk_ids, tiles, foreign_experts, sum_slots, alignment,
                        shared_slots)
 

@@ -1,282 +1,31 @@
-"""GEMV-style decode kernels for weight-only quantized routed experts (wint4, wint8).
+"""Per-assignment GEMVs for weight-only quantized routed experts (wint4, wint8) at one token.
 
-At decode an expert sees a few assignments (1 token, top-6: one row each; 64 tokens: ~6), so its
-work is a weight stream, not a matmul. The fused path (`fused_moe_quant.py`) still feeds tensor
-cores: it pads each expert's rows to BLOCK_M >= 16 and sends every dequantized weight tile through
-shared memory to `tl.dot`, which at 1-8 tokens runs wint4 4-7x slower than reading its bytes.
+At one token an expert sees one assignment, so its work is a weight stream, not a matmul. The
+fused path (`fused_moe_quant.py`) still feeds tensor cores: it pads each expert's one row to
+BLOCK_M >= 16 and sends every dequantized weight tile through shared memory to `tl.dot`. Here
+there is no dot (see the section below): AUTO takes these kernels when MoEBlock gives the one-block-
+per-assignment alignment (`fused_moe.per_assignment_alignment`), `QuantMoEPath.ASSIGN`.
 
-Here there is no dot. Each program owns one (expert block of BLOCK_M assignments, BLOCK_N output
-channels) tile and walks K: it loads the stored weight tile ``[BLOCK_N, BLOCK_K]`` (int4: the
-packed bytes ``[BLOCK_N, BLOCK_K / 2]``) straight from global memory, each row's bytes contiguous
-(coalesced along K), turns it into fp32 values in registers by bit tricks (`_int4_values`,
-`_int8_values`: no int -> float converts), and for the block's gathered activation rows
-``a [BLOCK_M, BLOCK_K]`` (fp32) computes ``sum_k w[None, n, k] * a[m, None, k]`` into fp32
-accumulators ``[BLOCK_M, BLOCK_N]``: each weight register is reused by all BLOCK_M rows, which is
-why BLOCK_M is 1..8, sized to the expected rows per touched expert (`choose_gemv_tiles`).
-
-Scales as the fused path: per output channel once in the epilogue; group-wise per K step on the
-partial sums (BLOCK_K divides the group). Gate/up: two tiles against the same activation rows,
-silu(gate) * up in the epilogue, stored per assignment ``[N, I]``. Down: the routing weight in the
-epilogue, optional split K into ``[splits, N, H]`` fp32 partials summed with the top-k combine in a
-fixed order (no atomics). The same align kernel and sorted ids as the fused path (at BLOCK_M), so
-no host sync and no routing-dependent allocation: capturable in CUDA graphs.
-
-`fused_moe_quant_triton(..., path=QuantMoEPath.GEMV)` runs it; `GEMV_MAX_TOKENS` (fused_moe_quant.py)
-is the token count up to which AUTO picks it: never since the fused kernels' inline-PTX int4
-conversion (measured on an H100; the numbers are beside it).
-
-The per-assignment GEMVs (second half of this file, `assignment_path`, `QuantMoEPath.ASSIGN`) are
-what AUTO takes at one token: no alignment at all, one warp per tile of one assignment's expert,
-the weight tile whole in registers, and the down GEMV's tile read before the PDL wait.
+An earlier design here (a K loop over tiles of up to 8 rows per expert, the align kernel's sorted
+layout, `QuantMoEPath.GEMV`) lost to the fused kernels at every token count once those converted
+int4 with inline PTX (H100, docs/performance.md, 2026-11-22): it was never taken and is gone.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 import os
 
 import torch
 
 from ernieserve.kernels.pdl import pdl_enabled, pdl_launch
 from ernieserve.layers.moe import fused_moe as fm
-from ernieserve.layers.moe.fused_moe import HAS_TRITON, GemmTile
-from ernieserve.layers.moe.fused_moe_quant import (
-    _KIND,
-    ExpertScheme,
-    QuantizedExperts,
-    QuantMoETiles,
-    _num_sms,
-)
+from ernieserve.layers.moe.fused_moe import HAS_TRITON
+from ernieserve.layers.moe.fused_moe_quant import ExpertScheme, QuantizedExperts
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
-
-    from ernieserve.layers.moe.fused_moe import _block_coords
-    from ernieserve.layers.moe.fused_moe_quant import _int4_values, _load_a
-
-GEMV_MAX_BLOCK_M = 8  # rows per expert block; more rows per expert are a job for the fused (dot) path
-
-
-def _next_pow2(v: int) -> int:
-    return 1 << max(0, math.ceil(math.log2(max(1, v))))
-
-
-def expected_rows_per_expert(num_tokens: int, top_k: int, num_experts: int) -> float:
-    """Mean assignments per touched expert under uniform routing: a token's top_k distinct experts
-    miss a given expert with probability 1 - top_k / E, so E (1 - (1 - top_k / E)^T) are touched.
-    (T 1: 1 row; T 8 at E 64, top-6: ~1.4; T 64: ~6.)"""
-    n = num_tokens * top_k
-    if n == 0:
-        return 0.0
-    miss = max(0.0, 1.0 - top_k / num_experts)
-    touched = num_experts * (1.0 - miss**num_tokens)
-    return n / max(1.0, min(touched, float(n)))
-
-
-def choose_gemv_tiles(num_tokens: int, top_k: int, experts: QuantizedExperts,
-                      device: torch.device) -> QuantMoETiles:
-    """BLOCK_M: the next power of two of the expected rows per touched expert (1 at one token, 2 at
-    8, 8 at 64 for the 21B-A3B shape), capped at `GEMV_MAX_BLOCK_M`; an expert with more rows takes
-    several blocks (its weight tiles then come again, from L2 when the blocks run together).
-
-    Weight tiles: 256 bytes of each weight row per K step (int4 BLOCK_K 512, int8 256: two cache
-    lines, one 16-byte load per thread at BLOCK_N 16 x 4 warps for int4), halved for each doubling
-    of BLOCK_M past 2 so the products per thread per step (BLOCK_M x BLOCK_N x BLOCK_K / 128) stay
-    <= 128 fp32 registers; capped by the scale group. BLOCK_N 16 for gate/up (two tiles per step;
-    one token's 6 experts give 6 x 96 = 576 programs: several per SM, enough loads in flight) and
-    32 for down (6 x 80 = 480). The down GEMM splits K only when its N tiles cannot fill the GPU.
-
-    TODO(lead, GPU): reasoned, not measured; `benchmarks/bench_moe_quant.py --path gemv --sweep`.
-    """
-    if experts.scheme not in (ExpertScheme.WINT4, ExpertScheme.WINT8):
-        raise ValueError(f"the gemv path takes weight-only schemes (wint8, wint4), not {experts.scheme.value}")
-    num_experts = experts.num_experts
-    rows = expected_rows_per_expert(num_tokens, top_k, num_experts)
-    block_m = min(GEMV_MAX_BLOCK_M, _next_pow2(math.ceil(rows)))
-    block_k = 512 if experts.scheme is ExpertScheme.WINT4 else 256
-    block_k = max(32, block_k // max(1, block_m // 2))
-    if experts.group_size:
-        block_k = min(block_k, experts.group_size)
-    gate_up, down = GemmTile(16, block_k, 4, 2), GemmTile(32, block_k, 4, 2)
-    split = 1
-    if device.type == "cuda":
-        touched = min(num_experts, num_tokens * top_k)
-        programs = max(1, touched * -(-experts.hidden // down.block_n))
-        split = max(1, min(4, 4 * _num_sms(device.index or 0) // programs, -(-experts.inter // down.block_k)))
-    return QuantMoETiles(block_m, gate_up, down, split, group_m=8)
-
-
-if HAS_TRITON:
-
-    @triton.jit
-    def _int8_values(q):
-        """int8 -> fp32 exactly without an int -> float convert: q + 128 in [0, 255] sits in the low
-        mantissa bits of 2^23, so the bits read as 2^23 + 128 + q; subtracting 2^23 + 128 leaves q."""
-        return (q.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
-
-    @triton.jit
-    def _gemv_step(a0, a1, w_rows, k0, K, n_ok, KIND: tl.constexpr, BLOCK_K: tl.constexpr):
-        """sum over one K step of a[m, k] * q[n, k]: [BLOCK_M, BLOCK_N] fp32 (scales: the caller).
-
-        a0, a1: the activation rows in fp32, [BLOCK_M, BLOCK_K] (int8; a1 unused) or their even and
-        odd columns [BLOCK_M, BLOCK_K / 2] (int4). w_rows: [BLOCK_N, 1] pointers to each weight
-        row's first stored byte; the tile is loaded row-major, contiguous along K.
-        """
-        if KIND == 4:
-            j = tl.arange(0, BLOCK_K // 2)
-            byte = tl.load(w_rows + (k0 // 2 + j)[None, :], mask=n_ok[:, None] & (k0 + 2 * j < K)[None, :],
-                           other=0x88)  # [BLOCK_N, BLOCK_K / 2]; 0x88 is q = 0 in both nibbles
-            low, high = _int4_values(byte, tl.float32)  # even k, odd k
-            prod = low[None, :, :] * a0[:, None, :] + high[None, :, :] * a1[:, None, :]
-        else:
-            kk = k0 + tl.arange(0, BLOCK_K)
-            q = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & (kk < K)[None, :], other=0)  # [BLOCK_N, BLOCK_K]
-            prod = _int8_values(q)[None, :, :] * a0[:, None, :]
-        return tl.sum(prod, axis=2)  # [BLOCK_M, BLOCK_N, BLOCK_K(/2)] -> [BLOCK_M, BLOCK_N]
-
-    # Counts that change from step to step are not specialised: Triton would otherwise compile
-    # a variant for each of their classes (1, a multiple of 16, other) at first use, mid-serving.
-    @triton.jit(do_not_specialize=["N", "num_pid_m"])
-    def _gate_up_gemv_kernel(
-        a_ptr, w_ptr, ws_ptr, out_ptr, sorted_ptr, block_expert_ptr, total_ptr,
-        N, H, I, num_pid_m, up_scale_row,
-        stride_at, stride_we, stride_wn, stride_wse, stride_wsn,
-        TOP_K: tl.constexpr, KIND: tl.constexpr, SCALE_GROUP: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    ):
-        pid_m, pid_n = _block_coords(num_pid_m, tl.cdiv(I, BLOCK_N), GROUP_M)
-        if pid_m * BLOCK_M >= tl.load(total_ptr):
-            return
-        expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
-        ids = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))  # [BLOCK_M] assignments
-        row_ok = ids < N
-        tokens = (ids // TOP_K).to(tl.int64)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < I
-        a_rows = a_ptr + tokens[:, None] * stride_at  # [BLOCK_M, 1] rows of x
-        g_rows = w_ptr + expert * stride_we + offs_n[:, None].to(tl.int64) * stride_wn  # [BLOCK_N, 1]
-        u_rows = g_rows + I * stride_wn  # up rows follow the gate rows
-        s_base = ws_ptr + expert * stride_wse
-        sg_ptrs = s_base + offs_n * stride_wsn  # [BLOCK_N]
-        su_ptrs = s_base + (up_scale_row + offs_n) * stride_wsn
-        acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, H, BLOCK_K):
-            a0, a1 = _load_a(a_rows, k0, H, row_ok, KIND == 4, BLOCK_M, BLOCK_K)
-            a0, a1 = a0.to(tl.float32), a1.to(tl.float32)
-            part_g = _gemv_step(a0, a1, g_rows, k0, H, n_ok, KIND, BLOCK_K)
-            part_u = _gemv_step(a0, a1, u_rows, k0, H, n_ok, KIND, BLOCK_K)
-            if SCALE_GROUP > 0:  # this step's K group
-                kg = k0 // SCALE_GROUP
-                part_g *= tl.load(sg_ptrs + kg, mask=n_ok, other=0.0)[None, :]
-                part_u *= tl.load(su_ptrs + kg, mask=n_ok, other=0.0)[None, :]
-            acc_g += part_g
-            acc_u += part_u
-        if SCALE_GROUP == 0:  # one scale per output channel
-            acc_g *= tl.load(sg_ptrs, mask=n_ok, other=0.0)[None, :]
-            acc_u *= tl.load(su_ptrs, mask=n_ok, other=0.0)[None, :]
-        act = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u  # silu(gate) * up, float32
-        out_ptrs = out_ptr + ids[:, None].to(tl.int64) * I + offs_n[None, :]
-        tl.store(out_ptrs, act.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
-
-    @triton.jit(do_not_specialize=["N", "num_pid_m"])
-    def _down_gemv_kernel(
-        a_ptr, w_ptr, ws_ptr, out_ptr, weights_ptr, sorted_ptr, block_expert_ptr, total_ptr,
-        N, H, I, num_pid_m, k_per_split,
-        stride_am, stride_we, stride_wn, stride_wse, stride_wsn, stride_os,
-        KIND: tl.constexpr, SCALE_GROUP: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    ):
-        pid_m, pid_n = _block_coords(num_pid_m, tl.cdiv(H, BLOCK_N), GROUP_M)
-        pid_k = tl.program_id(1)
-        if pid_m * BLOCK_M >= tl.load(total_ptr):
-            return
-        expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
-        ids = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
-        row_ok = ids < N
-        rows = ids.to(tl.int64)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < H
-        a_rows = a_ptr + rows[:, None] * stride_am  # [BLOCK_M, 1] rows of inter [N, I], assignment order
-        w_rows = w_ptr + expert * stride_we + offs_n[:, None].to(tl.int64) * stride_wn  # [BLOCK_N, 1]
-        s_ptrs = ws_ptr + expert * stride_wse + offs_n * stride_wsn
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        k_begin = pid_k * k_per_split
-        k_end = tl.minimum(k_begin + k_per_split, I)
-        for k0 in range(k_begin, k_end, BLOCK_K):
-            a0, a1 = _load_a(a_rows, k0, I, row_ok, KIND == 4, BLOCK_M, BLOCK_K)
-            part = _gemv_step(a0.to(tl.float32), a1.to(tl.float32), w_rows, k0, I, n_ok, KIND, BLOCK_K)
-            if SCALE_GROUP > 0:
-                part *= tl.load(s_ptrs + k0 // SCALE_GROUP, mask=n_ok, other=0.0)[None, :]
-            acc += part
-        if SCALE_GROUP == 0:
-            acc *= tl.load(s_ptrs, mask=n_ok, other=0.0)[None, :]
-        acc *= tl.load(weights_ptr + rows, mask=row_ok, other=0.0)[:, None]  # routing weight
-        out_ptrs = out_ptr + pid_k * stride_os + rows[:, None] * H + offs_n[None, :]
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
-
-
-def gemv_path(
-    x: torch.Tensor,  # [T, H]
-    experts: QuantizedExperts,
-    topk_weights: torch.Tensor,  # [T, K]
-    topk_ids: torch.Tensor,  # [T, K]
-    tiles: QuantMoETiles | None,
-    foreign_experts: bool,
-    sum_slots: bool = True,
-) -> torch.Tensor:  # [T, H]
-    """The align kernel at BLOCK_M, the gate/up GEMV, the down GEMV, the fixed-order combine."""
-    if experts.scheme not in (ExpertScheme.WINT4, ExpertScheme.WINT8):
-        raise ValueError(f"the gemv path takes weight-only schemes (wint8, wint4), not {experts.scheme.value}")
-    num_tokens, hidden = x.shape
-    num_experts, inter, top_k = experts.num_experts, experts.inter, topk_ids.shape[1]
-    n = num_tokens * top_k
-    if n == 0:
-        return torch.zeros_like(x)
-    assert hidden == experts.hidden, f"x has {hidden} features, the experts {experts.hidden}"
-    x = x.contiguous()
-    t = tiles or choose_gemv_tiles(num_tokens, top_k, experts, x.device)
-    group = experts.group_size
-    for name, tile in (("gate_up", t.gate_up), ("down", t.down)):
-        if tile.block_k < 2 or tile.block_k & (tile.block_k - 1):
-            raise ValueError(f"tiles.{name}.block_k ({tile.block_k}) must be a power of two >= 2")
-        if group and group % tile.block_k:  # a K step never straddles two scale groups
-            raise ValueError(f"tiles.{name}.block_k ({tile.block_k}) must divide the scale group ({group})")
-    sorted_ids, block_expert, total = fm.moe_align(topk_ids.contiguous(), num_experts, t.block_m)
-    num_pid_m = block_expert.shape[0]
-    kind = _KIND[experts.scheme]
-
-    act = torch.empty(n, inter, dtype=x.dtype, device=x.device)  # [N, I], assignment order
-    w13, s13 = experts.w13, experts.w13_scale
-    g = t.gate_up
-    _gate_up_gemv_kernel[(num_pid_m * triton.cdiv(inter, g.block_n),)](
-        x, w13, s13, act, sorted_ids, block_expert, total,
-        n, hidden, inter, num_pid_m, experts.up_scale_row,
-        x.stride(0), w13.stride(0), w13.stride(1), s13.stride(0), s13.stride(1),
-        TOP_K=top_k, KIND=kind, SCALE_GROUP=group, BLOCK_M=t.block_m, BLOCK_N=g.block_n, BLOCK_K=g.block_k,
-        GROUP_M=t.group_m, num_warps=g.num_warps, num_stages=g.num_stages)
-
-    d = t.down
-    k_per_split = triton.cdiv(triton.cdiv(inter, t.down_split), d.block_k) * d.block_k
-    split = triton.cdiv(inter, k_per_split)
-    alloc = torch.zeros if foreign_experts else torch.empty  # foreign rows are never written
-    if split == 1:
-        per_slot = alloc(n, hidden, dtype=x.dtype, device=x.device)  # [N, H], weighted
-    else:
-        per_slot = alloc(split, n, hidden, dtype=torch.float32, device=x.device)  # partial sums over K
-    w2, s2 = experts.w2, experts.w2_scale
-    _down_gemv_kernel[(num_pid_m * triton.cdiv(hidden, d.block_n), split)](
-        act, w2, s2, per_slot, topk_weights.float().contiguous(), sorted_ids, block_expert, total,
-        n, hidden, inter, num_pid_m, k_per_split,
-        act.stride(0), w2.stride(0), w2.stride(1), s2.stride(0), s2.stride(1), n * hidden,
-        KIND=kind, SCALE_GROUP=group, BLOCK_M=t.block_m, BLOCK_N=d.block_n, BLOCK_K=d.block_k,
-        GROUP_M=t.group_m, num_warps=d.num_warps, num_stages=d.num_stages)
-    if split == 1:
-        return fm.combine_slots(per_slot, num_tokens, top_k, sum_slots)
-    # K splits and top-k slots in one fixed-order reduction
-    return per_slot.view(split, num_tokens, top_k, hidden).sum(dim=(0, 2)).to(x.dtype)
 
 
 # ---- the per-assignment layout (one token): a weight tile per program, in registers -------------------

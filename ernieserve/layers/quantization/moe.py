@@ -232,9 +232,6 @@ class QuantizedMoEMethod(MoEMethod, StreamingQuantMethod):
         experts = state.experts
         if not state.triton:
             return None
-        path = fmq.choose_path(num_tokens, experts.scheme, state.scratch, grouped=experts.scale_group > 0)
-        if path is fmq.QuantMoEPath.GEMV:  # its own block_m (moe_gemv.choose_gemv_tiles)
-            return None
         # FUSED (choose_quant_tiles) and DEQUANT both align at choose_tile_config's block_m
         return fm.choose_tile_config(num_tokens * num_slots, experts.num_experts).block_m
 
