@@ -44,9 +44,12 @@ computes the folded shared experts' blocks before the PDL wait, while the router
 `ERNIESERVE_MOE_ASSIGN_GEMV=0` (default on: with one block per assignment, wint8 / wint4 experts
 with per-channel scales run `layers/moe/moe_gemv.py`'s per-assignment GEMVs, a weight tile per
 one-warp program in registers, on CUDA cores, instead of the tensor-core fused kernels;
+int4 with bf16 activations multiplies in packed bf16x2, four products summed in bf16 and the rest
+in fp32, `ERNIESERVE_MOE_ASSIGN_PACKED=0` converting to fp32 instead;
 `ERNIESERVE_MOE_ASSIGN_TILES=GATE_UP,DOWN` sets their rows per program and
-`ERNIESERVE_MOE_ASSIGN_SHARED_COMPUTE=0` makes the shared experts' programs only load, not compute,
-before the PDL wait; both for benchmarking),
+`ERNIESERVE_MOE_ASSIGN_SHARED_COMPUTE=1` / `=0` makes the shared experts' programs compute before
+the PDL wait or only load there (default: compute only without the packed products); the last two
+for benchmarking),
 `ERNIESERVE_PDL=0` (turns off programmatic dependent launch, on by default on sm_90+: the decode
 path's Triton kernels may start while the previous kernel finishes, also inside CUDA graphs; see
 `ernieserve/kernels/pdl.py`).

@@ -318,6 +318,65 @@ if HAS_TRITON:
             low, high = int4_values(byte, tl.float32, False)
         return low, high
 
+    # int4 dot products in packed bf16x2 (the one-token MoE GEMVs, layers/moe/moe_gemv.py). Per 32-bit
+    # word of weight (8 nibbles k0..k7) one SHR and four ANDs put the nibble pairs (k0, k4), (k1, k5),
+    # (k2, k6), (k3, k7) in the two 16-bit lanes as they are: bf16 n 2^-133 (bits 0-3, subnormal) or
+    # n 2^-129 (bits 4-7: the top one is the exponent's lowest bit, and the value is still n 2^-129
+    # across the subnormal / normal boundary); one HFMA2 each makes (n - 8) / 64 exactly (times 2^127
+    # or 2^123, minus 1/8); four HFMA2 multiply them into x's matching pairs, which a separate pure block
+    # makes by PRMTs of x's natural words and scales by 64 (exact), and which the compiler shares
+    # between a tile's rows; two integer ops widen the two bf16 sums of four products to fp32. About
+    # 2.3 instructions per value, 1 of them integer (half rate on sm_90), against ~4 and ~1.4 for the
+    # fp32 conversion above, which left the kernels bound by the ALU, not by their read.
+    # The four products of each lane are summed in bf16, rounded after each (at most 2^-9 of a partial
+    # sum each, so about 2^-8 of a sum of four, against int4's own error of several percent); the sums
+    # of those go on in fp32.
+    _ASM_X_PAIRS = tl.constexpr(
+        "{\n    .reg .b32 a, b, c, d, p<4>, s64, z;\n    mov.b64 {a, b}, $2;\n    mov.b64 {c, d}, $3;\n"
+        "    mov.b32 s64, 0x42804280;\n    mov.b32 z, 0x80008000;\n"  # 64, -0.0
+        "    prmt.b32 p0, a, c, 0x5410;\n    prmt.b32 p1, a, c, 0x7632;\n"  # (x0, x4), (x1, x5)
+        "    prmt.b32 p2, b, d, 0x5410;\n    prmt.b32 p3, b, d, 0x7632;\n"  # (x2, x6), (x3, x7)
+        "    fma.rn.bf16x2 p0, p0, s64, z;\n    fma.rn.bf16x2 p1, p1, s64, z;\n"
+        "    fma.rn.bf16x2 p2, p2, s64, z;\n    fma.rn.bf16x2 p3, p3, s64, z;\n"
+        "    mov.b64 $0, {p0, p1};\n    mov.b64 $1, {p2, p3};\n}")
+    _ASM_INT4_DOT_BF16X2 = tl.constexpr(
+        "{\n    .reg .b32 t, a<4>, x<4>, p, lo_up, hi_up, off;\n"
+        "    mov.b64 {x0, x1}, $3;\n    mov.b64 {x2, x3}, $4;\n"
+        "    mov.b32 lo_up, 0x7F007F00;\n    mov.b32 hi_up, 0x7D007D00;\n"  # 2^127, 2^123
+        "    mov.b32 off, 0xBE00BE00;\n    mov.b32 p, 0x80008000;\n"  # -1/8; -0.0 (an FMA, not HMUL2: sm_80)
+        "    shr.u32 t, $2, 8;\n"
+        "    and.b32 a0, $2, 0x000F000F;\n    and.b32 a1, $2, 0x00F000F0;\n"  # k0, k4; k1, k5
+        "    and.b32 a2, t, 0x000F000F;\n    and.b32 a3, t, 0x00F000F0;\n"  # k2, k6; k3, k7
+        "    fma.rn.bf16x2 a0, a0, lo_up, off;\n    fma.rn.bf16x2 a1, a1, hi_up, off;\n"
+        "    fma.rn.bf16x2 a2, a2, lo_up, off;\n    fma.rn.bf16x2 a3, a3, hi_up, off;\n"
+        "    fma.rn.bf16x2 p, a0, x0, p;\n    fma.rn.bf16x2 p, a1, x1, p;\n"
+        "    fma.rn.bf16x2 p, a2, x2, p;\n    fma.rn.bf16x2 p, a3, x3, p;\n"
+        "    shl.b32 $0, p, 16;\n    and.b32 $1, p, 0xFFFF0000;\n}")
+
+    @triton.jit
+    def int4_dot4(w, x, INLINE_ASM: tl.constexpr = False):
+        """Per element, the dot product of 4 int4 weights and 4 bf16 activations, in fp32.
+
+        w: uint16, 4 packed nibbles (q + 8, the low nibble first: k, k + 1, k + 2, k + 3); x: int64,
+        the 4 bf16 activations of the same columns (their memory, read as one 64-bit word). Two
+        neighbouring elements of a thread go to one asm block (pack 2: one 32-bit word of weight,
+        two 64-bit words of x). Compiled (INLINE_ASM): the bf16x2 PTX above; the interpreter: the same
+        products in fp32, per element.
+        """
+        if INLINE_ASM:
+            pairs = tl.inline_asm_elementwise(_ASM_X_PAIRS, "=l,=l,l,l", [x], dtype=tl.int64, is_pure=True,
+                                              pack=2)
+            acc = tl.inline_asm_elementwise(_ASM_INT4_DOT_BF16X2, "=r,=r,r,l,l", [w, pairs], dtype=tl.float32,
+                                            is_pure=True, pack=2)
+        else:
+            wi = w.to(tl.int32)
+            acc = tl.zeros(w.shape, tl.float32)
+            for i in tl.static_range(4):
+                q = ((wi >> (4 * i)) & 0xF).to(tl.float32) - 8.0
+                xi = (((x >> (16 * i)) & 0xFFFF).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+                acc += q * xi
+        return acc
+
     @triton.jit
     def int8_values_f32(q, INLINE_ASM: tl.constexpr = False):
         """int8 -> float32 exactly (compiled: the PTX above, no I2F; the interpreter: a cast)."""

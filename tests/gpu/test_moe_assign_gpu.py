@@ -5,7 +5,10 @@ slots, H 2560, I 1536), bf16 activations. Run with ``pytest -m gpu tests/gpu/tes
 * against the plain-torch reference and the fused kernels on the same quantized weights, one token
   and two, default and explicit tile pairs (2 to 16 gate rows, 4 to 32 down rows);
 * replayed in a CUDA graph with PDL (when the GPU has it) over new inputs and routing, each replay
-  against the reference, and the slots' bits equal to the eager call's.
+  against the reference, and the slots' bits equal to the eager call's;
+* both with int4's packed bf16x2 products (quant_matmul.int4_dot4) and with the fp32 conversion;
+  int4_dot4's PTX exact where every bf16 step is (small integers), and within its rounding bound
+  elsewhere.
 """
 
 from __future__ import annotations
@@ -56,9 +59,20 @@ def routing(num_tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return w.float().contiguous(), ids.to(torch.int32).contiguous()
 
 
-@pytest.mark.parametrize("scheme", [ExpertScheme.WINT4, ExpertScheme.WINT8], ids=lambda s: s.value)
+# (scheme, int4's packed bf16x2 products)
+SCHEMES = [(ExpertScheme.WINT4, True), (ExpertScheme.WINT4, False), (ExpertScheme.WINT8, False)]
+SCHEME_IDS = ["wint4-packed", "wint4-fp32", "wint8"]
+
+
+@pytest.fixture
+def packed(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> bool:
+    monkeypatch.setattr(moe_gemv, "assign_packed", lambda: request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("scheme,packed", SCHEMES, ids=SCHEME_IDS, indirect=["packed"])
 @pytest.mark.parametrize("num_tokens", [1, 2])
-def test_matches_reference_and_fused(scheme: ExpertScheme, num_tokens: int) -> None:
+def test_matches_reference_and_fused(scheme: ExpertScheme, packed: bool, num_tokens: int) -> None:
     experts = experts_of(scheme)
     x = torch.randn(num_tokens, H, device="cuda").bfloat16()
     weights, ids = routing(num_tokens, seed=num_tokens)
@@ -73,8 +87,8 @@ def test_matches_reference_and_fused(scheme: ExpertScheme, num_tokens: int) -> N
         assert rel_err(out, fused) < TOL, tiles
 
 
-@pytest.mark.parametrize("scheme", [ExpertScheme.WINT4, ExpertScheme.WINT8], ids=lambda s: s.value)
-def test_replayed_graph(scheme: ExpertScheme) -> None:
+@pytest.mark.parametrize("scheme,packed", SCHEMES, ids=SCHEME_IDS, indirect=["packed"])
+def test_replayed_graph(scheme: ExpertScheme, packed: bool) -> None:
     """Three layers in a row in one graph (the second and third gate/up launched behind a down GEMV,
     with PDL where the GPU has it), each replay on new inputs and routing."""
     experts = experts_of(scheme)
@@ -105,3 +119,56 @@ def test_replayed_graph(scheme: ExpertScheme) -> None:
         for out in captured:
             assert rel_err(out.sum(dim=1), ref) < TOL
     print(f"PDL: {pdl_enabled(x.device)}")
+
+
+if CUDA:
+    import triton
+    import triton.language as tl
+
+    from ernieserve.kernels.quant_matmul import int4_dot4
+
+    @triton.jit
+    def _dot4_probe(w_ptr, x_ptr, out_ptr, ROWS: tl.constexpr, C: tl.constexpr):
+        """[ROWS, C] elements loaded as the GEMVs load them (two-element vectors), one warp."""
+        r = tl.arange(0, ROWS)[:, None]
+        j = moe_gemv._by2(C)[None, :]
+        out = int4_dot4(tl.load(w_ptr + r * C + j), tl.load(x_ptr + r * C + j), True)
+        tl.store(out_ptr + r * C + j, out)
+
+
+def _dot4_case(x_values: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(int4_dot4's PTX, the exact sums and the sums of |q x| in float64) for random 16-bit words
+    (int16 here: the asm sees the bits) and x [4, 128, 4] (bf16)."""
+    from ernieserve.kernels.quant_matmul import unpack_int4
+
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    words = torch.randint(0, 1 << 16, (4, 128), device="cuda", generator=g, dtype=torch.int32)
+    w = words.to(torch.int16)
+    x = x_values.bfloat16().contiguous()
+    out = torch.empty(4, 128, dtype=torch.float32, device="cuda")
+    _dot4_probe[(1,)](w, x.view(torch.int64).view(4, 128), out, 4, 128, num_warps=1)
+    byte = words.to(torch.uint8)  # low byte: k, k + 1; high byte: k + 2, k + 3
+    q = torch.cat([unpack_int4(byte.view(-1, 1), 2), unpack_int4((words >> 8).to(torch.uint8).view(-1, 1), 2)], 1)
+    exact = (q.double().view(4, 128, 4) * x.double()).sum(-1)
+    bound = (q.double().view(4, 128, 4) * x.double()).abs().sum(-1)
+    return out, exact, bound
+
+
+def test_int4_dot4_exact_on_small_integers() -> None:
+    """x in -4..4: every product (at most 32) and every sum of four is an integer bf16 holds, so the
+    packed PTX must give the exact sums, for every nibble in each of its four places."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randint(-4, 5, (4, 128, 4), device="cuda", generator=g).float()
+    out, exact, _ = _dot4_case(x, seed=2)
+    assert torch.equal(out.double(), exact)
+
+
+def test_int4_dot4_within_its_rounding_bound() -> None:
+    """Random x: four bf16 roundings (after each product), each at most 2^-9 of a partial sum no larger
+    than the sum of |q x|."""
+    g = torch.Generator(device="cuda").manual_seed(3)
+    x = torch.randn(4, 128, 4, device="cuda", generator=g) * 3
+    out, exact, bound = _dot4_case(x, seed=4)
+    err = (out.double() - exact).abs()
+    assert (err <= 4 * 2.0 ** -9 * bound + 1e-30).all(), float((err / bound.clamp_min(1e-30)).max())
+    assert err.max() > 0  # bf16 products do round here: the bound, not exactness, is what holds

@@ -522,6 +522,15 @@ def run_cases(s: Session) -> None:
             experts = fmq.QuantizedExperts.empty(scheme, 0, E, H, I, cpu)
             with s.in_case(f"moe_gemv assignment_path {scheme.value} T=1 shared experts"):
                 moe_gemv.assignment_path(zeros(1, H), experts, weights, ids.to(torch.int32), shared_slots=2)
+        # int4 without the packed bf16x2 products (ERNIESERVE_MOE_ASSIGN_PACKED=0): the fp32 conversion
+        real_packed = moe_gemv.assign_packed
+        moe_gemv.assign_packed = lambda: False
+        try:
+            experts = fmq.QuantizedExperts.empty(fmq.ExpertScheme.WINT4, 0, E, H, I, cpu)
+            with s.in_case("moe_gemv assignment_path wint4 fp32 products T=1 shared experts"):
+                moe_gemv.assignment_path(zeros(1, H), experts, weights, ids.to(torch.int32), shared_slots=2)
+        finally:
+            moe_gemv.assign_packed = real_packed
     finally:
         fm.shared_early, fm.down_early = real
     weights, ids = routing(4)

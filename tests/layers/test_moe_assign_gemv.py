@@ -67,15 +67,54 @@ def test_assignment_path_bf16(scheme: ExpertScheme) -> None:
     _close(out, fmq.fused_moe_quant_ref(x, experts, weights, ids))
 
 
+class _Launches:
+    """Records the PACKED and SHARED_COMPUTE constexprs of the gate/up kernel's launches."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel, self.seen = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.seen.append((kwargs.get("PACKED"), kwargs.get("SHARED_COMPUTE")))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 4, 96, 48, 2, (8, 16)), (3, 6, 3, 112, 24, 1, (4, 32)),
+                                   (2, 5, 3, 64, 48, 0, None)], ids=str)  # (T, E, K, H, I, shared, tiles)
+def test_packed_int4_products(monkeypatch: pytest.MonkeyPatch, shape: tuple) -> None:
+    """int4 with bf16 x takes the packed layout by default (uint16 weight pairs, 64-bit words of x:
+    quant_matmul.int4_dot4, whose interpreter form sums the same products in fp32) on the odd shapes
+    above, and it gives the fp32 conversion's result; ERNIESERVE_MOE_ASSIGN_PACKED's switch off
+    takes that one. The shared experts compute before the wait only without it."""
+    num_tokens, num_experts, top_k, hidden, inter, shared, tiles = shape
+    w13, w2 = make_weights(num_experts, hidden, inter, seed=hidden + inter)
+    experts = quantize_all(w13.bfloat16(), w2.bfloat16(), ExpertScheme.WINT4, 0)
+    x = torch.randn(num_tokens, hidden, generator=torch.Generator().manual_seed(3)).bfloat16()
+    weights, ids = _routing(num_tokens, num_experts, top_k, shared, seed=inter)
+    launches = _Launches(moe_gemv._gate_up_assign_kernel)
+    monkeypatch.setattr(moe_gemv, "_gate_up_assign_kernel", launches)
+    packed = moe_gemv.assignment_path(x, experts, weights, ids, shared_slots=shared, tiles=tiles)
+    _close(packed, fmq.fused_moe_quant_ref(x, experts, weights, ids))
+    monkeypatch.setattr(moe_gemv, "assign_packed", lambda: False)
+    fp32 = moe_gemv.assignment_path(x, experts, weights, ids, shared_slots=shared, tiles=tiles)
+    moe_gemv.assignment_path(x.float(), experts, weights, ids, shared_slots=shared, tiles=tiles)
+    assert torch.allclose(packed.float(), fp32.float(), rtol=2e-2, atol=1e-2)  # bf16 outputs, summed apart
+    compute = (False, True, True) if shared else (None,) * 3
+    assert launches.seen == [(True, compute[0]), (False, compute[1]), (False, compute[2])]
+
+
 @pytest.mark.parametrize("scheme", WINT, ids=lambda s: s.value)
 def test_early_reads_and_shared_programs_keep_the_bits(monkeypatch: pytest.MonkeyPatch, scheme: ExpertScheme) -> None:
     """Only the order of loads (and of programs) changes with the shared experts' programs first
-    (computing before the wait or after it) and the down kernel's early reads: the output's bits do not."""
+    (computing before the wait or after it: the other way round from the default) and the down
+    kernel's early reads: the output's bits do not."""
     experts = quantize_all(*make_weights(8, 96, 48, seed=11), scheme, 0)
     x = torch.randn(2, 96, generator=torch.Generator().manual_seed(12)).bfloat16()
     weights, ids = _routing(2, 8, 4, 2, seed=13)
     on = moe_gemv.assignment_path(x, experts, weights, ids, shared_slots=2, tiles=(16, 32))
-    monkeypatch.setattr(moe_gemv, "assign_shared_compute", lambda: False)
+    on_by_default = moe_gemv.assign_shared_compute(scheme is ExpertScheme.WINT4)  # the packed products
+    monkeypatch.setattr(moe_gemv, "assign_shared_compute", lambda packed: not on_by_default)
     load_only = moe_gemv.assignment_path(x, experts, weights, ids, shared_slots=2, tiles=(16, 32))
     monkeypatch.setattr(fm, "shared_early", lambda: False)
     monkeypatch.setattr(fm, "down_early", lambda: False)

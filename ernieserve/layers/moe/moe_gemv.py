@@ -33,14 +33,18 @@ if HAS_TRITON:
 # With one GEMM block per assignment (fused_moe.per_assignment_alignment: one token, whose top-k and
 # folded shared experts are all distinct) each (assignment, row tile) is a GEMV over its expert's
 # rows. Program p holds its tile of the stored weight whole (BLOCK_N rows, K in up to three
-# power-of-two chunks: no K loop) in registers, converts it to fp32 in PTX
-# (quant_matmul.int4_values_f32 / int8_values_f32: no I2F, no bf16 widening) and multiplies it into
-# the activation row on CUDA cores, no tensor cores, no padding of one row to sixteen.
+# power-of-two chunks: no K loop) in registers and multiplies it into the activation row on CUDA
+# cores, no tensor cores, no padding of one row to sixteen: int4 with bf16 activations (PACKED) in
+# packed bf16x2, four products summed in bf16 and the rest in fp32 (quant_matmul.int4_dot4); int8,
+# and int4 with other activations, converted to fp32 in PTX (quant_matmul.int4_values_f32 /
+# int8_values_f32: no I2F, no bf16 widening) and summed in fp32.
 #
 # Layouts. A program is one warp (no cross-warp reduction, no barrier). The weight chunk [rows, C]
 # is loaded with 4-byte vectors and the activation as a tile of the same shape [rows, C] through a
 # pointer that is the same along the rows (int4: 32-bit pairs of bf16, the partners of a byte's two
-# nibbles; int8: bf16 in 4-element groups), so both get the same register layout on any Triton
+# nibbles; int8: bf16 in 4-element groups; PACKED: per element a 16-bit pair of weight bytes and the
+# 64-bit word of its 4 bf16 activations, two elements a vector), so both get the same register
+# layout on any Triton
 # (the 32 lanes along K, every row in every lane) and no layout conversion (a shared-memory round
 # trip with barriers; kernels/gemv.py's x costs several) sits between load and multiply; the loads
 # of equal addresses in a thread are one load. Each lane adds its products of a row up before the
@@ -49,7 +53,7 @@ if HAS_TRITON:
 # Before the PDL wait (kernels/pdl.py) each program reads what is known already:
 # * gate/up: the folded shared experts' programs (their expert is the slot's, x the norm's, two
 #   launches back; they come first in launch order) load their tile, and with SHARED_COMPUTE compute
-#   it too; the routed programs wait for the router's ids, then read their tile.
+#   it too (assign_shared_compute); the routed programs wait for the router's ids, then read their tile.
 # * down: the expert, routing weight, scales and the whole weight tile (the router is two launches
 #   back); after the wait only the activation row (gate/up's) is read.
 #
@@ -65,6 +69,11 @@ ASSIGN_SLICE_BYTES = 8 * 1024  # a warp's tile: up to 256 bytes of weight a lane
 # turns it off.
 ASSIGN_GEMV = True
 
+# Whether int4 with bf16 activations takes the packed bf16x2 products (quant_matmul.int4_dot4) rather
+# than the fp32 conversion (int4_values_f32). H100, 21B-A3B layer at one token: 24.6 -> 20.7 us;
+# batch-1 wint4 decode 1.657 -> 1.585 ms (docs/performance.md).
+ASSIGN_PACKED = True
+
 
 @functools.cache  # asked by every quantized MoE layer of every step: read the environment once
 def assign_gemv_enabled() -> bool:
@@ -72,11 +81,26 @@ def assign_gemv_enabled() -> bool:
     return ASSIGN_GEMV if value is None else value.strip().lower() not in ("0", "false", "no", "off", "")
 
 
+def _env_switch(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    return default if value is None else value.strip().lower() in ("1", "true", "yes", "on")
+
+
 @functools.cache
-def assign_shared_compute() -> bool:
+def assign_packed() -> bool:
+    """Whether int4 with bf16 activations multiplies in packed bf16x2 (quant_matmul.int4_dot4;
+    ERNIESERVE_MOE_ASSIGN_PACKED, on by default; read once)."""
+    return _env_switch("ERNIESERVE_MOE_ASSIGN_PACKED", ASSIGN_PACKED)
+
+
+@functools.cache
+def assign_shared_compute(packed: bool) -> bool:
     """Whether the shared experts' gate/up programs compute before the wait, not only load
-    (ERNIESERVE_MOE_ASSIGN_SHARED_COMPUTE, on by default; read once)."""
-    return os.environ.get("ERNIESERVE_MOE_ASSIGN_SHARED_COMPUTE", "1").strip().lower() in ("1", "true", "yes", "on")
+    (ERNIESERVE_MOE_ASSIGN_SHARED_COMPUTE; read once). By default only without the packed products:
+    with them, computing during the router slowed the router more than it saved (H100, 21B-A3B
+    wint4 batch-1 decode 1.581 ms on, 1.520 off; without them it measured even, 1.653-1.668 on
+    against 1.671 off)."""
+    return _env_switch("ERNIESERVE_MOE_ASSIGN_SHARED_COMPUTE", not packed)
 
 
 def _stored_row_bytes(experts: QuantizedExperts, k: int) -> int:
@@ -114,7 +138,7 @@ def assign_supported(experts: QuantizedExperts) -> bool:
 
 if HAS_TRITON:
     from ernieserve.kernels.pdl import pdl_wait
-    from ernieserve.kernels.quant_matmul import int4_values_f32, int8_values_f32
+    from ernieserve.kernels.quant_matmul import int4_dot4, int4_values_f32, int8_values_f32
 
     @triton.jit
     def _by4(C: tl.constexpr):
@@ -123,32 +147,48 @@ if HAS_TRITON:
         return (j // 4) * 4 + j % 4
 
     @triton.jit
-    def _tile_chunk(w_rows, ok, START: tl.constexpr, C: tl.constexpr):
-        """Stored bytes [rows, C] from column START of each row (rows where ok), in 4-byte vectors."""
-        return tl.load(w_rows + START + _by4(C)[None, :], mask=ok[:, None])
+    def _by2(C: tl.constexpr):
+        """0..C-1 as runs of 2 (contiguity 2: 2-element vectors)."""
+        j = tl.arange(0, C)
+        return (j // 2) * 2 + j % 2
 
     @triton.jit
-    def _tile(w_rows, ok, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr, INT4: tl.constexpr):
+    def _tile_chunk(w_rows, ok, START: tl.constexpr, C: tl.constexpr, PACKED: tl.constexpr):
+        """Stored bytes [rows, C] from byte START of each row (rows where ok), in 4-byte vectors; PACKED:
+        as uint16 [rows, C / 2] (4 nibbles each), two to a vector."""
+        if PACKED:
+            return tl.load(w_rows.to(tl.pointer_type(tl.uint16)) + START // 2 + _by2(C // 2)[None, :],
+                           mask=ok[:, None])
+        else:
+            return tl.load(w_rows + START + _by4(C)[None, :], mask=ok[:, None])
+
+    @triton.jit
+    def _tile(w_rows, ok, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr, INT4: tl.constexpr,
+              PACKED: tl.constexpr):
         """A tile's stored rows in chunks of K1, K2, K3 columns (bytes: halved for int4; an absent
         chunk is the first again, never read). w_rows: [rows, 1] pointers."""
         D: tl.constexpr = 2 if INT4 else 1
-        w1 = _tile_chunk(w_rows, ok, 0, K1 // D)
+        w1 = _tile_chunk(w_rows, ok, 0, K1 // D, PACKED)
         w2 = w1
         w3 = w1
         if K2 > 0:
-            w2 = _tile_chunk(w_rows, ok, K1 // D, K2 // D)
+            w2 = _tile_chunk(w_rows, ok, K1 // D, K2 // D, PACKED)
         if K3 > 0:
-            w3 = _tile_chunk(w_rows, ok, (K1 + K2) // D, K3 // D)
+            w3 = _tile_chunk(w_rows, ok, (K1 + K2) // D, K3 // D, PACKED)
         return w1, w2, w3
 
     @triton.jit
     def _chunk_dot(w, x_row, rows, START: tl.constexpr, C: tl.constexpr, INT4: tl.constexpr,
-                   INLINE_ASM: tl.constexpr):
+                   INLINE_ASM: tl.constexpr, PACKED: tl.constexpr):
         """fp32 [rows]: the chunk's integer values (scale not applied) times x's columns
         [START, START + C). x is loaded as a tile of w's shape and vector width, the same for every
         row, so both take one register layout."""
         same = (rows * 0)[:, None]
-        if INT4:
+        if PACKED:  # int4, bf16 x: 4 columns an element (uint16 of weight, int64 of x), bf16x2 products
+            quads = x_row.to(tl.pointer_type(tl.int64))
+            xq = tl.load(quads + START // 4 + same + _by2(C // 4)[None, :])
+            acc = tl.sum(int4_dot4(w, xq, INLINE_ASM), axis=1)
+        elif INT4:
             j = tl.arange(0, C // 2)[None, :]
             if x_row.dtype.element_ty == tl.bfloat16:  # the model's dtype
                 pairs = x_row.to(tl.pointer_type(tl.int32))  # bf16 (x[2j], x[2j + 1]) as one 32-bit word
@@ -170,21 +210,23 @@ if HAS_TRITON:
 
     @triton.jit
     def _tile_dot(w1, w2, w3, x_row, rows, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr,
-                  INT4: tl.constexpr, INLINE_ASM: tl.constexpr):
-        acc = _chunk_dot(w1, x_row, rows, 0, K1, INT4, INLINE_ASM)
+                  INT4: tl.constexpr, INLINE_ASM: tl.constexpr, PACKED: tl.constexpr):
+        acc = _chunk_dot(w1, x_row, rows, 0, K1, INT4, INLINE_ASM, PACKED)
         if K2 > 0:
-            acc += _chunk_dot(w2, x_row, rows, K1, K2, INT4, INLINE_ASM)
+            acc += _chunk_dot(w2, x_row, rows, K1, K2, INT4, INLINE_ASM, PACKED)
         if K3 > 0:
-            acc += _chunk_dot(w3, x_row, rows, K1 + K2, K3, INT4, INLINE_ASM)
+            acc += _chunk_dot(w3, x_row, rows, K1 + K2, K3, INT4, INLINE_ASM, PACKED)
         return acc
 
     @triton.jit
     def _gate_up_tiles(w_ptr, s_ptr, expert, n, ok, I, up_scale_row, stride_we, stride_wn, stride_se, stride_sn,
-                       K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr, INT4: tl.constexpr):
+                       K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr, INT4: tl.constexpr,
+                       PACKED: tl.constexpr):
         """The gate rows n and up rows I + n of `expert`, and their scales."""
         base = w_ptr + expert.to(tl.int64) * stride_we
-        g1, g2, g3 = _tile(base + n.to(tl.int64)[:, None] * stride_wn, ok, K1, K2, K3, INT4)
-        u1, u2, u3 = _tile(base + (n + I).to(tl.int64)[:, None] * stride_wn, ok, K1, K2, K3, INT4)
+        g1, g2, g3 = _tile(base + n.to(tl.int64)[:, None] * stride_wn, ok, K1, K2, K3, INT4, PACKED)
+        u1, u2, u3 = _tile(base + (n + I).to(tl.int64)[:, None] * stride_wn, ok, K1, K2, K3, INT4,
+                           PACKED)
         s_base = s_ptr + expert.to(tl.int64) * stride_se
         sg = tl.load(s_base + n * stride_sn, mask=ok, other=0.0)
         su = tl.load(s_base + (n + up_scale_row) * stride_sn, mask=ok, other=0.0)
@@ -192,9 +234,9 @@ if HAS_TRITON:
 
     @triton.jit
     def _gate_up_act(g1, g2, g3, u1, u2, u3, sg, su, x_row, n, K1: tl.constexpr, K2: tl.constexpr,
-                     K3: tl.constexpr, INT4: tl.constexpr, INLINE_ASM: tl.constexpr):
-        gate = _tile_dot(g1, g2, g3, x_row, n, K1, K2, K3, INT4, INLINE_ASM) * sg
-        up = _tile_dot(u1, u2, u3, x_row, n, K1, K2, K3, INT4, INLINE_ASM) * su
+                     K3: tl.constexpr, INT4: tl.constexpr, INLINE_ASM: tl.constexpr, PACKED: tl.constexpr):
+        gate = _tile_dot(g1, g2, g3, x_row, n, K1, K2, K3, INT4, INLINE_ASM, PACKED) * sg
+        up = _tile_dot(u1, u2, u3, x_row, n, K1, K2, K3, INT4, INLINE_ASM, PACKED) * su
         return gate / (1.0 + tl.exp(-gate)) * up  # silu(gate) * up, float32
 
     @triton.jit(do_not_specialize=["num_tokens"])
@@ -202,8 +244,9 @@ if HAS_TRITON:
         x_ptr, ids_ptr, w_ptr, s_ptr, out_ptr, num_tokens, I, up_scale_row,
         stride_xt, stride_we, stride_wn, stride_se, stride_sn,
         TOP_K: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr, BLOCK_N: tl.constexpr,
-        INT4: tl.constexpr, INLINE_ASM: tl.constexpr = False, PDL: tl.constexpr = False,
-        SHARED_SLOT0: tl.constexpr = 0, SHARED_EXPERT0: tl.constexpr = 0, SHARED_COMPUTE: tl.constexpr = True,
+        INT4: tl.constexpr, INLINE_ASM: tl.constexpr = False, PACKED: tl.constexpr = False,
+        PDL: tl.constexpr = False, SHARED_SLOT0: tl.constexpr = 0, SHARED_EXPERT0: tl.constexpr = 0,
+        SHARED_COMPUTE: tl.constexpr = True,
     ):
         """act [N, I] (assignment order) = silu(x W_gate^T) * (x W_up^T) of each assignment's expert.
         SHARED_SLOT0 > 0: slots SHARED_SLOT0.. of every token are the folded shared experts
@@ -223,13 +266,15 @@ if HAS_TRITON:
                 x_row = x_ptr + (j // SHARED).to(tl.int64) * stride_xt
                 g1, g2, g3, u1, u2, u3, sg, su = _gate_up_tiles(
                     w_ptr, s_ptr, SHARED_EXPERT0 + j % SHARED, n, ok, I, up_scale_row,
-                    stride_we, stride_wn, stride_se, stride_sn, K1, K2, K3, INT4)
+                    stride_we, stride_wn, stride_se, stride_sn, K1, K2, K3, INT4, PACKED)
                 if SHARED_COMPUTE:
-                    act = _gate_up_act(g1, g2, g3, u1, u2, u3, sg, su, x_row, n, K1, K2, K3, INT4, INLINE_ASM)
+                    act = _gate_up_act(g1, g2, g3, u1, u2, u3, sg, su, x_row, n, K1, K2, K3, INT4, INLINE_ASM,
+                                       PACKED)
                     pdl_wait(PDL)  # the output may reuse memory an earlier kernel still reads: store after it
                 else:
                     pdl_wait(PDL)
-                    act = _gate_up_act(g1, g2, g3, u1, u2, u3, sg, su, x_row, n, K1, K2, K3, INT4, INLINE_ASM)
+                    act = _gate_up_act(g1, g2, g3, u1, u2, u3, sg, su, x_row, n, K1, K2, K3, INT4, INLINE_ASM,
+                                       PACKED)
                 tl.store(out_ptr + a.to(tl.int64) * I + n, act.to(out_ptr.dtype.element_ty), mask=ok)
                 return
             pid -= shared_programs
@@ -242,9 +287,9 @@ if HAS_TRITON:
         pdl_wait(PDL)  # the router's ids: the kernel just before
         expert = tl.load(ids_ptr + a)
         g1, g2, g3, u1, u2, u3, sg, su = _gate_up_tiles(w_ptr, s_ptr, expert, n, ok, I, up_scale_row, stride_we,
-                                                        stride_wn, stride_se, stride_sn, K1, K2, K3, INT4)
+                                                        stride_wn, stride_se, stride_sn, K1, K2, K3, INT4, PACKED)
         act = _gate_up_act(g1, g2, g3, u1, u2, u3, sg, su, x_ptr + (a // TOP_K).to(tl.int64) * stride_xt, n,
-                           K1, K2, K3, INT4, INLINE_ASM)
+                           K1, K2, K3, INT4, INLINE_ASM, PACKED)
         tl.store(out_ptr + a.to(tl.int64) * I + n, act.to(out_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
@@ -252,8 +297,8 @@ if HAS_TRITON:
         act_ptr, ids_ptr, tw_ptr, w_ptr, s_ptr, out_ptr, H,
         stride_we, stride_wn, stride_se, stride_sn,
         K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr, BLOCK_N: tl.constexpr,
-        INT4: tl.constexpr, INLINE_ASM: tl.constexpr = False, PDL: tl.constexpr = False,
-        EARLY: tl.constexpr = False,
+        INT4: tl.constexpr, INLINE_ASM: tl.constexpr = False, PACKED: tl.constexpr = False,
+        PDL: tl.constexpr = False, EARLY: tl.constexpr = False,
     ):
         """out [N, H] (assignment order) = routing weight x act row W_down^T of each assignment's
         expert. EARLY: the routing (the router's, two launches back: kernels/pdl.py, fused_moe's
@@ -267,11 +312,13 @@ if HAS_TRITON:
             pdl_wait(PDL)
         expert = tl.load(ids_ptr + a).to(tl.int64)
         wt = tl.load(tw_ptr + a)
-        w1, w2, w3 = _tile(w_ptr + expert * stride_we + rn.to(tl.int64)[:, None] * stride_wn, ok, K1, K2, K3, INT4)
+        w1, w2, w3 = _tile(w_ptr + expert * stride_we + rn.to(tl.int64)[:, None] * stride_wn, ok, K1, K2, K3,
+                            INT4, PACKED)
         scale = tl.load(s_ptr + expert * stride_se + rn * stride_sn, mask=ok, other=0.0)
         if EARLY:
             pdl_wait(PDL)  # the activation row is the kernel just before's
-        acc = _tile_dot(w1, w2, w3, act_ptr + a.to(tl.int64) * (K1 + K2 + K3), rn, K1, K2, K3, INT4, INLINE_ASM)
+        acc = _tile_dot(w1, w2, w3, act_ptr + a.to(tl.int64) * (K1 + K2 + K3), rn, K1, K2, K3, INT4, INLINE_ASM,
+                        PACKED)
         tl.store(out_ptr + a.to(tl.int64) * H + rn, (acc * scale * wt).to(out_ptr.dtype.element_ty), mask=ok)
 
 
@@ -320,11 +367,15 @@ def assignment_path(
     bn_gate_up, bn_down = tiles or _env_tiles() or assign_tiles(experts)
     int4 = experts.scheme is ExpertScheme.WINT4
     inline_asm = x.device.type == "cuda"  # compiled code (the interpreter cannot run inline PTX)
+    # 8-byte loads of x (4 bf16 columns) and 4-byte ones of weight (uint16 pairs): H and I are
+    # multiples of 8 (assign_supported), so the rows keep the base pointers' alignment
+    packed = (int4 and x.dtype == torch.bfloat16 and assign_packed() and x.data_ptr() % 16 == 0
+              and experts.w13.data_ptr() % 4 == 0 and experts.w2.data_ptr() % 4 == 0)
     pdl = pdl_launch(pdl_enabled(x.device))
     early = {}
     if shared_slots and fm.shared_early():
         early = {"SHARED_SLOT0": top_k - shared_slots, "SHARED_EXPERT0": experts.num_experts - shared_slots,
-                 "SHARED_COMPUTE": assign_shared_compute()}
+                 "SHARED_COMPUTE": assign_shared_compute(packed)}
 
     act = torch.empty(n, inter, dtype=x.dtype, device=x.device)  # [N, I], assignment order
     w13, s13 = experts.w13, experts.w13_scale
@@ -333,7 +384,7 @@ def assignment_path(
         x, topk_ids, w13, s13, act, num_tokens, inter, experts.up_scale_row,
         x.stride(0), w13.stride(0), w13.stride(1), s13.stride(0), s13.stride(1),
         TOP_K=top_k, K1=k1, K2=k2, K3=k3, BLOCK_N=bn_gate_up, INT4=int4, INLINE_ASM=inline_asm,
-        num_warps=1, num_stages=1, **early, **pdl)
+        PACKED=packed, num_warps=1, num_stages=1, **early, **pdl)
 
     per_slot = torch.empty(n, hidden, dtype=x.dtype, device=x.device)  # [N, H], weighted
     w2, s2 = experts.w2, experts.w2_scale
@@ -343,6 +394,6 @@ def assignment_path(
     _down_assign_kernel[(n * triton.cdiv(hidden, bn_down),)](
         act, topk_ids, weights, w2, s2, per_slot, hidden,
         w2.stride(0), w2.stride(1), s2.stride(0), s2.stride(1),
-        K1=k1, K2=k2, K3=k3, BLOCK_N=bn_down, INT4=int4, INLINE_ASM=inline_asm,
+        K1=k1, K2=k2, K3=k3, BLOCK_N=bn_down, INT4=int4, INLINE_ASM=inline_asm, PACKED=packed,
         EARLY=fm.down_early(), num_warps=1, num_stages=1, **pdl)
     return fm.combine_slots(per_slot, num_tokens, top_k, sum_slots)
