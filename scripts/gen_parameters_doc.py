@@ -50,6 +50,9 @@ in fp32, `ERNIESERVE_MOE_ASSIGN_PACKED=0` converting to fp32 instead;
 `ERNIESERVE_MOE_ASSIGN_SHARED_COMPUTE=1` / `=0` makes the shared experts' programs compute before
 the PDL wait or only load there (default: compute only without the packed products); the last two
 for benchmarking),
+`ERNIESERVE_GEMV_PACKED=0` (default on: the one-row int4 GEMVs of the dense layers, `kernels/gemv.py`,
+multiply bf16 activations in packed bf16x2 like the experts' per-assignment GEMVs; off converts to
+fp32),
 `ERNIESERVE_PDL=0` (turns off programmatic dependent launch, on by default on sm_90+: the decode
 path's Triton kernels may start while the previous kernel finishes, also inside CUDA graphs; see
 `ernieserve/kernels/pdl.py`).

@@ -30,6 +30,11 @@ cos / sin and slot are read before the wait (`_rope_inputs`), the cache is writt
 bits as `gemv` then `apply_rotary_and_store_kv_`. H100, 21B-A3B batch-1 decode: bf16 3.067 ->
 3.021 ms, wint8 2.284 -> 2.245, wint4 1.838 -> 1.827.
 
+int4 with bf16 x (ERNIESERVE_GEMV_PACKED, on by default): the weight slice is held as 16-bit pairs of
+bytes and x read as 64-bit words of 4 columns in the same layout, multiplied in packed bf16x2 with
+four products a lane summed in bf16 (quant_matmul.int4_dot4, shared with layers/moe/moe_gemv.py):
+about half the instructions of the fp32 conversion, and 80-96 registers a thread instead of 128-168.
+
 `gemv_supported` / `gemv_quant_supported` say which weights qualify; layers/linear.py and
 layers/quantization/weight_only.py take these kernels for CUDA inputs of at most `gemv_max_tokens()`
 rows (one) when PDL is on. The references are ``torch.nn.functional.linear`` and
@@ -51,7 +56,7 @@ try:
     import triton.language as tl
 
     from ernieserve.kernels.pdl import pdl_wait
-    from ernieserve.kernels.quant_matmul import int4_values_f32, int8_values_f32
+    from ernieserve.kernels.quant_matmul import int4_dot4, int4_values_f32, int8_values_f32
 
     HAS_TRITON = True
 except ImportError:  # CPU-only installs use torch
@@ -73,6 +78,28 @@ NUM_WARPS = 4
 @functools.cache  # asked on every CUDA linear call: read the environment once
 def gemv_max_tokens() -> int:
     return int(os.environ.get("ERNIESERVE_DENSE_GEMV_MAX_TOKENS", MAX_TOKENS))
+
+
+# Whether int4 weights with bf16 x multiply in packed bf16x2 (quant_matmul.int4_dot4, as the MoE
+# experts' per-assignment GEMVs do) rather than converting to fp32; ERNIESERVE_GEMV_PACKED overrides.
+# H100, 21B-A3B wint4 batch-1 decode (qkv, o_proj and the dense layer's MLP): 1.525 / 1.519 ->
+# 1.501 / 1.487 ms, two rounds on one machine (docs/performance.md).
+GEMV_PACKED = True
+
+
+@functools.cache  # asked on every int4 GEMV launch: read the environment once
+def gemv_packed_enabled() -> bool:
+    value = os.environ.get("ERNIESERVE_GEMV_PACKED")
+    return GEMV_PACKED if value is None else value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def _packed(x2: torch.Tensor, qweight: torch.Tensor, bits: int, k: int) -> bool:
+    """Whether this int4 GEMV takes the packed products: bf16 x whose rows start 16-byte aligned
+    (64-bit words of 4 columns), chunks of K of at least 8 columns (4-byte weight vectors)."""
+    chunks = k_chunks(k)
+    return (bits == 4 and x2.dtype == torch.bfloat16 and gemv_packed_enabled() and chunks is not None
+            and min(c for c in chunks if c) >= 8 and x2.data_ptr() % 16 == 0 and (x2.stride(0) * 2) % 16 == 0
+            and qweight.data_ptr() % 4 == 0)
 
 
 @functools.cache  # asked by every attention layer's forward: read the environment once
@@ -198,25 +225,54 @@ if HAS_TRITON:
 
 
     @triton.jit
-    def _quant_chunk(w, x_row, START: tl.constexpr, C: tl.constexpr, INT4: tl.constexpr, INLINE_ASM: tl.constexpr):
+    def _by2(C: tl.constexpr):
+        """0..C-1 as runs of 2 (contiguity 2: 2-element vectors)."""
+        j = tl.arange(0, C)
+        return (j // 2) * 2 + j % 2
+
+    @triton.jit
+    def _quant_chunk(w, x_row, START: tl.constexpr, C: tl.constexpr, INT4: tl.constexpr, INLINE_ASM: tl.constexpr,
+                     PACKED: tl.constexpr = False):
         """fp32 [BLOCK_N]: W's rows times x over K columns [START, START + C), from the chunk's stored
         values `w` ([BLOCK_N, C] int8, or [BLOCK_N, C / 2] bytes of two int4 each: low nibble the
-        even column). Integer values are exact in bf16; the scale is applied by the caller."""
-        xt = tl.load(x_row + START + tl.arange(0, C)).to(tl.float32)
-        if INT4:
-            x_even, x_odd = tl.split(tl.reshape(xt, [C // 2, 2]))
-            # compiled: PTX straight to fp32, 4 bytes a register (quant_matmul.int4_values_f32)
-            low, high = int4_values_f32(w, INLINE_ASM)
-            acc = tl.sum(low * x_even[None, :] + high * x_odd[None, :], axis=1)  # one reduction
-        else:
-            acc = tl.sum(int8_values_f32(w, INLINE_ASM) * xt[None, :], axis=1)
+        even column; PACKED: [BLOCK_N, C / 4] uint16 of four). Integer values are exact in bf16; the
+        scale is applied by the caller."""
+        if PACKED:  # x as a tile of w's shape and vector width (64-bit words of 4 bf16), one layout
+            same = (tl.arange(0, w.shape[0]) * 0)[:, None]
+            xq = tl.load(x_row.to(tl.pointer_type(tl.int64)) + START // 4 + same + _by2(C // 4)[None, :])
+            acc = tl.sum(int4_dot4(w, xq, INLINE_ASM), axis=1)
+        else:  # (an if / else: Triton compiles the code after a constexpr branch's return too)
+            xt = tl.load(x_row + START + tl.arange(0, C)).to(tl.float32)
+            if INT4:
+                x_even, x_odd = tl.split(tl.reshape(xt, [C // 2, 2]))
+                # compiled: PTX straight to fp32, 4 bytes a register (quant_matmul.int4_values_f32)
+                low, high = int4_values_f32(w, INLINE_ASM)
+                acc = tl.sum(low * x_even[None, :] + high * x_odd[None, :], axis=1)  # one reduction
+            else:
+                acc = tl.sum(int8_values_f32(w, INLINE_ASM) * xt[None, :], axis=1)
         return acc
 
     @triton.jit
-    def _quant_weight_slice(w_rows, n_ok, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr, INT4: tl.constexpr):
+    def _packed_chunk(w_rows, n_ok, START: tl.constexpr, C: tl.constexpr):
+        """Columns [START, START + C) of int4 rows as uint16 [BLOCK_N, C / 4], in 4-byte vectors."""
+        return tl.load(w_rows.to(tl.pointer_type(tl.uint16)) + START // 4 + _by2(C // 4)[None, :],
+                       mask=n_ok[:, None])
+
+    @triton.jit
+    def _quant_weight_slice(w_rows, n_ok, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr, INT4: tl.constexpr,
+                            PACKED: tl.constexpr = False):
         """_weight_slice of the stored values: int8 [BLOCK_N, K], or int4 bytes [BLOCK_N, K / 2]
-        (every chunk at least two columns: `gemv_quant_supported`)."""
-        if INT4:
+        (every chunk at least two columns: `gemv_quant_supported`); PACKED: int4 as uint16 pairs
+        of bytes (chunks of at least 8 columns)."""
+        if PACKED:
+            w1 = _packed_chunk(w_rows, n_ok, 0, K1)
+            w2 = w1
+            w3 = w1
+            if K2 > 0:
+                w2 = _packed_chunk(w_rows, n_ok, K1, K2)
+            if K3 > 0:
+                w3 = _packed_chunk(w_rows, n_ok, K1 + K2, K3)
+        elif INT4:
             w1, w2, w3 = _weight_slice(w_rows, n_ok, K1 // 2, K2 // 2, K3 // 2)
         else:
             w1, w2, w3 = _weight_slice(w_rows, n_ok, K1, K2, K3)
@@ -224,13 +280,13 @@ if HAS_TRITON:
 
     @triton.jit
     def _quant_row_dot(w1, w2, w3, x_row, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr,
-                       INT4: tl.constexpr, INLINE_ASM: tl.constexpr):
+                       INT4: tl.constexpr, INLINE_ASM: tl.constexpr, PACKED: tl.constexpr = False):
         """fp32 [BLOCK_N]: the stored slice's integer values times one row of x (scale not applied)."""
-        acc = _quant_chunk(w1, x_row, 0, K1, INT4, INLINE_ASM)
+        acc = _quant_chunk(w1, x_row, 0, K1, INT4, INLINE_ASM, PACKED)
         if K2 > 0:
-            acc += _quant_chunk(w2, x_row, K1, K2, INT4, INLINE_ASM)
+            acc += _quant_chunk(w2, x_row, K1, K2, INT4, INLINE_ASM, PACKED)
         if K3 > 0:
-            acc += _quant_chunk(w3, x_row, K1 + K2, K3, INT4, INLINE_ASM)
+            acc += _quant_chunk(w3, x_row, K1 + K2, K3, INT4, INLINE_ASM, PACKED)
         return acc
 
     @triton.jit(do_not_specialize=["M"])
@@ -238,19 +294,22 @@ if HAS_TRITON:
         x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, M, N, stride_xm, stride_wn, stride_sn, stride_om,
         K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr, BLOCK_N: tl.constexpr, INT4: tl.constexpr,
         HAS_BIAS: tl.constexpr, ONE_ROW: tl.constexpr, INLINE_ASM: tl.constexpr = False,
-        PDL: tl.constexpr = False,
+        PDL: tl.constexpr = False, PACKED: tl.constexpr = False,
     ):
-        """_gemv_kernel for weight-only int8 / int4 with a scale per output channel."""
+        """_gemv_kernel for weight-only int8 / int4 with a scale per output channel (PACKED: int4
+        times bf16 x in packed bf16x2, quant_matmul.int4_dot4)."""
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rn < N
         # the stored weight slice, its scales and bias before the wait
-        w1, w2, w3 = _quant_weight_slice(w_ptr + rn.to(tl.int64)[:, None] * stride_wn, n_ok, K1, K2, K3, INT4)
+        w1, w2, w3 = _quant_weight_slice(w_ptr + rn.to(tl.int64)[:, None] * stride_wn, n_ok, K1, K2, K3, INT4,
+                                         PACKED)
         scale = tl.load(s_ptr + rn * stride_sn, mask=n_ok, other=0.0)
         if HAS_BIAS:
             b = tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
         pdl_wait(PDL)  # x is the previous kernel's; out may still be read by an earlier one
         for m in range(0, 1 if ONE_ROW else M):
-            acc = _quant_row_dot(w1, w2, w3, x_ptr + m * stride_xm, K1, K2, K3, INT4, INLINE_ASM)
+            acc = _quant_row_dot(w1, w2, w3, x_ptr + m * stride_xm, K1, K2, K3, INT4, INLINE_ASM,
+                                 PACKED)
             acc = acc * scale
             if HAS_BIAS:
                 acc += b
@@ -356,11 +415,13 @@ if HAS_TRITON:
         K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr, BLOCK_N: tl.constexpr, INT4: tl.constexpr,
         Q_SIZE: tl.constexpr, KV_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, CACHE_BLOCK: tl.constexpr,
         HAS_BIAS: tl.constexpr, ONE_ROW: tl.constexpr, INLINE_ASM: tl.constexpr, PDL: tl.constexpr = False,
+        PACKED: tl.constexpr = False,
     ):
         """_gemv_quant_kernel with _gemv_rope_kernel's epilogue."""
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rn < Q_SIZE + 2 * KV_SIZE
-        w1, w2, w3 = _quant_weight_slice(w_ptr + rn.to(tl.int64)[:, None] * stride_wn, n_ok, K1, K2, K3, INT4)
+        w1, w2, w3 = _quant_weight_slice(w_ptr + rn.to(tl.int64)[:, None] * stride_wn, n_ok, K1, K2, K3, INT4,
+                                         PACKED)
         scale = tl.load(s_ptr + rn * stride_sn, mask=n_ok, other=0.0)
         if HAS_BIAS:
             b = tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
@@ -368,7 +429,8 @@ if HAS_TRITON:
             c, s, slot = _rope_inputs(0, pos_ptr, slot_ptr, cos_ptr, sin_ptr, stride_table, BLOCK_N, HEAD_DIM)
         pdl_wait(PDL)
         for m in range(0, 1 if ONE_ROW else M):
-            acc = _quant_row_dot(w1, w2, w3, x_ptr + m * stride_xm, K1, K2, K3, INT4, INLINE_ASM)
+            acc = _quant_row_dot(w1, w2, w3, x_ptr + m * stride_xm, K1, K2, K3, INT4, INLINE_ASM,
+                                 PACKED)
             acc = acc * scale
             if HAS_BIAS:
                 acc += b
@@ -404,7 +466,8 @@ def gemv_quant(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bit
     _gemv_quant_kernel[(triton.cdiv(n, bn),)](
         x2, qweight, scales, bias if bias is not None else x2, out, m, n, x2.stride(0), qweight.stride(0),
         scales.stride(0), out.stride(0), K1=k1, K2=k2, K3=k3, BLOCK_N=bn, INT4=bits == 4, HAS_BIAS=bias is not None,
-        ONE_ROW=m == 1, INLINE_ASM=x2.is_cuda, num_warps=NUM_WARPS, **pdl_launch(pdl_enabled(x.device)))
+        ONE_ROW=m == 1, INLINE_ASM=x2.is_cuda, PACKED=_packed(x2, qweight, bits, k), num_warps=NUM_WARPS,
+        **pdl_launch(pdl_enabled(x.device)))
     return out.view(*x.shape[:-1], n)
 
 
@@ -522,6 +585,6 @@ def gemv_quant_rope_store(x: torch.Tensor, qweight: torch.Tensor, scales: torch.
         _gemv_quant_rope_kernel[(n // r.consts["BLOCK_N"],)](
             x2, qweight, scales, bias if bias is not None else x2, r.out, *r.tensors, x2.shape[0], x2.stride(0),
             qweight.stride(0), scales.stride(0), r.out.stride(0), *r.strides, K1=k1, K2=k2, K3=k3, INT4=bits == 4,
-            HAS_BIAS=bias is not None, num_warps=NUM_WARPS, **r.consts,
+            HAS_BIAS=bias is not None, PACKED=_packed(x2, qweight, bits, k), num_warps=NUM_WARPS, **r.consts,
             **pdl_launch(pdl_enabled(x.device)))
     return r.out.view(*x.shape[:-1], r.out.shape[-1])

@@ -80,10 +80,17 @@ def test_gemv_in_a_replayed_graph_sees_fresh_inputs() -> None:
 
 
 @pytest.mark.parametrize("name", ["21b qkv", "21b o", "03b qkv", "03b down"])
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits,packed", [(8, False), (4, False), (4, True)], ids=["int8", "int4", "int4-packed"])
 @pytest.mark.parametrize("bias", [False, True])
-def test_gemv_quant_matches_reference(name: str, bits: int, bias: bool) -> None:
+def test_gemv_quant_matches_reference(monkeypatch: pytest.MonkeyPatch, name: str, bits: int, packed: bool,
+                                      bias: bool) -> None:
+    """packed (quant_matmul.int4_dot4): each lane's four products are summed in bf16, rounded after
+    each (at most 2^-9 of a partial sum no larger than the sum of |q x|, four times); the fp32 sums
+    of those and the output's bf16 rounding come on top. So its bound is per row: 2^-7 of
+    scale * sum_k |q_k x_k|, plus the rounding of the output, rather than the fp32 kernels'."""
     from ernieserve.kernels import quant_matmul as qm
+
+    monkeypatch.setattr(gemv, "gemv_packed_enabled", lambda: packed)
 
     n, k = SHAPES[name]
     g = torch.Generator(device=DEV).manual_seed(n + k + bits)
@@ -99,6 +106,13 @@ def test_gemv_quant_matches_reference(name: str, bits: int, bias: bool) -> None:
     torch.cuda.synchronize()
     assert torch.equal(outs[True], outs[False]), "PDL changed the result"
     ref = qm.weight_only_matmul_ref(x, qweight, scales, bits, 0, b).float()
+    assert gemv._packed(x, qweight, bits, k) == packed
+    if packed:
+        q = qm.unpack_int4(qweight, k).float()
+        bound = 2.0**-7 * scales.float()[:, 0] * (q.abs() * x.float().abs()).sum(-1) + 2.0**-8 * ref.abs()
+        err = (outs[True].float() - ref).abs()
+        assert (err <= bound + 1e-6).all(), float((err / bound).max())
+        return
     gemm = qm.weight_only_matmul(x, qweight, scales, bits, 0, b).float()  # the Triton GEMM it replaces
     torch.testing.assert_close(outs[True].float(), ref, rtol=8e-3, atol=4e-3)
     assert (outs[True].float() - ref).abs().max() <= 2 * (gemm - ref).abs().max() + 4e-3

@@ -318,6 +318,20 @@ def run_cases(s: Session) -> None:
             with s.in_case(f"gemv_quant wint{bits} {name}"):
                 gemv.gemv_quant(zeros(1, k), zeros(n, stored, dtype=torch.int8 if bits == 8 else torch.uint8),
                                 zeros(n, 1, dtype=torch.float32), bits)
+    real_packed = gemv.gemv_packed_enabled
+    gemv.gemv_packed_enabled = lambda: not real_packed()  # int4's other product (ERNIESERVE_GEMV_PACKED)
+    try:
+        for name, (n, k) in {"21b qkv": (3584, 2560), "21b o": (2560, 2560)}.items():
+            with s.in_case(f"gemv_quant wint4 {name} packed={gemv.gemv_packed_enabled()}"):
+                gemv.gemv_quant(zeros(1, k), zeros(n, k // 2, dtype=torch.uint8), zeros(n, 1, dtype=torch.float32), 4)
+        k_cache, v_cache = zeros(2, 8, 64, 4, 128).unbind(0)
+        rope = (torch.zeros(1, dtype=torch.int64), torch.zeros(4096, 64), torch.zeros(4096, 64), k_cache, v_cache,
+                torch.zeros(1, dtype=torch.int64))
+        with s.in_case(f"gemv_quant_rope_store wint4 21b qkv packed={gemv.gemv_packed_enabled()}"):
+            assert gemv.gemv_quant_rope_store(zeros(1, 2560), zeros(3584, 1280, dtype=torch.uint8),
+                                              zeros(3584, 1, dtype=torch.float32), 4, None, *rope) is not None
+    finally:
+        gemv.gemv_packed_enabled = real_packed
 
     # ---- the qkv GEMV with the rotary + KV store epilogue (ERNIESERVE_FUSED_QKV_ROPE): 21B-A3B (hidden
     # 2560, 20 heads, 4 KV heads) and 0.3B (hidden 1024, 16 heads, 2 KV heads), head_dim 128, one decode

@@ -77,13 +77,17 @@ def test_use_gemv_needs_cuda_and_pdl(monkeypatch: pytest.MonkeyPatch) -> None:
         assert not gemv.use_gemv(x, w), "without PDL the weight is read after launch: cuBLAS"
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits,packed", [(8, False), (4, False), (4, True)], ids=["int8", "int4", "int4-packed"])
 @pytest.mark.parametrize("k", [64, 96, 112, 160])
 @pytest.mark.parametrize("n", [8, 13])
 @pytest.mark.parametrize("bias", [False, True])
-def test_gemv_quant_matches_reference(monkeypatch: pytest.MonkeyPatch, bits: int, k: int, n: int, bias: bool) -> None:
+def test_gemv_quant_matches_reference(monkeypatch: pytest.MonkeyPatch, bits: int, packed: bool, k: int, n: int,
+                                      bias: bool) -> None:
+    """packed: int4 as uint16 pairs of bytes times 64-bit words of x (quant_matmul.int4_dot4, whose
+    interpreter form sums the products in fp32): K 96 = 64 + 32, 112 = 64 + 32 + 16, 160 = 128 + 32."""
     from ernieserve.kernels import quant_matmul as qm
 
+    monkeypatch.setattr(gemv, "gemv_packed_enabled", lambda: packed)
     monkeypatch.setattr(gemv, "SLICE_BYTES", 4 * k)  # a few rows a program, a ragged last one
     g = torch.Generator().manual_seed(bits * 1000 + k * 10 + n)
     w = torch.randn(n, k, generator=g)
@@ -91,6 +95,7 @@ def test_gemv_quant_matches_reference(monkeypatch: pytest.MonkeyPatch, bits: int
     b = torch.randn(n, generator=g).to(torch.bfloat16) if bias else None
     qweight, scales = (qm.quantize_int8 if bits == 8 else qm.quantize_int4)(w, 0)
     assert gemv.gemv_quant_supported(qweight, scales, bits, k)
+    assert gemv._packed(x, qweight, bits, k) == packed
     out = gemv.gemv_quant(x, qweight, scales, bits, b)
     ref = qm.weight_only_matmul_ref(x, qweight, scales, bits, 0, b)
     assert out.dtype == torch.bfloat16 and out.shape == (1, n)

@@ -55,12 +55,16 @@ CASES = {  # heads, kv_heads, head_dim, K
 
 
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("weights", ["bf16", "int8", "int4"])
+@pytest.mark.parametrize("weights", ["bf16", "int8", "int4", "int4-packed"])
 @pytest.mark.parametrize("tokens", [1, 3])
 @pytest.mark.parametrize("bias", [False, True])
 def test_fused_equals_gemv_then_rotary_store(monkeypatch: pytest.MonkeyPatch, case: str, weights: str, tokens: int,
                                              bias: bool) -> None:
+    """int4-packed: both GEMVs with quant_matmul.int4_dot4's products (ERNIESERVE_GEMV_PACKED)."""
     heads, kv_heads, head_dim, k = CASES[case]
+    packed = weights == "int4-packed"
+    monkeypatch.setattr(gemv, "gemv_packed_enabled", lambda: packed)
+    weights = weights.removesuffix("-packed")
     block_n = 4 if weights == "bf16" else 8
     stored = {"bf16": 2 * k, "int8": k, "int4": k // 2}[weights]  # bytes of a weight row
     monkeypatch.setattr(gemv, "SLICE_BYTES", block_n * stored)  # several programs per head
@@ -75,6 +79,7 @@ def test_fused_equals_gemv_then_rotary_store(monkeypatch: pytest.MonkeyPatch, ca
     else:
         bits = 8 if weights == "int8" else 4
         qweight, scales = (qm.quantize_int8 if bits == 8 else qm.quantize_int4)(w, 0)
+        assert gemv._packed(x.reshape(-1, k), qweight, bits, k) == packed
         qkv = gemv.gemv_quant(x, qweight, scales, bits, b)
         q = gemv.gemv_quant_rope_store(x, qweight, scales, bits, b, positions, rotary.cos, rotary.sin, k_cache,
                                        v_cache, slots)
