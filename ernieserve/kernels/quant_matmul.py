@@ -318,16 +318,17 @@ if HAS_TRITON:
             low, high = int4_values(byte, tl.float32, False)
         return low, high
 
-    # int4 dot products in packed bf16x2 (the one-token MoE GEMVs, layers/moe/moe_gemv.py). Per 32-bit
+    # int4 dot products in packed bf16x2 (the one-token GEMVs: layers/moe/moe_gemv.py, kernels/gemv.py). Per 32-bit
     # word of weight (8 nibbles k0..k7) one SHR and four ANDs put the nibble pairs (k0, k4), (k1, k5),
     # (k2, k6), (k3, k7) in the two 16-bit lanes as they are: bf16 n 2^-133 (bits 0-3, subnormal) or
     # n 2^-129 (bits 4-7: the top one is the exponent's lowest bit, and the value is still n 2^-129
     # across the subnormal / normal boundary); one HFMA2 each makes (n - 8) / 64 exactly (times 2^127
     # or 2^123, minus 1/8); four HFMA2 multiply them into x's matching pairs, which a separate pure block
     # makes by PRMTs of x's natural words and scales by 64 (exact), and which the compiler shares
-    # between a tile's rows; two integer ops widen the two bf16 sums of four products to fp32. About
-    # 2.3 instructions per value, 1 of them integer (half rate on sm_90), against ~4 and ~1.4 for the
-    # fp32 conversion above, which left the kernels bound by the ALU, not by their read.
+    # between a tile's rows; two integer ops widen the two bf16 sums of four products to fp32. sm_90
+    # SASS of the 21B gate/up program: about 2.5 instructions per value, 1 of them integer (half rate
+    # on sm_90), against ~4 and ~1.4 with the fp32 conversion above, which left the kernels bound by
+    # the ALU, not by their read.
     # The four products of each lane are summed in bf16, rounded after each (at most 2^-9 of a partial
     # sum each, so about 2^-8 of a sum of four, against int4's own error of several percent); the sums
     # of those go on in fp32.
