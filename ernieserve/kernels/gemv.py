@@ -56,7 +56,8 @@ try:
     import triton.language as tl
 
     from ernieserve.kernels.pdl import pdl_wait
-    from ernieserve.kernels.quant_matmul import int4_dot4, int4_values_f32, int8_values_f32
+    from ernieserve.kernels.quant_matmul import (int4_packed_dot, int4_pairs_load, int4_values_f32,
+                                                 int8_values_f32)
 
     HAS_TRITON = True
 except ImportError:  # CPU-only installs use torch
@@ -225,22 +226,14 @@ if HAS_TRITON:
 
 
     @triton.jit
-    def _by2(C: tl.constexpr):
-        """0..C-1 as runs of 2 (contiguity 2: 2-element vectors)."""
-        j = tl.arange(0, C)
-        return (j // 2) * 2 + j % 2
-
-    @triton.jit
     def _quant_chunk(w, x_row, START: tl.constexpr, C: tl.constexpr, INT4: tl.constexpr, INLINE_ASM: tl.constexpr,
                      PACKED: tl.constexpr = False):
         """fp32 [BLOCK_N]: W's rows times x over K columns [START, START + C), from the chunk's stored
         values `w` ([BLOCK_N, C] int8, or [BLOCK_N, C / 2] bytes of two int4 each: low nibble the
         even column; PACKED: [BLOCK_N, C / 4] uint16 of four). Integer values are exact in bf16; the
         scale is applied by the caller."""
-        if PACKED:  # x as a tile of w's shape and vector width (64-bit words of 4 bf16), one layout
-            same = (tl.arange(0, w.shape[0]) * 0)[:, None]
-            xq = tl.load(x_row.to(tl.pointer_type(tl.int64)) + START // 4 + same + _by2(C // 4)[None, :])
-            acc = tl.sum(int4_dot4(w, xq, INLINE_ASM), axis=1)
+        if PACKED:
+            acc = int4_packed_dot(w, x_row, START, C, INLINE_ASM)
         else:  # (an if / else: Triton compiles the code after a constexpr branch's return too)
             xt = tl.load(x_row + START + tl.arange(0, C)).to(tl.float32)
             if INT4:
@@ -253,25 +246,19 @@ if HAS_TRITON:
         return acc
 
     @triton.jit
-    def _packed_chunk(w_rows, n_ok, START: tl.constexpr, C: tl.constexpr):
-        """Columns [START, START + C) of int4 rows as uint16 [BLOCK_N, C / 4], in 4-byte vectors."""
-        return tl.load(w_rows.to(tl.pointer_type(tl.uint16)) + START // 4 + _by2(C // 4)[None, :],
-                       mask=n_ok[:, None])
-
-    @triton.jit
     def _quant_weight_slice(w_rows, n_ok, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr, INT4: tl.constexpr,
                             PACKED: tl.constexpr = False):
         """_weight_slice of the stored values: int8 [BLOCK_N, K], or int4 bytes [BLOCK_N, K / 2]
         (every chunk at least two columns: `gemv_quant_supported`); PACKED: int4 as uint16 pairs
         of bytes (chunks of at least 8 columns)."""
-        if PACKED:
-            w1 = _packed_chunk(w_rows, n_ok, 0, K1)
+        if PACKED:  # byte offsets: half the columns
+            w1 = int4_pairs_load(w_rows, n_ok, 0, K1 // 2)
             w2 = w1
             w3 = w1
             if K2 > 0:
-                w2 = _packed_chunk(w_rows, n_ok, K1, K2)
+                w2 = int4_pairs_load(w_rows, n_ok, K1 // 2, K2 // 2)
             if K3 > 0:
-                w3 = _packed_chunk(w_rows, n_ok, K1 + K2, K3)
+                w3 = int4_pairs_load(w_rows, n_ok, (K1 + K2) // 2, K3 // 2)
         elif INT4:
             w1, w2, w3 = _weight_slice(w_rows, n_ok, K1 // 2, K2 // 2, K3 // 2)
         else:

@@ -379,6 +379,29 @@ if HAS_TRITON:
         return acc
 
     @triton.jit
+    def by2(C: tl.constexpr):
+        """0..C-1 as runs of 2 (the compiler sees contiguity 2: 2-element vectors)."""
+        j = tl.arange(0, C)
+        return (j // 2) * 2 + j % 2
+
+    @triton.jit
+    def int4_pairs_load(w_rows, ok, START: tl.constexpr, NBYTES: tl.constexpr):
+        """Bytes [START, START + NBYTES) of packed int4 rows (w_rows: [rows, 1] uint8 pointers; rows
+        where ok) as uint16 [rows, NBYTES / 2], two to a 4-byte vector: `int4_packed_dot`'s weight."""
+        return tl.load(w_rows.to(tl.pointer_type(tl.uint16)) + START // 2 + by2(NBYTES // 2)[None, :],
+                       mask=ok[:, None])
+
+    @triton.jit
+    def int4_packed_dot(w, x_row, START: tl.constexpr, C: tl.constexpr, INLINE_ASM: tl.constexpr = False):
+        """fp32 [rows]: `int4_pairs_load`'s tile w (columns [START, START + C)) times that range of
+        the bf16 row x_row (scales not applied), by `int4_dot4`. x is loaded as a tile of w's shape and
+        vector width (64-bit words of 4 bf16) through a pointer that is the same for every row, so both
+        take one register layout and the loads of equal addresses in a thread are one load."""
+        same = (tl.arange(0, w.shape[0]) * 0)[:, None]
+        xq = tl.load(x_row.to(tl.pointer_type(tl.int64)) + START // 4 + same + by2(C // 4)[None, :])
+        return tl.sum(int4_dot4(w, xq, INLINE_ASM), axis=1)
+
+    @triton.jit
     def int8_values_f32(q, INLINE_ASM: tl.constexpr = False):
         """int8 -> float32 exactly (compiled: the PTX above, no I2F; the interpreter: a cast)."""
         if INLINE_ASM:

@@ -125,13 +125,13 @@ if CUDA:
     import triton
     import triton.language as tl
 
-    from ernieserve.kernels.quant_matmul import int4_dot4
+    from ernieserve.kernels.quant_matmul import by2, int4_dot4
 
     @triton.jit
     def _dot4_probe(w_ptr, x_ptr, out_ptr, ROWS: tl.constexpr, C: tl.constexpr):
         """[ROWS, C] elements loaded as the GEMVs load them (two-element vectors), one warp."""
         r = tl.arange(0, ROWS)[:, None]
-        j = moe_gemv._by2(C)[None, :]
+        j = by2(C)[None, :]
         out = int4_dot4(tl.load(w_ptr + r * C + j), tl.load(x_ptr + r * C + j), True)
         tl.store(out_ptr + r * C + j, out)
 

@@ -138,7 +138,7 @@ def assign_supported(experts: QuantizedExperts) -> bool:
 
 if HAS_TRITON:
     from ernieserve.kernels.pdl import pdl_wait
-    from ernieserve.kernels.quant_matmul import int4_dot4, int4_values_f32, int8_values_f32
+    from ernieserve.kernels.quant_matmul import int4_packed_dot, int4_pairs_load, int4_values_f32, int8_values_f32
 
     @triton.jit
     def _by4(C: tl.constexpr):
@@ -147,18 +147,11 @@ if HAS_TRITON:
         return (j // 4) * 4 + j % 4
 
     @triton.jit
-    def _by2(C: tl.constexpr):
-        """0..C-1 as runs of 2 (contiguity 2: 2-element vectors)."""
-        j = tl.arange(0, C)
-        return (j // 2) * 2 + j % 2
-
-    @triton.jit
     def _tile_chunk(w_rows, ok, START: tl.constexpr, C: tl.constexpr, PACKED: tl.constexpr):
         """Stored bytes [rows, C] from byte START of each row (rows where ok), in 4-byte vectors; PACKED:
         as uint16 [rows, C / 2] (4 nibbles each), two to a vector."""
         if PACKED:
-            return tl.load(w_rows.to(tl.pointer_type(tl.uint16)) + START // 2 + _by2(C // 2)[None, :],
-                           mask=ok[:, None])
+            return int4_pairs_load(w_rows, ok, START, C)
         else:
             return tl.load(w_rows + START + _by4(C)[None, :], mask=ok[:, None])
 
@@ -185,9 +178,7 @@ if HAS_TRITON:
         row, so both take one register layout."""
         same = (rows * 0)[:, None]
         if PACKED:  # int4, bf16 x: 4 columns an element (uint16 of weight, int64 of x), bf16x2 products
-            quads = x_row.to(tl.pointer_type(tl.int64))
-            xq = tl.load(quads + START // 4 + same + _by2(C // 4)[None, :])
-            acc = tl.sum(int4_dot4(w, xq, INLINE_ASM), axis=1)
+            acc = int4_packed_dot(w, x_row, START, C, INLINE_ASM)
         elif INT4:
             j = tl.arange(0, C // 2)[None, :]
             if x_row.dtype.element_ty == tl.bfloat16:  # the model's dtype
