@@ -19,6 +19,11 @@ caller hands in its scratch buffers, so the decode path can be captured in a CUD
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import os
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -161,6 +166,15 @@ def _attend_kv_tile(
     else:
         k = tl.load(k_ptrs)
         v = tl.load(v_ptrs)
+    return _attend_tile_values(q, acc, m_i, l_i, k, v, offs_n, n_ok, q_pos, qk_scale, MASKED, DOT_PRECISION)
+
+
+@triton.jit
+def _attend_tile_values(
+    q, acc, m_i, l_i, k, v,  # k [BLOCK_D, BLOCK_N] (K^T), v [BLOCK_N, BLOCK_D], already loaded
+    offs_n, n_ok, q_pos, qk_scale, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """The online-softmax step of `_attend_kv_tile` on a loaded tile."""
     s = tl.dot(q, k.to(q.dtype), input_precision=DOT_PRECISION) * qk_scale  # [M, BLOCK_N]
     if MASKED:
         visible = (offs_n[None, :] <= q_pos[:, None]) & n_ok[None, :]
@@ -309,15 +323,22 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_PAD: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, PDL: tl.constexpr = False,
+    EARLY: tl.constexpr = False,
 ):
     # Decode-only steps: request r's single new token is query row r.
     req = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
-    # seq_lens, block tables, q and the KV cache (just written by the rotary + store kernel) are all
-    # earlier kernels' or copies', and so are the split counters (the previous split-K kernel puts
-    # its counters back to zero at its very end): wait before any of them, on every program
-    pdl_wait(PDL)
+    # q and this step's K/V (written by the projection's or the rotary + store kernel) are the
+    # previous kernel's, and so are the split counters (the previous split-K kernel puts its
+    # counters back to zero at its very end): after the wait, on every program. EARLY (the latency
+    # tiles, decode_tiles): seq_lens and block tables (this step's uploaded inputs, copied before its
+    # first kernel) and the keys and values earlier steps wrote are read before it: everything but
+    # the previous kernel has completed when this kernel's programs run (kernels/pdl.py: a kernel
+    # lets the next one launch only after its own wait). A decode-only step writes one key per
+    # request, at seq_len - 1. Without EARLY: everything after the wait.
+    if not EARLY:
+        pdl_wait(PDL)
     seq_len = tl.load(seq_lens_ptr + req)  # the new token sees all seq_len keys, itself included
     # each request cuts its own context into BLOCK_N-aligned ranges of split_len keys; only the
     # first `used` splits hold keys (a CUDA graph fixes num_splits for the longest context, most
@@ -325,17 +346,33 @@ def _decode_split_kernel(
     # itself. Split 0 always runs, so a padded request (seq_len 0) gets a zero row.
     split_len = tl.maximum(tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N, BLOCK_N)
     used = tl.maximum(tl.cdiv(seq_len, split_len), 1)
+    n_begin = split * split_len
+    n_end = tl.minimum(n_begin + split_len, seq_len)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    row = req.to(tl.int64)
+    bt_row = block_tables_ptr + row * stride_bt
+    kv_head_off = kvh * stride_ch
+    if EARLY:
+        # the split's first tile, but for the newest key: loaded before the wait, that one after it
+        offs_n0 = n_begin + tl.arange(0, BLOCK_N)
+        n_ok0 = offs_n0 < n_end  # none in an unused split (n_begin >= seq_len)
+        blk0 = tl.load(bt_row + offs_n0 // BLOCK_SIZE, mask=n_ok0, other=0)
+        kv_off0 = blk0.to(tl.int64) * stride_cb + (offs_n0 % BLOCK_SIZE) * stride_cs + kv_head_off
+        k_ptrs0 = k_cache_ptr + kv_off0[None, :] + offs_d[:, None]  # [BLOCK_D, BLOCK_N]: K^T
+        v_ptrs0 = v_cache_ptr + kv_off0[:, None] + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
+        old = n_ok0 & (offs_n0 < seq_len - 1)  # written by earlier steps
+        k0 = tl.load(k_ptrs0, mask=old[None, :] & d_ok[:, None], other=0.0)
+        v0 = tl.load(v_ptrs0, mask=old[:, None] & d_ok[None, :], other=0.0)
+        pdl_wait(PDL)
+        new = n_ok0 & (offs_n0 == seq_len - 1)  # this step's key and value
+        k0 = tl.where(new[None, :], tl.load(k_ptrs0, mask=new[None, :] & d_ok[:, None], other=0.0), k0)
+        v0 = tl.where(new[:, None], tl.load(v_ptrs0, mask=new[:, None] & d_ok[None, :], other=0.0), v0)
     if split < used:
-        n_begin = split * split_len
-        n_end = tl.minimum(n_begin + split_len, seq_len)
-
         offs_g = tl.arange(0, GROUP_PAD)  # [GROUP_PAD] rows: query heads of this kv head (padded for tl.dot)
         head = kvh * GROUP + offs_g
         g_ok = offs_g < GROUP
-        offs_d = tl.arange(0, BLOCK_D)
-        d_ok = offs_d < HEAD_DIM
         mask = g_ok[:, None] & d_ok[None, :]
-        row = req.to(tl.int64)
         q = tl.load(q_ptr + row * stride_qt + head[:, None] * stride_qh + offs_d[None, :], mask=mask,
                     other=0.0)  # [GROUP_PAD, BLOCK_D]
         if DOT_FP32:
@@ -347,14 +384,17 @@ def _decode_split_kernel(
         # every key of the split is visible to the new token: only the split's ragged last tile is masked
         q_pos = tl.full([GROUP_PAD], 0, tl.int32) + (seq_len - 1)
         full_end = n_begin + tl.maximum(n_end - n_begin, 0) // BLOCK_N * BLOCK_N
-        bt_row = block_tables_ptr + row * stride_bt
-        kv_head_off = kvh * stride_ch
-        for n0 in range(n_begin, full_end, BLOCK_N):
+        first = n_begin
+        if EARLY:  # the first tile, loaded above (masked: the same values as an unmasked full tile)
+            acc, m_i, l_i = _attend_tile_values(q, acc, m_i, l_i, k0, v0, offs_n0, n_ok0, q_pos, qk_scale,
+                                                True, DOT_PRECISION)
+            first = n_begin + BLOCK_N
+        for n0 in range(first, full_end, BLOCK_N):
             acc, m_i, l_i = _attend_kv_tile(
                 q, acc, m_i, l_i, n0, n_end, q_pos, k_cache_ptr, v_cache_ptr, bt_row, kv_head_off, qk_scale,
                 stride_cb, stride_cs, HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D, False, DOT_PRECISION,
             )
-        for n0 in range(full_end, n_end, BLOCK_N):
+        for n0 in range(tl.maximum(full_end, first), n_end, BLOCK_N):
             acc, m_i, l_i = _attend_kv_tile(
                 q, acc, m_i, l_i, n0, n_end, q_pos, k_cache_ptr, v_cache_ptr, bt_row, kv_head_off, qk_scale,
                 stride_cb, stride_cs, HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D, True, DOT_PRECISION,
@@ -397,13 +437,67 @@ def _decode_split_kernel(
                 tl.atomic_xchg(counter_ptr + req * tl.num_programs(1) + kvh, 0)
 
 
+@dataclass(frozen=True)
+class DecodeTiles:
+    """The split-K decode kernel's launch choices (`decode_tiles` picks them)."""
+
+    block_n: int = 128  # keys per tile
+    warps: int = 4
+    stages: int = 3  # the tile loop's software pipelining (loads staged through shared memory)
+    early: bool = False  # EARLY: the first tile of earlier steps' keys read before the PDL wait
+    min_keys: int = MIN_KEYS_PER_SPLIT  # fewest keys per split in choose_num_splits
+
+
+# At most this many (request, KV head) pairs, decode attention is a latency chain, not a read: each
+# program reads its first 64 keys of earlier steps before the PDL wait (while the qkv projection still
+# runs), without staging through shared memory. Measured on an H100 (docs/performance.md, session of
+# 2026-11-23 04:47): 21B-A3B batch-1 decode, bf16 2.913 -> 2.841 ms, wint4 1.498 -> 1.378 ms; one
+# layer's attention in a graph, batch 1 / 8: 6.8 / 8.4 -> 4.6 / 6.6 us at 190 keys, 16.7 / 62.0 ->
+# 13.5 / 56.3 at 8192. Batch 64 (256 pairs) at 8192 keys: 387 -> 435 us, so larger batches keep
+# 128-key tiles in a three-stage pipeline.
+LATENCY_PAIRS = 64
+DECODE_TILES_ENV = "ERNIESERVE_DECODE_ATTN"
+
+
+def decode_tiles(num_reqs: int, num_kv_heads: int, head_dim: int) -> DecodeTiles:
+    """The tiles for a decode launch: ERNIESERVE_DECODE_ATTN's when set (every launch), else the
+    latency tiles up to LATENCY_PAIRS (request, KV head) pairs, else the throughput tiles."""
+    forced = env_decode_tiles()
+    if forced is not None:
+        return forced
+    wide = head_dim > 128  # twice the registers per key: half the keys
+    if num_reqs * num_kv_heads <= LATENCY_PAIRS:
+        return DecodeTiles(block_n=32 if wide else 64, stages=1, early=True)
+    return DecodeTiles(block_n=64 if wide else 128)
+
+
+@functools.cache
+def env_decode_tiles() -> DecodeTiles | None:
+    """ERNIESERVE_DECODE_ATTN="block_n=32,warps=4,stages=1,early=1,min_keys=32" (any subset, the rest
+    DecodeTiles' defaults; read once per process): one set of tiles for every decode launch, for
+    experiments. None when unset."""
+    spec = os.environ.get(DECODE_TILES_ENV, "").strip()
+    if not spec:
+        return None
+    fields = [f.name for f in dataclasses.fields(DecodeTiles)]
+    values: dict[str, object] = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        name, _, raw = item.partition("=")
+        name, raw = name.strip(), raw.strip()
+        if name not in fields or not raw:
+            raise ValueError(f"{DECODE_TILES_ENV}: '{item}' is not one of {', '.join(n + '=VALUE' for n in fields)}")
+        values[name] = raw.lower() in ("1", "true", "yes", "on") if name == "early" else int(raw)
+    return DecodeTiles(**values)
+
+
 def choose_num_splits(num_reqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
     """Host-side split-K policy, from values the runner already holds (no device read).
 
     Split only when (reqs x kv heads) programs would leave SMs idle, never below
     MIN_KEYS_PER_SPLIT keys per split; a power of two so few kernel variants compile.
     """
-    by_len = max(1, max_seq_len // MIN_KEYS_PER_SPLIT)
+    forced = env_decode_tiles()
+    by_len = max(1, max_seq_len // (forced.min_keys if forced is not None else MIN_KEYS_PER_SPLIT))
     by_occupancy = triton.cdiv(_WAVES_TARGET * num_sms, max(1, num_reqs * num_kv_heads))
     splits = max(1, min(by_len, by_occupancy, MAX_DECODE_SPLITS))
     return 1 << (splits.bit_length() - 1)  # round down to a power of two
@@ -424,7 +518,8 @@ def paged_attention_decode(
     num_splits: int,
     out: torch.Tensor | None = None,  # [num_tokens, num_heads, head_dim]
     scratch: torch.Tensor | None = None,  # flat fp32, >= num_reqs * num_heads * num_splits * (head_dim + 1)
-    block_n: int | None = None,
+    block_n: int | None = None,  # keys per tile, overriding the tiles' (tests)
+    tiles: DecodeTiles | None = None,  # None: decode_tiles()
 ) -> torch.Tensor:
     """Split-K decode attention. Grid (num_reqs, num_kv_heads, num_splits); each request uses as
     many of the splits as its context fills, and the last of them to finish combines them by
@@ -441,9 +536,10 @@ def paged_attention_decode(
     if num_reqs == 0:
         return out
     group, group_pad = _group_pad(num_heads, num_kv_heads)
+    tiles = decode_tiles(num_reqs, num_kv_heads, head_dim) if tiles is None else tiles
     group_pad = max(group_pad, 16)  # tl.dot needs M >= 16
     block_d = max(16, triton.next_power_of_2(head_dim))
-    block_n = block_n or (128 if block_d <= 128 else 64)  # tuned on H100, ERNIE-0.3B layout
+    block_n = block_n or tiles.block_n
     assert query.stride(-1) == 1 and out.stride(-1) == 1 and k_cache.stride(-1) == 1
     assert k_cache.stride() == v_cache.stride()
 
@@ -474,6 +570,7 @@ def paged_attention_decode(
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_N=block_n, BLOCK_D=block_d, SPLIT_PAD=triton.next_power_of_2(MAX_DECODE_SPLITS),
         DOT_PRECISION=_dot_precision(query.dtype), DOT_FP32=_dot_in_fp32(query),
-        num_warps=4, num_stages=3, **pdl_launch(pdl_enabled(query.device)),
+        EARLY=tiles.early, num_warps=tiles.warps, num_stages=tiles.stages,
+        **pdl_launch(pdl_enabled(query.device)),
     )
     return out

@@ -112,11 +112,16 @@ def test_unified_other_layouts(heads: int, kv_heads: int, head_dim: int, block_s
 
 
 @pytest.mark.parametrize("num_splits", [1, 4, 16, 64])
-def test_decode_long_context_splits(num_splits: int) -> None:
+@pytest.mark.parametrize("tiles", ["policy", "throughput"])
+def test_decode_long_context_splits(num_splits: int, tiles: str) -> None:
+    """The policy's latency tiles at this batch (64 keys, the first tile before the PDL wait) and
+    the throughput tiles (128 keys, three stages) against the reference."""
     q, k, v, cache, meta = make_step([8191, 4000, 1, 777], [1, 1, 1, 1])
     store_kv(k, v, cache, meta.slot_mapping)
     ref = paged_attention_ref(q, cache, meta, SCALE)
-    out = pa.paged_attention_decode(q, cache[0], cache[1], meta.seq_lens, meta.block_tables, SCALE, num_splits)
+    chosen = None if tiles == "policy" else pa.DecodeTiles()
+    out = pa.paged_attention_decode(q, cache[0], cache[1], meta.seq_lens, meta.block_tables, SCALE, num_splits,
+                                    tiles=chosen)
     torch.testing.assert_close(out, ref, **TOL[torch.bfloat16])
 
 

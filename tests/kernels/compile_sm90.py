@@ -388,6 +388,12 @@ def run_cases(s: Session) -> None:
             with s.in_case(f"{label} {tag}"):
                 pa.paged_attention_decode(dq, k_cache, v_cache, seq_lens, block_tables, 0.088, splits,
                                           out=torch.zeros_like(dq), scratch=scratch)
+        # a batch past LATENCY_PAIRS (request, KV head) pairs: the throughput tiles
+        wide = pa.LATENCY_PAIRS // num_kv + 1
+        with s.in_case(f"paged_attention_decode num_splits=2 batch={wide} {tag}"):
+            wq = zeros(wide, num_heads, head_dim)
+            pa.paged_attention_decode(wq, k_cache, v_cache, torch.full((wide,), 100, dtype=torch.int32),
+                                      torch.zeros(wide, 8, dtype=torch.int32), 0.088, 2, out=torch.zeros_like(wq))
 
     # ---- elementwise: hidden 2560 (21B-A3B) and 1024 (0.3B), per-head q/k norm over head_dim 128
     for hidden in (1024, 2560):

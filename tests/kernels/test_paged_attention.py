@@ -8,6 +8,8 @@ GQA 1/2/4/8, head_dim 64/128 and non-powers of two, decode splits that end up em
 
 from __future__ import annotations
 
+import dataclasses
+
 
 import pytest
 import torch
@@ -173,6 +175,57 @@ def test_decode_split_k(heads, kv_heads, head_dim, block_size, dtype, num_splits
         q, cache[0], cache[1], meta.seq_lens, meta.block_tables, head_dim**-0.5, num_splits, block_n=16,
     )
     assert torch.equal(again, out)
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size,dtype,num_splits", DECODE_CASES[1:5])
+@pytest.mark.parametrize("tiles", [
+    pa.DecodeTiles(block_n=16, early=True),
+    pa.DecodeTiles(block_n=32, early=True, warps=2, stages=1),
+    pa.DecodeTiles(block_n=32, stages=1, min_keys=32),
+    pa.DecodeTiles(block_n=16),
+], ids=["early", "early-2warps", "32keys", "throughput"])
+def test_decode_tile_variants(heads, kv_heads, head_dim, block_size, dtype, num_splits, tiles) -> None:
+    """ERNIESERVE_DECODE_ATTN's variants against the reference: EARLY (the first tile of earlier
+    steps' keys and values read before the PDL wait, the newest key after it, merged in registers)
+    gives the bits of the same tiles read after the wait. Contexts end inside, at the edge of and past the first tile; a padded
+    request; splits left unused."""
+    ctx_lens = [0, 15, 16, 37, 150]  # seq lens 1, 16, 17, 38, 151
+    q, k, v, cache, meta = make_step(ctx_lens, [1] * 5, heads, kv_heads, head_dim, block_size, dtype)
+    store_kv(k, v, cache, meta.slot_mapping)
+    seq_lens = torch.cat([meta.seq_lens, torch.zeros(1, dtype=torch.int32)])  # + a padded request
+    tables = torch.cat([meta.block_tables, torch.zeros_like(meta.block_tables[:1])])
+    q6 = torch.cat([q, torch.randn(1, heads, head_dim).to(dtype)])
+    out = pa.paged_attention_decode(q6, cache[0], cache[1], seq_lens, tables, head_dim**-0.5, num_splits,
+                                    tiles=tiles)
+    ref = paged_attention_ref(q, cache, meta, head_dim**-0.5)
+    torch.testing.assert_close(out[:5].float(), ref.float(), **TOL[dtype])
+    assert torch.all(out[5] == 0)
+    late = pa.paged_attention_decode(q6, cache[0], cache[1], seq_lens, tables, head_dim**-0.5, num_splits,
+                                     tiles=dataclasses.replace(tiles, early=False))
+    assert torch.equal(out, late)
+
+
+def test_decode_tiles_policy_and_environment(monkeypatch) -> None:
+    monkeypatch.delenv(pa.DECODE_TILES_ENV, raising=False)
+    pa.env_decode_tiles.cache_clear()
+    # up to LATENCY_PAIRS (request, KV head) pairs the latency tiles, beyond them the throughput ones
+    assert pa.decode_tiles(16, 4, 128) == pa.DecodeTiles(block_n=64, stages=1, early=True)
+    assert pa.decode_tiles(17, 4, 128) == pa.DecodeTiles(block_n=128, stages=3, early=False)
+    assert pa.decode_tiles(1, 4, 256).block_n == 32 and pa.decode_tiles(64, 4, 256).block_n == 64
+    monkeypatch.setenv(pa.DECODE_TILES_ENV, "block_n=32, early=yes,min_keys=64")
+    pa.env_decode_tiles.cache_clear()
+    try:
+        forced = pa.DecodeTiles(block_n=32, early=True, min_keys=64)
+        assert pa.decode_tiles(1, 4, 128) == forced and pa.decode_tiles(64, 4, 128) == forced
+        assert pa.choose_num_splits(1, 4, 1024, 132) == 16  # 1024 / 64 keys
+        monkeypatch.setenv(pa.DECODE_TILES_ENV, "blocks=3")
+        pa.env_decode_tiles.cache_clear()
+        with pytest.raises(ValueError, match="ERNIESERVE_DECODE_ATTN: 'blocks=3'"):
+            pa.env_decode_tiles()
+    finally:
+        monkeypatch.delenv(pa.DECODE_TILES_ENV)
+        pa.env_decode_tiles.cache_clear()
+    assert pa.env_decode_tiles() is None and pa.choose_num_splits(1, 4, 1024, 132) == 8
 
 
 def test_decode_padded_request_gives_zeros_and_uses_given_scratch() -> None:
