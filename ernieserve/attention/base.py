@@ -26,6 +26,8 @@ class AttentionMetadata:
     num_reqs: int
     num_tokens: int  # real tokens; tensors may be padded beyond it (CUDA graphs)
     max_query_len: int
+    # an upper bound of seq_lens: the batch's longest, or (decode steps, eager and captured alike) the
+    # model's max length, which the split-K decode policy reads
     max_seq_len: int
     # [num_reqs + 1] int32, on device: cumulative new-token counts
     query_start_loc: torch.Tensor

@@ -466,9 +466,16 @@ def decode_tiles(num_reqs: int, num_kv_heads: int, head_dim: int) -> DecodeTiles
     if forced is not None:
         return forced
     wide = head_dim > 128  # twice the registers per key: half the keys
-    if num_reqs * num_kv_heads <= LATENCY_PAIRS:
+    if _batch_class(num_reqs) * num_kv_heads <= LATENCY_PAIRS:
         return DecodeTiles(block_n=32 if wide else 64, stages=1, early=True)
     return DecodeTiles(block_n=64 if wide else 128)
+
+
+def _batch_class(num_reqs: int) -> int:
+    """The request count the decode policies see: rounded up to a power of two, so a CUDA graph's
+    padded batch (the capture sizes hold every power of two up to the largest) and the same requests
+    run eagerly get the same splits and tiles, hence the same bits."""
+    return triton.next_power_of_2(max(1, num_reqs))
 
 
 @functools.cache
@@ -498,7 +505,7 @@ def choose_num_splits(num_reqs: int, num_kv_heads: int, max_seq_len: int, num_sm
     """
     forced = env_decode_tiles()
     by_len = max(1, max_seq_len // (forced.min_keys if forced is not None else MIN_KEYS_PER_SPLIT))
-    by_occupancy = triton.cdiv(_WAVES_TARGET * num_sms, max(1, num_reqs * num_kv_heads))
+    by_occupancy = triton.cdiv(_WAVES_TARGET * num_sms, _batch_class(num_reqs) * num_kv_heads)
     splits = max(1, min(by_len, by_occupancy, MAX_DECODE_SPLITS))
     return 1 << (splits.bit_length() - 1)  # round down to a power of two
 

@@ -224,13 +224,17 @@ class ModelRunner:
         qsl_cpu = torch.from_numpy(step.query_start_loc)
         seq_cpu = torch.from_numpy(step.seq_lens)
         counts = np.diff(step.query_start_loc)
+        decode_only = bool((counts == 1).all())
+        # decode: the model's max length, as the CUDA graphs pass (the split-K policy's bound), so an
+        # eager decode step splits the contexts as a replayed one does and gives the same bits
+        max_seq_len = self.config.scheduler.max_model_len if decode_only else int(step.seq_lens.max())
         meta = AttentionMetadata(
             num_reqs=len(step.req_ids), num_tokens=int(step.query_start_loc[-1]), max_query_len=int(counts.max()),
-            max_seq_len=int(step.seq_lens.max()), query_start_loc=qsl_cpu.to(dev, non_blocking=True),
+            max_seq_len=max_seq_len, query_start_loc=qsl_cpu.to(dev, non_blocking=True),
             seq_lens=seq_cpu.to(dev, non_blocking=True),
             block_tables=torch.from_numpy(step.block_table).to(dev, non_blocking=True),
             slot_mapping=torch.from_numpy(step.slot_mapping).to(dev, non_blocking=True),
-            query_start_loc_cpu=qsl_cpu, seq_lens_cpu=seq_cpu, is_decode_only=bool((counts == 1).all()))
+            query_start_loc_cpu=qsl_cpu, seq_lens_cpu=seq_cpu, is_decode_only=decode_only)
         input_ids = torch.from_numpy(step.input_ids).to(dev, non_blocking=True)
         pos = step.mrope_positions if step.mrope_positions is not None else step.positions
         positions = torch.from_numpy(pos).to(dev, non_blocking=True)  # [T], or [3, T] for 3-D rotary
