@@ -53,6 +53,11 @@ for benchmarking),
 `ERNIESERVE_GEMV_PACKED=0` (default on: the one-row int4 GEMVs of the dense layers, `kernels/gemv.py`,
 multiply bf16 activations in packed bf16x2 like the experts' per-assignment GEMVs; off converts to
 fp32),
+`ERNIESERVE_DECODE_ATTN="block_n=N,warps=N,stages=N,early=0|1,min_keys=N"` (any subset; unset by
+default: the split-K decode attention takes 64-key tiles in one stage that read their first tile of
+earlier steps' keys before the PDL wait up to 64 (request, KV head) pairs, 128-key tiles in three
+stages beyond; set, those tiles for every decode launch, and `min_keys` the fewest keys per split;
+for benchmarking, `kernels/paged_attention.py` `decode_tiles`),
 `ERNIESERVE_PDL=0` (turns off programmatic dependent launch, on by default on sm_90+: the decode
 path's Triton kernels may start while the previous kernel finishes, also inside CUDA graphs; see
 `ernieserve/kernels/pdl.py`).

@@ -10,8 +10,9 @@ eagerly, then captures one graph per padded batch size. Inside a captured step:
     has seq_len 0 (its output row is zeros) and its token's slot is -1 (nothing is stored);
   - the split count comes from the host ints `meta.num_reqs` and `meta.max_seq_len` at capture
     time and is frozen into the graph. Any split count is correct for any context length (each
-    request cuts its own context into that many pieces), so this only affects speed: capture with
-    `max_seq_len` = the model's max length to favour long contexts;
+    request cuts its own context into that many pieces), so this only affects speed and rounding:
+    capture with `max_seq_len` = the model's max length to favour long contexts (eager decode steps
+    pass it too, and the policy rounds the batch up to a power of two, so both cut contexts alike);
   - the scratch buffer is persistent and sized for `max_num_reqs`, so nothing is allocated
     except the output tensor, which comes from the graph's memory pool as usual.
 """
