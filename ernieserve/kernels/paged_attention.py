@@ -451,12 +451,16 @@ class DecodeTiles:
 # At most this many (request, KV head) pairs, decode attention is a latency chain, not a read: each
 # program reads its first 64 keys of earlier steps before the PDL wait (while the qkv projection still
 # runs), without staging through shared memory. Measured on an H100 (docs/performance.md, session of
-# 2026-11-23 04:47): 21B-A3B batch-1 decode, bf16 2.913 -> 2.841 ms, wint4 1.498 -> 1.378 ms; one
-# layer's attention in a graph, batch 1 / 8: 6.8 / 8.4 -> 4.6 / 6.6 us at 190 keys, 16.7 / 62.0 ->
-# 13.5 / 56.3 at 8192. Batch 64 (256 pairs) at 8192 keys: 387 -> 435 us, so larger batches keep
-# 128-key tiles in a three-stage pipeline.
+# 2026-11-23 04:47): 21B-A3B batch-1 decode, these tiles against the throughput ones in one command,
+# bf16 2.913 -> 2.841 ms, wint4 1.498 -> 1.379 ms; one layer's attention in a graph (21B layout),
+# batch 1: 6.6 -> 4.7 us at 190 keys, 16.6 -> 13.7 at 8192; batch 16 at 8192: 110.6 -> 103.0. Batch
+# 64 (256 pairs) at 8192 keys: 387 -> 435 us, so larger batches keep 128-key tiles in three stages.
 LATENCY_PAIRS = 64
 DECODE_TILES_ENV = "ERNIESERVE_DECODE_ATTN"
+# the policy's tiles by head size (past head_dim 128 twice the registers per key: half the keys)
+_LATENCY_TILES = {False: DecodeTiles(block_n=64, stages=1, early=True),
+                  True: DecodeTiles(block_n=32, stages=1, early=True)}
+_THROUGHPUT_TILES = {False: DecodeTiles(block_n=128), True: DecodeTiles(block_n=64)}
 
 
 def decode_tiles(num_reqs: int, num_kv_heads: int, head_dim: int) -> DecodeTiles:
@@ -465,10 +469,8 @@ def decode_tiles(num_reqs: int, num_kv_heads: int, head_dim: int) -> DecodeTiles
     forced = env_decode_tiles()
     if forced is not None:
         return forced
-    wide = head_dim > 128  # twice the registers per key: half the keys
-    if _batch_class(num_reqs) * num_kv_heads <= LATENCY_PAIRS:
-        return DecodeTiles(block_n=32 if wide else 64, stages=1, early=True)
-    return DecodeTiles(block_n=64 if wide else 128)
+    latency = _batch_class(num_reqs) * num_kv_heads <= LATENCY_PAIRS
+    return (_LATENCY_TILES if latency else _THROUGHPUT_TILES)[head_dim > 128]
 
 
 def _batch_class(num_reqs: int) -> int:
